@@ -1,0 +1,3 @@
+from hpcdask.cli import main
+
+main()

@@ -1,0 +1,241 @@
+"""The ``hpcdask`` command: one subcommand per role, in the style of ``dask scheduler``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+import hpcdask
+from hpcdask import config, launch, versions
+from hpcdask.errors import BadInput
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+scheduler_file_option = click.option(
+    "--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),
+    help="The cluster's scheduler file on the shared filesystem; its folder holds the TLS credentials.")
+tls_option = click.option("--tls/--no-tls", default=True,
+                          help="TLS with the cluster's credentials; --no-tls only knowingly.")
+
+
+def _logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    log = logging.getLogger("hpcdask")
+    if not log.handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        config.check_user_config()
+        return super().invoke(ctx)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(hpcdask.__version__, prog_name="hpcdask")
+def main() -> None:
+    """Containerised, reproducible Dask on HPC clusters.
+
+    Every role runs from one image built from one lock; roles whose Python, packages or
+    image differ from the scheduler's are refused. Settings: hpcdask.yaml, overridden by
+    DASK_HPCDASK__KEY or HPCDASK_KEY environment variables.
+    """
+    _logging()
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--workload", "-w", default=None, help="Workload to run (see --list); default: the configured one.")
+@click.option("--list", "list_", is_flag=True, help="List the workloads and exit.")
+@click.option("--size", type=click.Choice(["small", "medium", "large"]), default=None,
+              help="Data size (default from config: small).")
+@click.option("--seed", type=int, default=0, help="Random seed of the generated data and models.")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: hpcdask-output/WORKLOAD-SIZE[-jobID]).")
+@scheduler_file_option
+@click.option("--address", default=None, help="Scheduler address (plain tcp:// only with --no-tls).")
+@click.option("--n-workers", type=click.IntRange(min=1), default=None,
+              help="LocalCluster workers (default: sized to the machine).")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+              help="LocalCluster threads per worker.")
+@tls_option
+def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
+        threads_per_worker, tls) -> None:
+    """Run a workload (the main job): on a LocalCluster, or on the cluster given.
+
+    Writes metrics.json (scores, baseline, timings, versions of every role, cluster
+    shape) and Dask's performance report into the output folder.
+    """
+    from hpcdask import workloads
+
+    if list_:
+        for name, description in workloads.describe().items():
+            click.echo(f"{name:12s} {description}")
+        return
+    name = workloads.resolve(workload or config.get("workload"))
+    if scheduler_file and address:
+        raise BadInput("give either --scheduler-file or --address, not both")
+    size = config.get("size", size)
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
+    output = output or Path(config.get("output")) / f"{name}-{size}{f'-job{job}' if job else ''}"
+    workloads.check_output(output)
+    with _terminate_cleanly():
+        if scheduler_file or address:
+            with launch.connect(scheduler_file, address, tls=tls) as client:
+                path = workloads.execute(client, name, size, seed, output)
+        else:
+            with launch.local_cluster(n_workers, threads_per_worker, tls=tls) as cluster, \
+                    launch.Client(cluster) as client:
+                path = workloads.execute(client, name, size, seed, output)
+    click.echo(f"metrics: {path}")
+
+
+class _Terminated(BaseException):
+    pass
+
+
+class _terminate_cleanly:
+    """SIGTERM (Slurm's time limit) becomes an orderly stop with one line and exit code 143."""
+
+    def __enter__(self):
+        def handler(signum, frame):
+            raise _Terminated()
+        self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        signal.signal(signal.SIGTERM, self._old)
+        if exc_type is _Terminated:
+            click.echo("hpcdask: interrupted by SIGTERM (the job's time limit?); nothing was "
+                       "written: rerun with more time (sbatch --time) or --size small", err=True)
+            sys.exit(143)
+        return False
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the scheduler file; its folder gets the TLS credentials (0700).")
+@click.option("--interface", default=None,
+              help="Interface to bind (default: hpcdask.scheduler-interface, else hpcdask.interface = ib0).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=None,
+              help="Port (default 0: a free one, published in the scheduler file).")
+@click.option("--dashboard", type=click.Choice(["loopback", "interface", "off"]), default=None,
+              help="Where the dashboard listens (default: loopback).")
+@tls_option
+def scheduler(scheduler_file, interface, port, dashboard, tls) -> None:
+    """Start a scheduler on INTERFACE and write the scheduler file."""
+    launch.run_scheduler(scheduler_file, interface, port, dashboard, tls)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's scheduler file (waited for up to hpcdask.scheduler-file-timeout).")
+@click.option("--interface", default=None, help="Interface to bind (default: hpcdask.interface = ib0).")
+@click.option("--nthreads", type=int, default=None, help="Threads per worker process (default: from the allocation).")
+@click.option("--nworkers", type=int, default=None, help="Worker processes on this node (default 1).")
+@click.option("--memory-limit", default=None, help="Memory per worker process, e.g. 4GiB (default: allocation / nworkers).")
+@click.option("--local-directory", default=None, help="Scratch folder (default: $TMPDIR, else /tmp).")
+@click.option("--memory-preset", default=None, help="default, or no-local-storage (no spilling; pause 0.80, terminate 0.95).")
+@click.option("--lifetime", default=None, help="Retire after this long (e.g. 55m), or auto: before the job's end time.")
+@click.option("--job-end", type=float, default=None, help="The job's end time (Unix seconds), for --lifetime auto.")
+@click.option("--name", default=None, help="Worker name (default: host-pid).")
+@tls_option
+def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_directory,
+           memory_preset, lifetime, job_end, name, tls) -> None:
+    """Start worker process(es) on this node that join the cluster in SCHEDULER_FILE."""
+    launch.run_worker(launch.WorkerSpec(
+        scheduler_file=scheduler_file, interface=interface, nthreads=nthreads,
+        nworkers=nworkers, memory_limit=memory_limit, local_directory=local_directory,
+        memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name, tls=tls))
+
+
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's scheduler file.")
+@tls_option
+def client(script, args, scheduler_file, tls) -> None:
+    """Run a Python SCRIPT with a Client already connected (distributed.get_client())."""
+    if not script.is_file():
+        raise BadInput(f"script {script} does not exist; give the path of your Python script, "
+                       f"e.g. hpcdask client ./my_analysis.py --scheduler-file F")
+    with _terminate_cleanly(), launch.connect(scheduler_file, tls=tls) as c:
+        sys.argv = [str(script), *args]
+        with c.as_current():
+            runpy.run_path(str(script), run_name="__main__")
+
+
+@main.command("versions", context_settings=CONTEXT)
+@scheduler_file_option
+@click.option("--lock", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Check this environment against a lock file instead (exit 1 on any difference).")
+@click.option("--all", "show_all", is_flag=True, help="Show every package, not only the differences.")
+@tls_option
+def versions_(scheduler_file, lock, show_all, tls) -> None:
+    """Python, packages and image of every role; exit 1 on any mismatch."""
+    if lock:
+        diffs = versions.lock_differences(lock)
+        for line in diffs:
+            click.echo(f"lock mismatch: {line}", err=True)
+        if diffs:
+            raise click.exceptions.Exit(1)
+        click.echo(f"installed set equals {lock} ({len(versions.read_lock(lock))} packages); "
+                   f"image {versions.image_label()}")
+        return
+    if not scheduler_file:
+        ident = versions.identity()
+        click.echo(f"python {ident['python']}  image {ident['image']}")
+        for name in versions.KEY_PACKAGES:
+            click.echo(f"{name} {ident['packages'].get(name, '-')}")
+        return
+    with launch.connect(scheduler_file, tls=tls, check=False) as c:
+        reports = launch.cluster_reports(c)
+    sched = reports.pop("scheduler")
+    rows = versions.differences(sched, reports)
+    if show_all or not rows:
+        keys = ["python", "image", *versions.KEY_PACKAGES]
+        shown = [(k, versions._flat(sched).get(k, "-"),
+                  {r: versions._flat(v).get(k, "-") for r, v in reports.items()}) for k in keys]
+        click.echo(versions.table(shown))
+    if rows:
+        click.echo(f"MISMATCH: {versions.summary(rows)}", err=True)
+        click.echo(versions.table(rows), err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(f"all {len(reports) + 1} roles identical ({len(sched['packages'])} packages)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--interface", default=None, help="Interface to check (default: hpcdask.interface).")
+@scheduler_file_option
+@click.option("--memory-limit", default=None, help="Memory per worker to check.")
+@click.option("--nworkers", type=int, default=None, help="Worker processes per node to check.")
+@click.option("--local-directory", default=None, help="Scratch folder to check.")
+def preflight(interface, scheduler_file, memory_limit, nworkers, local_directory) -> None:
+    """Check this node's settings before a job: one line per check, exit 2 on the first failure."""
+    from hpcdask import memory, netif
+    from hpcdask.files import private_dir
+
+    iface = config.get("interface", interface)
+    click.echo(f"ok interface {iface}: {netif.address_of(iface)}")
+    if scheduler_file:
+        folder = private_dir(Path(scheduler_file).expanduser().absolute().parent,
+                             what="scheduler file folder")
+        click.echo(f"ok scheduler file folder {folder}: private and writable")
+    alloc = memory.allocation()
+    threads, mem = memory.worker_sizing(config.get("nworkers", nworkers), None,
+                                        config.get("memory-limit", memory_limit), alloc)
+    if mem > alloc.memory:
+        raise BadInput(f"memory limit {mem} B per worker exceeds this node's allocation "
+                       f"({alloc.memory} B from {alloc.source}); lower --memory-limit")
+    click.echo(f"ok sizing from {alloc.source}: {threads} thread(s), {mem // 2**20} MiB per worker")
+    click.echo(f"ok local directory {launch.local_directory(local_directory)}: writable")
+    click.echo(f"ok image {versions.image_label()}")

@@ -1,0 +1,302 @@
+"""Start the roles: scheduler, workers, and the client's connection, with hpcdask's checks.
+
+Thin layers over distributed's ``Scheduler``, ``Nanny`` and ``Client``: hpcdask picks the
+interface, TLS credentials, sizes and memory policy, writes the scheduler file, and refuses
+any role whose environment differs from the scheduler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import dask.config
+from distributed import Client, Nanny, Scheduler
+from distributed.core import rpc
+from distributed.security import Security
+
+from hpcdask import config, memory, netif, schedfile, security, versions
+from hpcdask.errors import BadInput, Refused
+
+logger = logging.getLogger("hpcdask")
+
+
+def warn_no_tls(role: str) -> None:
+    click.secho(
+        f"hpcdask: WARNING: {role} runs WITHOUT TLS (--no-tls): anyone who can reach its port "
+        f"can run code as you. Use it only on a network nobody else shares.",
+        fg="red", bold=True, err=True)
+
+
+def dashboard_address(mode: str, host: str, port: int) -> str | None:
+    if mode == "off":
+        return None
+    if mode == "loopback":
+        return f"127.0.0.1:{port}"
+    if mode == "interface":
+        return f"{host}:{port}"
+    raise BadInput(f"--dashboard {mode!r} is not one of loopback, interface, off; "
+                   f"e.g. --dashboard loopback")
+
+
+def tunnel_hint(mode: str, port: int) -> str:
+    node = socket.gethostname()
+    login = os.environ.get("SLURM_SUBMIT_HOST") or os.environ.get("PBS_O_HOST") or "LOGIN"
+    if mode == "loopback":
+        return (f"dashboard: http://localhost:{port}/status after: "
+                f"ssh -N -L {port}:127.0.0.1:{port} -J {login} {node}")
+    return f"dashboard: http://localhost:{port}/status after: ssh -N -L {port}:{node}:{port} {login}"
+
+
+async def _until_signalled(stop: asyncio.Event, finished) -> str:
+    loop = asyncio.get_running_loop()
+    got: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: (got.append(signal.Signals(s).name), stop.set()))
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([waiter, asyncio.ensure_future(finished)],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    return got[0] if got else "finished"
+
+
+# --- scheduler ---------------------------------------------------------------------------------
+
+def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
+                  dashboard: str | None, tls: bool) -> None:
+    iface = interface or config.get("scheduler-interface") or config.get("interface")
+    host = netif.address_of(iface)
+    port = config.get("scheduler-port", port)
+    netif.check_port_free(host, port, "--port")
+    dmode = config.get("dashboard", dashboard)
+    dport = config.get("dashboard-port")
+    daddr = dashboard_address(dmode, host, dport)
+    if daddr:
+        netif.check_port_free(daddr.rsplit(":", 1)[0], dport, "--dashboard-port")
+    path = schedfile.prepare(scheduler_file)
+    cluster_id = schedfile.job_id() or uuid.uuid4().hex[:8]
+    if tls:
+        sec = security.create(path.parent, cluster_id).security()
+    else:
+        warn_no_tls("the scheduler")
+        sec = Security()
+    asyncio.run(_serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec))
+
+
+async def _serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec) -> None:
+    guard = versions.IdentityGuard()
+    async with Scheduler(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
+                         dashboard=daddr is not None, dashboard_address=daddr,
+                         plugins=[guard]) as s:
+        schedfile.write(path, s.identity(), tls)
+        logger.info("hpcdask scheduler at %s, scheduler file %s", s.address, path)
+        if daddr:
+            logger.info(tunnel_hint(dmode, dport))
+        try:
+            why = await _until_signalled(asyncio.Event(), s.finished())
+            logger.info("hpcdask scheduler stopping (%s)", why)
+        finally:
+            schedfile.remove_if_ours(path, s.id)
+
+
+# --- worker ------------------------------------------------------------------------------------
+
+@dataclass
+class WorkerSpec:
+    scheduler_file: Path
+    interface: str | None = None
+    nthreads: int | None = None
+    nworkers: int | None = None
+    memory_limit: str | None = None
+    local_directory: str | None = None
+    memory_preset: str | None = None
+    lifetime: str | None = None
+    job_end: float | None = None
+    name: str | None = None
+    tls: bool = True
+
+
+def local_directory(given: str | None) -> str:
+    """Worker scratch: given, configured, $TMPDIR, else /tmp; must be writable (never the image)."""
+    d = given or config.get("local-directory") or os.environ.get("TMPDIR") or "/tmp"
+    p = Path(d).expanduser()
+    if not p.is_dir():
+        raise BadInput(f"local directory {p} does not exist; create it or pick another with "
+                       f"--local-directory (e.g. $TMPDIR or /tmp)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise BadInput(f"local directory {p} is not writable (a read-only image?); pick another "
+                       f"with --local-directory (e.g. $TMPDIR or /tmp)")
+    return str(p)
+
+
+def connection(info: dict[str, Any], path: Path, tls: bool, role: str) -> Security:
+    """The Security for talking to the scheduler in ``info`` (read from ``path``)."""
+    address = info["address"]
+    if address.startswith("tls://"):
+        if not tls:
+            raise BadInput(f"the scheduler at {address} uses TLS; drop --no-tls from the {role}")
+        return security.load(path.parent).security()
+    if tls:
+        raise BadInput(f"the scheduler at {address} runs without TLS and hpcdask refuses plain "
+                       f"connections; restart it without --no-tls (or pass --no-tls to the {role} "
+                       f"too, knowingly)")
+    warn_no_tls(f"the {role}")
+    return Security()
+
+
+async def scheduler_identity(address: str, sec: Security, role: str, path: Path | None,
+                             timeout: float) -> dict[str, Any]:
+    args = sec.get_connection_args(role)
+    try:
+        async with rpc(address, connection_args=args, timeout=timeout) as r:
+            return await asyncio.wait_for(r.hpcdask_identity(), timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        hint = schedfile.stale_hint(path) if path else f"the scheduler at {address} does not answer"
+        raise BadInput(f"{hint} ({type(e).__name__})") from None
+
+
+def refuse_if_different(reference: dict[str, Any], mine: dict[str, Any], me: str) -> None:
+    rows = versions.differences(reference, {me: mine})
+    if rows:
+        raise Refused(f"{me}'s environment differs from the scheduler's: "
+                      f"{versions.summary(rows)}\n{versions.table(rows)}\n"
+                      f"run every role from the same image (HPCDASK_IMAGE) or venv built from "
+                      f"containers/requirements.lock")
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    iface = config.get("interface", spec.interface)
+    host = netif.address_of(iface)
+    nworkers = config.get("nworkers", spec.nworkers)
+    threads, mem = memory.worker_sizing(nworkers, config.get("nthreads", spec.nthreads),
+                                        config.get("memory-limit", spec.memory_limit))
+    preset = memory.preset(config.get("memory-preset", spec.memory_preset))
+    local_dir = local_directory(spec.local_directory)
+    life = _lifetime(spec)
+    path = Path(spec.scheduler_file).expanduser()
+    timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
+    info = schedfile.wait(path, timeout)
+    sec = connection(info, path, spec.tls, "worker")
+    with dask.config.set(preset):
+        asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
+                                   local_dir, life, spec.name))
+
+
+def _lifetime(spec: WorkerSpec) -> float | None:
+    if spec.lifetime in (None, "", "none"):
+        return None
+    margin = dask.utils.parse_timedelta(config.get("lifetime-margin"))
+    stagger = dask.utils.parse_timedelta(config.get("lifetime-stagger"))
+    if spec.lifetime == "auto":
+        end = spec.job_end or float(os.environ.get("HPCDASK_JOB_END") or 0) or None
+        return memory.lifetime(end, margin, stagger)
+    try:
+        return dask.utils.parse_timedelta(spec.lifetime)
+    except (ValueError, KeyError):
+        raise BadInput(f"--lifetime '{spec.lifetime}' is not a duration; write it like 55m, "
+                       f"3600s, or auto (from the job's end time)") from None
+
+
+async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local_dir, life,
+                         name) -> None:
+    timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
+    me = f"worker {name or socket.gethostname()}"
+    ref = await scheduler_identity(address, sec, "worker", path, timeout)
+    refuse_if_different(ref, versions.identity(), me)
+    base = name or f"{socket.gethostname()}-{os.getpid()}"
+    extra = {"lifetime": life, "lifetime_restart": False} if life else {}
+    nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
+                     local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
+                     dashboard_address="127.0.0.1:0", death_timeout=timeout, **extra)
+               for i in range(nworkers)]
+    await asyncio.gather(*nannies)
+    logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each", nworkers, host,
+                address, threads, dask.utils.format_bytes(mem))
+    finished = asyncio.gather(*[n.finished() for n in nannies])
+    why = await _until_signalled(asyncio.Event(), finished)
+    if why != "finished":
+        logger.info("hpcdask: worker(s) on %s stopping (%s)", host, why)
+        await asyncio.gather(*[n.close(timeout=20) for n in nannies], return_exceptions=True)
+
+
+# --- client ------------------------------------------------------------------------------------
+
+def connect(scheduler_file: Path | None = None, address: str | None = None,
+            tls: bool = True, check: bool = True) -> Client:
+    """A Client of the cluster in ``scheduler_file`` (or at ``address``), identity checked."""
+    timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
+    path = None
+    if scheduler_file:
+        path = Path(scheduler_file).expanduser()
+        info = schedfile.wait(path, dask.utils.parse_timedelta(config.get("scheduler-file-timeout")))
+        address = info["address"]
+        sec = connection(info, path, tls, "client")
+    else:
+        assert address
+        if address.startswith("tls://"):
+            raise BadInput(f"a TLS address needs the cluster's credentials: use --scheduler-file "
+                           f"instead of --address {address}")
+        if tls:
+            raise BadInput(f"--address {address} is a plain connection and hpcdask refuses those; "
+                           f"use --scheduler-file F (TLS), or add --no-tls knowingly")
+        warn_no_tls("the client")
+        sec = Security()
+    try:
+        client = Client(address, security=sec, timeout=timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        hint = schedfile.stale_hint(path) if path else f"the scheduler at {address} does not answer"
+        raise BadInput(f"{hint} ({type(e).__name__})") from None
+    if check:
+        try:
+            check_cluster(client)
+        except BaseException:
+            client.close()
+            raise
+    return client
+
+
+def cluster_reports(client: Client) -> dict[str, dict[str, Any]]:
+    """versions.report() of the scheduler, every worker, and this client."""
+    out = {"scheduler": client.run_on_scheduler(versions.report)}
+    for addr, rep in sorted(client.run(versions.report).items()):
+        out[f"worker {addr}"] = rep
+    out["client"] = versions.report()
+    return out
+
+
+def check_cluster(client: Client) -> dict[str, dict[str, Any]]:
+    """Refuse (raise Refused) when any worker or this client differs from the scheduler."""
+    reports = cluster_reports(client)
+    sched = reports.pop("scheduler")
+    rows = versions.differences(sched, reports)
+    if rows:
+        raise Refused(f"the cluster's roles differ: {versions.summary(rows)}\n"
+                      f"{versions.table(rows)}\nrun every role from the same image or lock")
+    return {"scheduler": sched, **reports}
+
+
+def local_cluster(n_workers: int | None = None, threads_per_worker: int | None = None,
+                  tls: bool = True, memory_limit: str | None = None):
+    """The embedded default: a LocalCluster sized to the machine, TLS on loopback."""
+    from distributed import LocalCluster
+
+    alloc = memory.allocation()
+    n = n_workers or max(1, min(alloc.cpus, 8))
+    threads = threads_per_worker or max(1, alloc.cpus // n)
+    mem = memory.parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
+    kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
+                                  host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                  local_directory=local_directory(None), silence_logs=logging.WARNING)
+    if tls:
+        kwargs.update(security=Security.temporary(), protocol="tls://")
+    else:
+        warn_no_tls("the local cluster")
+    return LocalCluster(**kwargs)

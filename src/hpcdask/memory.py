@@ -1,0 +1,118 @@
+"""Sizing workers from the allocation, memory strings, and the memory presets."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import dask.utils
+import psutil
+
+from hpcdask.errors import BadInput
+
+# Seed 003 ("memory policy for nodes without local storage"): with no local disk, spilling
+# only moves data to a network filesystem or fails; pause early and let the nanny restart
+# a worker before the kernel's OOM killer takes the node down.
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    "no-local-storage": {
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": 0.80,
+        "distributed.worker.memory.terminate": 0.95,
+    },
+}
+
+
+def preset(name: str) -> dict[str, object]:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise BadInput(
+            f"unknown memory preset '{name}'; use one of: {', '.join(PRESETS)} "
+            f"(e.g. --memory-preset no-local-storage)"
+        ) from None
+
+
+def parse_bytes(text: str | int, option: str = "--memory-limit") -> int:
+    """Bytes from ``'4GiB'``, ``'4000MB'`` or an int; a one-line error otherwise."""
+    if isinstance(text, int):
+        value = text
+    else:
+        try:
+            value = dask.utils.parse_bytes(str(text).strip())
+        except (ValueError, TypeError):
+            raise BadInput(
+                f"{option} '{text}' is not a size; write it like 4GiB, 4000MB or 0.5TB"
+            ) from None
+    if value <= 0:
+        raise BadInput(f"{option} '{text}' must be more than zero; e.g. {option} 4GiB")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What the batch system gave this node (or the whole machine when there is none)."""
+
+    cpus: int
+    memory: int
+    source: str
+
+
+def allocation(env: Mapping[str, str] | None = None) -> Allocation:
+    """CPUs and memory of this node's share of the job: SLURM, PBS, else the machine."""
+    env = os.environ if env is None else env
+    machine_cpus = len(os.sched_getaffinity(0))
+    machine_mem = psutil.virtual_memory().total
+    if "SLURM_CPUS_ON_NODE" in env or "SLURM_JOB_ID" in env:
+        cpus = int(env.get("SLURM_CPUS_ON_NODE") or machine_cpus)
+        if env.get("SLURM_MEM_PER_NODE"):
+            mem = int(env["SLURM_MEM_PER_NODE"]) * 2**20  # Slurm reports MB (MiB)
+        elif env.get("SLURM_MEM_PER_CPU"):
+            mem = int(env["SLURM_MEM_PER_CPU"]) * 2**20 * cpus
+        else:
+            mem = machine_mem
+        return Allocation(cpus, min(mem, machine_mem), "slurm")
+    if "PBS_JOBID" in env:
+        cpus = int(env.get("NCPUS") or env.get("PBS_NCPUS") or machine_cpus)
+        mem = int(env.get("PBS_VMEM") or machine_mem)  # PBS Pro / Gadi: bytes
+        return Allocation(cpus, min(mem, machine_mem), "pbs")
+    return Allocation(machine_cpus, machine_mem, "machine")
+
+
+def worker_sizing(nworkers: int, nthreads: int | None, memory_limit: str | int,
+                  alloc: Allocation | None = None) -> tuple[int, int]:
+    """(threads, memory bytes) per worker process, from the allocation unless given."""
+    if nworkers < 1:
+        raise BadInput(f"--nworkers {nworkers} must be at least 1; e.g. --nworkers 1")
+    if nthreads is not None and nthreads < 1:
+        raise BadInput(f"--nthreads {nthreads} must be at least 1; e.g. --nthreads 1")
+    alloc = alloc or allocation()
+    threads = nthreads or max(1, alloc.cpus // nworkers)
+    if memory_limit in ("auto", None):
+        mem = alloc.memory // nworkers
+    else:
+        mem = parse_bytes(memory_limit)
+    return threads, mem
+
+
+def lifetime(job_end: float | None, margin: float, stagger: float,
+             now: float | None = None) -> float | None:
+    """Seconds a worker may live: up to ``margin`` + a random share of ``stagger`` before the end.
+
+    ``None`` when the job has no end time. Dask adds its own ``lifetime_stagger`` too; this
+    staggering spreads workers of different nodes started at the same moment.
+    """
+    if not job_end:
+        return None
+    now = time.time() if now is None else now
+    left = job_end - now - margin - random.uniform(0, stagger)
+    if left <= 0:
+        raise BadInput(
+            f"the job ends in {job_end - now:.0f}s, less than the retirement margin of "
+            f"{margin:.0f}s; ask for more time (sbatch --time) or lower HPCDASK_LIFETIME_MARGIN"
+        )
+    return left

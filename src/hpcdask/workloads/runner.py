@@ -1,0 +1,133 @@
+"""Running a workload: timings, every role's identity, Dask's performance report, and an
+output folder written whole or not at all."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, performance_report
+
+from hpcdask import compat
+from hpcdask.errors import BadInput
+
+logger = logging.getLogger("hpcdask")
+
+SIZES = ("small", "medium", "large")
+
+
+@dataclass
+class Context:
+    """What a workload gets: the client, its data size and seed, and where to put files."""
+
+    client: Client
+    size: str
+    seed: int
+    outdir: Path  # the staging folder; files land in the output folder only if all succeeds
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nworkers(self) -> int:
+        return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+
+    def step(self, name: str) -> _Step:
+        """``with ctx.step("fit"):`` logs progress and records the step's duration."""
+        return _Step(self, name)
+
+    def pick(self, small, medium, large):
+        return {"small": small, "medium": medium, "large": large}[self.size]
+
+
+class _Step:
+    def __init__(self, ctx: Context, name: str):
+        self.ctx, self.name = ctx, name
+
+    def __enter__(self):
+        logger.info("hpcdask: %s ...", self.name)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.perf_counter() - self.t0
+        self.ctx.timings[self.name] = round(dt, 3)
+        if exc[0] is None:
+            logger.info("hpcdask: %s done in %.2fs", self.name, dt)
+        return False
+
+
+def check_output(output: Path) -> None:
+    """The output folder can be created and written, and holds no earlier metrics.json."""
+    output = Path(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot create the output folder {output} ({e.strerror}); "
+                       f"pick another with --output DIR") from None
+    if (output / "metrics.json").exists():
+        raise BadInput(f"{output / 'metrics.json'} exists from an earlier run; keep it and pick "
+                       f"another folder with --output DIR, or delete it: rm -r {output}")
+
+
+def cluster_shape(client: Client) -> dict[str, Any]:
+    info = client.scheduler_info(n_workers=-1)
+    workers = info["workers"].values()
+    return {
+        "scheduler": info["address"],
+        "workers": len(workers),
+        "threads": sum(w["nthreads"] for w in workers),
+        "memory_limit": sum(w.get("memory_limit") or 0 for w in workers),
+        "worker_hosts": sorted({w["host"] for w in workers}),
+    }
+
+
+def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Path:
+    """Run workload ``name`` and write its files into ``output``; returns metrics.json's path."""
+    from hpcdask import launch
+    from hpcdask.workloads import WORKLOADS, resolve
+
+    if size not in SIZES:
+        raise BadInput(f"--size {size!r} is not one of {', '.join(SIZES)}; e.g. --size small")
+    module = importlib.import_module(f"hpcdask.workloads.{WORKLOADS[resolve(name)]}")
+    compat.apply()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    stage = Path(output) / f".partial-{int(time.time() * 1000)}"
+    stage.mkdir()
+    try:
+        started = time.time()
+        roles = launch.check_cluster(client)
+        ctx = Context(client=client, size=size, seed=seed, outdir=stage)
+        t0 = time.perf_counter()
+        with performance_report(filename=str(stage / "dask-report.html")):
+            result = module.run(ctx)
+        total = time.perf_counter() - t0
+        metrics = {
+            "workload": resolve(name), "size": size, "seed": seed,
+            **result,
+            "durations": {"total": round(total, 3), **ctx.timings},
+            "cluster": cluster_shape(client),
+            "roles": roles,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        }
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        # Everything else first, metrics.json last: its presence means the run completed.
+        for f in sorted(stage.iterdir(), key=lambda p: p.name == "metrics.json"):
+            f.replace(output / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    score = metrics.get("score")
+    base = metrics.get("baseline_score")
+    logger.info("hpcdask: %s %s: %s %s (single-machine baseline %s) in %.1fs",
+                metrics["workload"], size, metrics.get("metric", "score"),
+                _fmt(score), _fmt(base), total)
+    return output / "metrics.json"
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)

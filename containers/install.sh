@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The one install script of the hpcdask image, run by both recipes:
+#   containers/dask.def   %post:  HPCDASK_RECIPE=apptainer bash /opt/hpcdask/build/install.sh
+#   containers/Dockerfile RUN:    HPCDASK_RECIPE=docker    bash /opt/hpcdask/build/install.sh
+# on Debian bookworm(-slim), as root, with the build inputs in $HPCDASK_BUILD (default /opt/hpcdask/build):
+#   requirements.lock       exact pins + hashes of the whole runtime (setuptools included)
+#   pyproject.toml README.md src/   hpcdask itself
+#
+# Environment:
+#   HPCDASK_RECIPE   apptainer | docker, recorded in /opt/hpcdask/image.json
+#   HPCDASK_BUILD    folder holding the inputs above (removed at the end)
+#   PIP_CERT         CA bundle for pip, when the registry is reached through a re-signing proxy;
+#                    pip reads it itself, like every other PIP_* variable.
+#   SOURCE_DATE_EPOCH  when set, the "built" time of image.json (reproducible builds)
+set -euo pipefail
+
+step() { echo "+++ install.sh: $*"; }
+
+recipe=${HPCDASK_RECIPE:?set HPCDASK_RECIPE to apptainer or docker}
+build=${HPCDASK_BUILD:-/opt/hpcdask/build}
+prefix=/opt/hpcdask
+venv=$prefix/venv
+lock=$build/requirements.lock
+
+case $recipe in apptainer | docker) ;; *) echo "HPCDASK_RECIPE must be apptainer or docker, not '$recipe'" >&2; exit 2 ;; esac
+for f in "$lock" "$build/pyproject.toml" "$build/src/hpcdask"; do
+    [ -e "$f" ] || { echo "install.sh: missing build input $f" >&2; exit 2; }
+done
+
+step "Debian packages: python3, python3-venv, tini, ca-certificates, graphviz (dot)"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates graphviz
+python3 --version
+# Ask pip for the CA bundle only once ca-certificates has made it (or when PIP_CERT names another one).
+if [ -n "${PIP_CERT:-}" ] && [ ! -r "$PIP_CERT" ]; then
+    echo "install.sh: PIP_CERT=$PIP_CERT is not readable" >&2
+    exit 2
+fi
+
+step "venv $venv"
+python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip --no-cache-dir --disable-pip-version-check --no-input)
+
+step "runtime from the lock (--require-hashes --no-deps): $(grep -cE '^[A-Za-z0-9]' "$lock") packages"
+"${pip[@]}" install --require-hashes --no-deps -r "$lock"
+
+step "hpcdask itself (--no-deps --no-build-isolation --no-index)"
+# Built from a copy: the build writes build/ and *.egg-info/ next to the sources.
+src=$(mktemp -d)
+cp -r "$build/pyproject.toml" "$build/src" "$src/"
+[ -e "$build/README.md" ] && cp "$build/README.md" "$src/"
+"${pip[@]}" install --no-deps --no-build-isolation --no-index "$src"
+rm -rf "$src"
+
+step "consistency: pip check"
+"${pip[@]}" check
+
+step "image identity $prefix/image.json and $prefix/requirements.lock"
+install -m 0644 "$lock" "$prefix/requirements.lock"
+lock_sha256=$(sha256sum "$prefix/requirements.lock" | cut -d' ' -f1)
+if [ -n "${SOURCE_DATE_EPOCH:-}" ]; then
+    built=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
+else
+    built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+fi
+printf '{"lock_sha256": "%s", "recipe": "%s", "built": "%s"}\n' "$lock_sha256" "$recipe" "$built" \
+    >"$prefix/image.json"
+cat "$prefix/image.json"
+
+step "Dask configuration $prefix/etc/dask (DASK_ROOT_CONFIG)"
+mkdir -p "$prefix/etc/dask"
+cat >"$prefix/etc/dask/image.yaml" <<'EOF'
+# Dask defaults of the hpcdask image. DASK_ROOT_CONFIG points here instead of /etc/dask, so the
+# configuration belongs to the image; ~/.config/dask and DASK_* variables still override it.
+# Scratch (spill, worker folders): null means Python's tempfile.gettempdir(), i.e. ${TMPDIR:-/tmp},
+# never the read-only image nor the working directory. Set it to node-local disk where there is one.
+temporary-directory: null
+EOF
+
+step "clean up: apt lists and caches, build inputs"
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /root/.cache "$build"
+
+step "done: $("$venv/bin/python" -c 'import dask, distributed, sklearn; print("dask", dask.__version__, "distributed", distributed.__version__, "scikit-learn", sklearn.__version__)')"

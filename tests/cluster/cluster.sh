@@ -35,6 +35,7 @@ SUBNET=${HPCDASK_CLUSTER_SUBNET:-10.253.71}
 CPUS=${HPCDASK_CLUSTER_CPUS:-2}
 MEMORY=${HPCDASK_CLUSTER_MEMORY:-4000}
 PORT=${HPCDASK_CLUSTER_PORT:-6817}
+[[ $STATE == /?* && $STATE != *..* ]] || { echo "cluster.sh: HPCDASK_CLUSTER_STATE must be an absolute path" >&2; exit 2; }
 BRIDGE=hpcd-br0
 HOST_ADDR=$SUBNET.1
 CONF=$STATE/etc/slurm.conf
@@ -56,12 +57,20 @@ export SLURM_CONF=$CONF
 
 # --- processes -----------------------------------------------------------------------------------
 
+# True if PID runs and is not a zombie (PID 1 here may reap the daemons' zombies late).
+alive() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ "${stat%% *}" != Z ]
+}
+
 # pid in FILE if that process is alive and runs COMM.
 pid_of() {
     local file=$1 comm=$2 pid
     [ -s "$file" ] || return 1
     pid=$(tr -dc 0-9 <"$file")
-    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
+    [ -n "$pid" ] && alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
     echo "$pid"
 }
 
@@ -70,11 +79,11 @@ stop_pids() {
     local secs=$1; shift
     [ $# -gt 0 ] || return 0
     kill -TERM "$@" 2>/dev/null || true
-    local i alive
+    local i p any
     for ((i = 0; i < secs * 10; i++)); do
-        alive=0
-        for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
-        [ $alive = 0 ] && return 0
+        any=0
+        for p in "$@"; do alive "$p" && any=1; done
+        [ $any = 0 ] && return 0
         sleep 0.1
     done
     kill -KILL "$@" 2>/dev/null || true
@@ -103,7 +112,7 @@ daemons_alive() {
 
 # Number of nodes sinfo reports as usable (idle, or running jobs).
 nodes_ready() {
-    timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null \
+    { timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null || true; } \
         | awk '$2 ~ /^(idle|mixed|allocated|completing)$/' | sort -u | wc -l
 }
 
@@ -154,7 +163,7 @@ do_down() {
 
 check_deps() {
     local missing=()
-    for c in slurmctld slurmd sinfo srun sbatch scontrol munged munge unmunge ip nsenter flock setsid; do
+    for c in slurmctld slurmd sinfo srun sbatch scontrol munged munge unmunge ip nsenter flock setsid ss; do
         command -v "$c" >/dev/null || missing+=("$c")
     done
     [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]} (run: $0 deps)"
@@ -227,6 +236,7 @@ start_slurm() {
     # -c: start from a clean state (no jobs, no node states from an earlier cluster).
     daemon_env setsid slurmctld -c -f "$CONF" 9>&- </dev/null >>"$STATE/log/slurmctld.out" 2>&1 \
         || { tail -n 30 "$STATE/log/slurmctld.out" "$STATE/log/slurmctld.log" >&2 || true; die "slurmctld failed"; }
+    wait_ctld 20
     for ((i = 1; i <= NODES; i++)); do
         node=$(node_name "$i")
         mkdir -p "$STATE/spool/$node"
@@ -234,6 +244,20 @@ start_slurm() {
             9>&- </dev/null >>"$STATE/log/slurmd-$node.out" 2>&1 \
             || { tail -n 30 "$STATE/log/slurmd-$node.out" "$STATE/log/slurmd-$node.log" >&2 || true; die "slurmd $node failed"; }
     done
+}
+
+# slurmctld answers (scontrol ping); fail fast with its log when it died instead.
+wait_ctld() {
+    local deadline=$((SECONDS + $1))
+    while [ $SECONDS -lt $deadline ]; do
+        timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP' && return 0
+        if [ -s "$STATE/run/slurmctld.pid" ] && ! pid_of "$STATE/run/slurmctld.pid" slurmctld >/dev/null; then
+            break
+        fi
+        sleep 0.2
+    done
+    grep -E 'error|fatal' "$STATE/log/slurmctld.log" 2>/dev/null | tail -n 5 >&2 || true
+    die "slurmctld is not answering (see $STATE/log/slurmctld.log)"
 }
 
 wait_idle() {
@@ -251,6 +275,15 @@ wait_idle() {
     die "$ready of $NODES nodes idle"
 }
 
+# A failed or interrupted `up` leaves nothing running.
+on_up_exit() {
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        say "up failed: tearing down"
+        do_down
+    fi
+}
+
 do_up() {
     local t0
     t0=$(now)
@@ -262,8 +295,15 @@ do_up() {
     fi
     # Whatever an earlier, partial or different cluster left is removed first.
     do_down 2>/dev/null
-    trap 'rc=$?; if [ $rc -ne 0 ]; then say "up failed: tearing down"; do_down; fi' EXIT
-    rm -rf "$STATE/run" "$STATE/ctld" "$STATE/spool" "$STATE/jobcomp.txt" "$STATE/etc"
+    trap on_up_exit EXIT
+    trap 'exit 130' INT TERM
+    if ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; then
+        die "port $PORT is in use: stop what listens there or set HPCDASK_CLUSTER_PORT"
+    fi
+    # The previous run's logs are kept one generation back.
+    rm -rf "${STATE:?}/log.prev"
+    [ -d "$STATE/log" ] && mv "$STATE/log" "$STATE/log.prev"
+    rm -rf "${STATE:?}/run" "$STATE/ctld" "$STATE/spool" "${STATE:?}/jobcomp.txt" "${STATE:?}/etc"
     mkdir -p "$STATE"/{run,log,ctld,spool,etc}
     chmod 0755 "$STATE"
     write_conf
@@ -271,7 +311,7 @@ do_up() {
     make_network
     start_slurm
     wait_idle 60
-    trap - EXIT
+    trap - EXIT INT TERM
     say "up in $(took "$t0")s: $NODES nodes ($(for ((i = 1; i <= NODES; i++)); do printf '%s=%s ' "$(node_name "$i")" "$(node_addr "$i")"; done| sed 's/ $//'))"
     say "use: eval \"\$($0 env)\""
 }
@@ -302,7 +342,9 @@ do_status() {
             echo "slurmd $f: not running"; ok=1
         fi
     done
-    [ -s "$CONF" ] && timeout 10 sinfo -N -l 2>/dev/null || { echo "sinfo: no answer"; ok=1; }
+    if [ $ok -eq 0 ]; then
+        timeout 10 sinfo -N -l 2>/dev/null || { echo "sinfo: no answer"; ok=1; }
+    fi
     if [ $ok -eq 0 ] && healthy; then echo "status: up ($STATE)"; else echo "status: down or unhealthy"; return 1; fi
 }
 

@@ -1,0 +1,289 @@
+"""The session's Slurm test cluster (tests/cluster/cluster.sh) as a pytest fixture.
+
+``slurm_cluster`` brings the cluster up once per session and tears it down at the end, even when
+tests fail. If the cluster cannot be started the fixture fails loudly: these tests are required in CI,
+so a missing Slurm is an error, never a skip. A cluster that was already healthy before the session
+(``make cluster-up``) is left up; ``HPCDASK_CLUSTER_KEEP=1`` keeps the one the session started.
+
+There is no slurmdbd (so no ``sacct``): a job's state and exit code come from ``scontrol show job``
+(finished jobs stay there for MinJobAge=600 s) and, failing that, from the ``jobcomp/filetxt`` log.
+
+Import it from ``tests/conftest.py``::
+
+    from cluster.fixtures import slurm_cluster  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CLUSTER_SH = HERE / "cluster.sh"
+RUNNER_BIN = HERE / "bin"
+
+# States after which a job does not change any more.
+FINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+
+
+class ClusterError(RuntimeError):
+    """A cluster command failed; the message holds its output."""
+
+
+@dataclass
+class JobResult:
+    """A batch job as submitted, and (when finished) how it ended."""
+
+    job_id: str
+    state: str
+    exit_code: int | None  # the batch script's exit status (ExitCode=N:S -> N)
+    signal: int | None  # the signal that ended it (ExitCode=N:S -> S)
+    stdout_path: Path
+    stderr_path: Path
+    info: dict[str, str] = field(default_factory=dict)  # every Key=Value of the job record
+
+    @property
+    def stdout(self) -> str:
+        return _read(self.stdout_path)
+
+    @property
+    def stderr(self) -> str:
+        return _read(self.stderr_path)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def __str__(self) -> str:
+        return (
+            f"job {self.job_id}: {self.state} exit={self.exit_code}:{self.signal}\n"
+            f"--- stdout ({self.stdout_path})\n{self.stdout}\n"
+            f"--- stderr ({self.stderr_path})\n{self.stderr}"
+        )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _parse_record(text: str) -> dict[str, str]:
+    """Key=Value pairs of one `scontrol -o` or jobcomp line (values have no spaces we need)."""
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def _split_exit(value: str | None) -> tuple[int | None, int | None]:
+    if not value or ":" not in value:
+        return None, None
+    code, sig = value.split(":", 1)
+    return int(code), int(sig)
+
+
+class SlurmCluster:
+    """Handle on the running test cluster; every command runs with :attr:`env`."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
+        self.env: dict[str, str] = dict(env)
+        self.conf = Path(self.env["SLURM_CONF"])
+        self.state_dir = self.conf.parent.parent
+        self.workdir = workdir
+        self.nodes: list[str] = self.run(["sinfo", "-h", "-N", "-o", "%N"]).stdout.split()
+        self.nodes = sorted(set(self.nodes), key=lambda n: (len(n), n))
+        self.addresses: dict[str, str] = {}
+        for node in self.nodes:
+            rec = _parse_record(self.run(["scontrol", "-o", "show", "node", node]).stdout)
+            self.addresses[node] = rec["NodeAddr"]
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 120,
+        cwd: Path | str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a client command (srun, sinfo, ...) against the cluster."""
+        full_env = {**self.env, **(env or {})}
+        proc = subprocess.run(
+            list(cmd),
+            check=False,
+            env=full_env,
+            cwd=cwd or self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            raise ClusterError(
+                f"{shlex.join(cmd)} exited {proc.returncode}\n"
+                f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
+            )
+        return proc
+
+    def srun(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        """``srun ARGS``; keyword arguments as for :meth:`run`."""
+        return self.run(["srun", *args], **kwargs)
+
+    def netns(self, node: str) -> str:
+        """The network namespace (under /run/netns) that holds NODE."""
+        return f"hpcd-{node}"
+
+    def cluster_sh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``tests/cluster/cluster.sh COMMAND`` (up, down, status, env)."""
+        return _cluster_sh(command, check=check)
+
+    # --- batch jobs -------------------------------------------------------------------------
+
+    def sbatch(
+        self,
+        script: str | os.PathLike[str],
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+        timeout: float = 300,
+        workdir: Path | str | None = None,
+    ) -> JobResult:
+        """Submit a batch job and (by default) wait for it to end.
+
+        ``script`` is a path, or the script's text (anything with a newline). ``args`` go to sbatch
+        before the script (e.g. ``"-N3", "--time=00:05:00"``). Output goes to ``slurm-<job>.out`` and
+        ``.err`` in ``workdir`` (a fresh folder on the shared filesystem unless given) unless ``args``
+        name ``-o``/``-e`` themselves. ``env`` is added to the submitting environment, which the job
+        inherits (sbatch's ``--export=ALL``). On ``timeout`` the job is cancelled and TimeoutError
+        raised with its outputs.
+        """
+        wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="job-", dir=self.workdir))
+        wd.mkdir(parents=True, exist_ok=True)
+        if isinstance(script, str) and "\n" in script:
+            path = Path(tempfile.mkstemp(prefix="job-", suffix=".sh", dir=wd)[1])
+            path.write_text(script)
+            path.chmod(0o755)
+        else:
+            path = Path(script)
+        opts = list(args)
+        flat = " ".join(opts)
+        if not re.search(r"(^|\s)(-o|--output)(\s|=)", flat):
+            opts.append(f"--output={wd}/slurm-%j.out")
+        if not re.search(r"(^|\s)(-e|--error)(\s|=)", flat):
+            opts.append(f"--error={wd}/slurm-%j.err")
+        out = self.run(["sbatch", "--parsable", *opts, str(path)], env=env, cwd=wd).stdout
+        job_id = out.strip().split(";")[0]
+        if not wait:
+            return self.job(job_id, workdir=wd)
+        return self.wait(job_id, timeout=timeout, workdir=wd)
+
+    def job(self, job_id: str, *, workdir: Path | str | None = None) -> JobResult:
+        """The job as the controller (or, once forgotten there, the jobcomp log) knows it."""
+        proc = self.run(["scontrol", "-o", "show", "job", job_id], check=False)
+        info = _parse_record(proc.stdout) if proc.returncode == 0 else {}
+        if not info:
+            info = self._jobcomp(job_id)
+        if not info:
+            raise ClusterError(f"job {job_id} unknown to scontrol and {self.state_dir}/jobcomp.txt")
+        state = info.get("JobState", "UNKNOWN")
+        code, sig = _split_exit(info.get("ExitCode"))
+        wd = Path(workdir or info.get("WorkDir") or self.workdir)
+        out = info.get("StdOut") or str(wd / f"slurm-{job_id}.out")
+        err = info.get("StdErr") or str(wd / f"slurm-{job_id}.err")
+        return JobResult(job_id, state, code, sig, Path(out), Path(err), info)
+
+    def wait(
+        self, job_id: str, *, timeout: float = 300, workdir: Path | str | None = None
+    ) -> JobResult:
+        """Poll until the job is in a final state; cancel it and raise TimeoutError after timeout."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while True:
+            res = self.job(job_id, workdir=workdir)
+            if res.finished:
+                # The jobcomp record is written as the job ends: prefer it for the exit code.
+                comp = self._jobcomp(job_id)
+                if comp.get("ExitCode"):
+                    res.exit_code, res.signal = _split_exit(comp["ExitCode"])
+                return res
+            if time.monotonic() > deadline:
+                self.run(["scancel", job_id], check=False)
+                raise TimeoutError(f"job {job_id} not finished after {timeout} s\n{res}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    def _jobcomp(self, job_id: str) -> dict[str, str]:
+        try:
+            lines = (self.state_dir / "jobcomp.txt").read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        for line in reversed(lines):
+            if line.startswith(f"JobId={job_id} "):
+                return _parse_record(line)
+        return {}
+
+
+def _cluster_sh(command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        ["bash", str(CLUSTER_SH), command],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise ClusterError(
+            f"cluster.sh {command} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def cluster_env() -> dict[str, str]:
+    """os.environ plus what ``cluster.sh env`` exports (SLURM_CONF, PATH, HPCDASK_IMAGE)."""
+    env = dict(os.environ)
+    for line in _cluster_sh("env").stdout.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """The running Slurm test cluster (started once per session, stopped at its end)."""
+    was_up = _cluster_sh("status", check=False).returncode == 0
+    try:
+        up = _cluster_sh("up")
+    except (ClusterError, subprocess.TimeoutExpired, OSError) as exc:
+        _cluster_sh("down", check=False)
+        pytest.fail(f"the Slurm test cluster did not start:\n{exc}", pytrace=False)
+    print(up.stderr, end="")
+    try:
+        yield SlurmCluster(cluster_env(), tmp_path_factory.mktemp("slurm-jobs"))
+    finally:
+        if not was_up and os.environ.get("HPCDASK_CLUSTER_KEEP") != "1":
+            _cluster_sh("down", check=False)

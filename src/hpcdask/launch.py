@@ -102,9 +102,27 @@ async def _serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec) -> N
             logger.info(tunnel_hint(dmode, dport))
         try:
             why = await _until_signalled(asyncio.Event(), s.finished())
-            logger.info("hpcdask scheduler stopping (%s)", why)
+            if why != "finished":
+                logger.info("hpcdask scheduler stopping (%s): retiring %d worker(s)", why,
+                            len(s.workers))
+                await retire_all(s)
         finally:
             schedfile.remove_if_ours(path, s.id)
+
+
+async def retire_all(s: Scheduler, timeout: float = 30) -> None:
+    """Orderly end: workers leave first (closing their nannies), then the scheduler closes."""
+    if s.workers:
+        try:
+            await asyncio.wait_for(s.retire_workers(close_workers=True, remove=False,
+                                                    stimulus_id="hpcdask-shutdown"), timeout)
+            # Let each worker close its own stream, so nothing is cut mid-read.
+            deadline = asyncio.get_running_loop().time() + timeout
+            while s.workers and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        except asyncio.TimeoutError:
+            logger.warning("hpcdask: workers did not retire within %ss; closing anyway", timeout)
+    await s.close(reason="hpcdask-shutdown")
 
 
 # --- worker ------------------------------------------------------------------------------------

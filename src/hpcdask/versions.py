@@ -172,8 +172,27 @@ class IdentityGuard(SchedulerPlugin):
     def _handler(self, comm=None) -> dict[str, Any]:
         return self.identity
 
-    async def add_worker(self, scheduler, worker: str) -> None:
+    def add_worker(self, scheduler, worker: str) -> None:
+        # The worker answers no RPC until its registration (this hook) returns, so the fast
+        # check uses what it sent (distributed's package set) and the full one runs after.
+        ws = scheduler.workers.get(worker)
+        sent = getattr(ws, "versions", None) or {}
+        mine = version_module_versions()
+        diff = {k: (mine["packages"].get(k), v) for k, v in sent.get("packages", {}).items()
+                if mine["packages"].get(k) != v}
+        if sent.get("host", {}).get("python") != mine["host"]["python"]:
+            diff["python"] = (mine["host"]["python"], sent.get("host", {}).get("python"))
+        if diff:
+            why = "; ".join(f"{k} {a} != {b}" for k, (a, b) in sorted(diff.items()))
+            self._refuse(scheduler, worker, why)
+        else:
+            asyncio.ensure_future(self._vet(scheduler, worker))
+
+    async def _vet(self, scheduler, worker: str) -> None:
+        from distributed.protocol.serialize import Serialized, deserialize
         from distributed.protocol.pickle import dumps
+
+        await asyncio.sleep(0)  # let the registration reply go out first
         try:
             resp = await asyncio.wait_for(
                 scheduler.broadcast(msg={"op": "run", "function": dumps(identity),
@@ -183,13 +202,34 @@ class IdentityGuard(SchedulerPlugin):
             result = resp[worker]
             if result.get("status") != "OK":
                 raise RuntimeError(result.get("exception_text") or "no identity")
-            rows = differences(self.identity, {worker: result["result"]})
+            theirs = result["result"]  # the scheduler does not deserialize what it relays
+            if isinstance(theirs, Serialized):
+                theirs = deserialize(theirs.header, theirs.frames)
+            rows = differences(self.identity, {worker: theirs})
             why = summary(rows) if rows else None
         except Exception as e:  # noqa: BLE001 - any failure to prove identity is a refusal
+            if worker not in scheduler.workers:
+                return  # it left on its own
             why = f"could not report its identity ({type(e).__name__}: {e}); is it an hpcdask worker?"
         if why:
-            self.refused[worker] = why
-            logger.error("hpcdask: refused worker %s: %s", worker, why)
-            asyncio.get_running_loop().call_soon(
-                lambda: asyncio.ensure_future(scheduler.remove_worker(
-                    worker, stimulus_id="hpcdask-identity-mismatch", close=True)))
+            self._refuse(scheduler, worker, why)
+
+    def _refuse(self, scheduler, worker: str, why: str) -> None:
+        self.refused[worker] = why
+        logger.error("hpcdask: refused worker %s: %s", worker, why)
+
+        async def remove() -> None:
+            for _ in range(100):  # until its registration has completed
+                if worker in scheduler.workers and worker in scheduler.stream_comms:
+                    break
+                await asyncio.sleep(0.05)
+            await scheduler.remove_worker(worker, stimulus_id="hpcdask-identity-mismatch",
+                                          close=True)
+
+        asyncio.ensure_future(remove())
+
+
+def version_module_versions() -> dict[str, Any]:
+    from distributed.versions import get_versions
+
+    return get_versions()

@@ -1,0 +1,92 @@
+# hpcdask: the README's verbs, each a thin call of a script or the CLI.
+#   make run    create .venv from the lock and run the main job (default workload, LocalCluster)
+#   make test   install what the tests need (apt + .venv-test) and run every test, cluster ones included
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+TVENV := .venv-test
+LOCK := containers/requirements.lock
+DEVLOCK := tests/requirements-dev.lock
+ARGS ?=
+PYTEST_ARGS ?=
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: help run test test-unit lock venv sif docker image compose-test cluster-up cluster-down \
+        cluster-env cluster-deps host-deps bench clean
+
+help:
+	@echo "make run | test | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
+
+# --- environments -----------------------------------------------------------------------------
+# .venv is exactly the lock (+ hpcdask itself): what `make run` uses and what the lock test checks.
+$(VENV)/.done: $(LOCK) pyproject.toml
+	@$(PYTHON) -c 'import sys; v=sys.version_info[:2]; sys.exit(0 if v==(3,11) else "hpcdask: the lock is for Python 3.11, found %d.%d; run: make PYTHON=python3.11 ..." % v)'
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) --require-hashes --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps --no-build-isolation --no-index -e .
+	touch $@
+
+# .venv-test is the same lock plus the test tools (tests/requirements-dev.lock).
+$(TVENV)/.done: $(LOCK) $(DEVLOCK) pyproject.toml
+	rm -rf $(TVENV) && $(PYTHON) -m venv $(TVENV)
+	$(TVENV)/bin/pip install $(PIP_QUIET) --require-hashes --no-deps -r $(LOCK) -r $(DEVLOCK)
+	$(TVENV)/bin/pip install $(PIP_QUIET) --no-deps --no-build-isolation --no-index -e .
+	touch $@
+
+venv: $(VENV)/.done
+
+# --- the two commands -------------------------------------------------------------------------
+run: $(VENV)/.done
+	$(VENV)/bin/hpcdask run $(ARGS)
+
+host-deps:
+	bash tests/setup-host.sh
+
+test: host-deps $(VENV)/.done $(TVENV)/.done
+	$(TVENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(VENV)/.done $(TVENV)/.done
+	$(TVENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# --- the lock ---------------------------------------------------------------------------------
+lock:
+	$(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install $(PIP_QUIET) pip-tools
+	.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	    -o $(LOCK) containers/requirements.in
+	cd tests && ../.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
+	    --strip-extras -o requirements-dev.lock requirements-dev.in
+
+# --- images -----------------------------------------------------------------------------------
+sif:
+	@command -v apptainer >/dev/null || { echo "make sif: apptainer is not installed; install Apptainer (https://apptainer.org/docs/admin/main/installation.html) or use: make image (test sandbox) / make docker" >&2; exit 2; }
+	apptainer build dask.sif containers/dask.def
+
+docker:
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make docker: no running Docker engine; start one, or use podman: bash tests/cluster/podman.sh build" >&2; exit 2; }
+	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) -t hpcdask:latest .
+
+image: $(TVENV)/.done
+	$(TVENV)/bin/python tests/cluster/image.py build
+
+compose-test: host-deps $(TVENV)/.done
+	$(TVENV)/bin/python -m pytest -m compose -s tests/integration/test_compose.py $(PYTEST_ARGS)
+
+# --- the test cluster -------------------------------------------------------------------------
+cluster-deps:
+	bash tests/cluster/cluster.sh deps
+
+cluster-up:
+	bash tests/cluster/cluster.sh up
+
+cluster-down:
+	bash tests/cluster/cluster.sh down
+
+cluster-env:
+	@bash tests/cluster/cluster.sh env
+
+# --- benchmarks -------------------------------------------------------------------------------
+bench: $(VENV)/.done
+	$(VENV)/bin/hpcdask bench $(if $(QUICK),--quick,) $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(TVENV) .venv-tools hpcdask-output .pytest_cache

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite drives for real: debootstrap + bubblewrap (the
+# Apptainer path), podman + podman-compose (the Docker path), slurm-wlm + munge (the test
+# cluster), shellcheck (jobscripts), graphviz (task-graph pictures). Quick when all are there.
+set -euo pipefail
+pkgs=(debootstrap bubblewrap podman podman-compose slirp4netns uidmap fuse-overlayfs
+      slurm-wlm munge iproute2 util-linux procps shellcheck graphviz ca-certificates)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "setup-host: all test packages present"
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-host: missing ${missing[*]}; run as root: sudo $0" >&2
+    exit 2
+fi
+echo "setup-host: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

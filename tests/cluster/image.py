@@ -53,7 +53,7 @@ DEFAULT_CACHE = Path(os.environ.get("HPCDASK_TEST_CACHE", "/var/cache/hpcdask-te
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 # Local package indexes the lock may name (--extra-index-url file://..., --find-links): bound
 # read-only into the build when the host has them, so pip resolves the lock as on the host.
-LOCAL_INDEXES = re.compile(r"^\s*--(?:extra-index-url|index-url|find-links)[ =](?:file://)?(/\S+)", re.M)
+LOCAL_INDEXES = re.compile(r"^\s*--(?:extra-index-url|index-url|find-links)[ =](?:file://)?(/\S+)", re.MULTILINE)
 BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SCRIPT_SECTIONS = ("setup", "post", "environment", "runscript", "test", "startscript", "help")
 
@@ -177,7 +177,7 @@ def input_key(defn: Definition, def_path: Path, base: Path, context: Path) -> st
 
 def build_base(cache: Path) -> Path:
     t0 = time.monotonic()
-    out = subprocess.run(["bash", str(BASE_SH), str(cache)], stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(["bash", str(BASE_SH), str(cache)], stdout=subprocess.PIPE, text=True, check=False)
     if out.returncode != 0:
         raise BuildError(f"{BASE_SH} failed (exit {out.returncode}); its output is above")
     base = Path(out.stdout.strip().splitlines()[-1])
@@ -219,7 +219,8 @@ def bwrap_build(rootfs: Path, argv: list[str], env: dict[str, str], ro_binds: li
         cmd += ["--ro-bind", src, dst]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
-    proc = subprocess.run(cmd + argv)
+    # Build output goes to stderr: stdout of `image.py build` is the image path alone.
+    proc = subprocess.run(cmd + argv, check=False, stdout=sys.stderr)
     if proc.returncode != 0:
         raise BuildError(f"{' '.join(argv[:3])}... failed in the rootfs (exit {proc.returncode})")
 
@@ -372,7 +373,7 @@ def run_test(image: Path, binds: list[str] = (), cleanenv: bool = True) -> int:
     cmd = [str(RUNNER), "test"] + (["--cleanenv"] if cleanenv else [])
     for b in binds:
         cmd += ["--bind", b]
-    return subprocess.run(cmd + [str(image)]).returncode
+    return subprocess.run(cmd + [str(image)], check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,317 @@
+# shellcheck shell=bash
+# hpcdask-job.sh: the shared core of hpcdask's jobscripts. Sourced, never run.
+#
+# Every jobscript (slurm/dask-cluster.sbatch, slurm/dask-scheduler.sbatch, slurm/dask-workers.sbatch,
+# pbs/dask-cluster.pbs) is a few lines calling the functions below; the logic lives here once.
+# Every role runs as `apptainer exec "$HPCDASK_IMAGE" hpcdask ROLE ...`; workers are srun steps
+# (Slurm) or pbsdsh tasks (PBS), never `apptainer instance`s.
+#
+# Settings: hpcdask reads its own from HPCDASK_<KEY> (HPCDASK_INTERFACE, HPCDASK_NWORKERS,
+# HPCDASK_NTHREADS, HPCDASK_MEMORY_LIMIT, HPCDASK_MEMORY_PRESET, HPCDASK_LOCAL_DIRECTORY,
+# HPCDASK_LIFETIME_MARGIN, ... see `hpcdask.yaml`), passed into the image with the environment.
+# Only these are the jobscripts' own:
+#   HPCDASK_IMAGE          the image (.sif file or sandbox folder) every role runs in (required)
+#   HPCDASK_APPTAINER      the apptainer command (default: apptainer)
+#   HPCDASK_BIND           extra apptainer --bind specs, comma-separated (e.g. /scratch,/project)
+#   HPCDASK_SHARED_DIR     parent of the per-job cluster folders (default ~/.hpcdask/clusters)
+#   HPCDASK_CLUSTER_DIR    the cluster folder of the scheduler job + worker jobs pattern
+#   HPCDASK_READY_TIMEOUT  how long to wait for every worker to join (default 300s)
+#   HPCDASK_STOP_TIMEOUT   seconds the workers get to retire once the client is done (default 60)
+
+# Defaults that the scripts' readers should see here, not only in hpcdask.yaml.
+export HPCDASK_INTERFACE=${HPCDASK_INTERFACE:-ib0}
+HJ_APPTAINER=${HPCDASK_APPTAINER:-apptainer}
+HJ_READY_TIMEOUT=${HPCDASK_READY_TIMEOUT:-300s}
+HJ_STOP_TIMEOUT=${HPCDASK_STOP_TIMEOUT:-60}
+
+HJ_EXEC=()        # apptainer exec [--bind ...] IMAGE: the prefix of every role
+HJ_DIR=''         # this cluster's folder (scheduler file + credentials)
+HJ_OWN_DIR=0      # 1: the folder is this job's own and is removed at the end
+HJ_SCHED=''       # pid of the scheduler
+HJ_WORKERS=''     # pid of the srun (or pbsdsh) that runs the workers
+HJ_CLIENT=''      # pid of the client
+HJ_WAITER=''      # pid of `hpcdask wait`
+HJ_T0=$(date +%s.%N)
+
+hj_say() { echo "hpcdask-job: $*" >&2; }
+hj_die() {
+    local code=$1
+    shift
+    echo "hpcdask-job: error: $*" >&2
+    exit "$code"
+}
+hj_elapsed() { awk -v a="$HJ_T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# The image and apptainer exist: checked before anything starts (one line, exit 2 otherwise).
+hj_require() {
+    [ -n "${HPCDASK_IMAGE:-}" ] ||
+        hj_die 2 "HPCDASK_IMAGE is not set; export HPCDASK_IMAGE=/path/to/hpcdask.sif before sbatch/qsub (the job inherits it)"
+    [ -e "$HPCDASK_IMAGE" ] ||
+        hj_die 2 "image $HPCDASK_IMAGE does not exist (HPCDASK_IMAGE); build it (make sif) or point HPCDASK_IMAGE at it"
+    [ -r "$HPCDASK_IMAGE" ] ||
+        hj_die 2 "image $HPCDASK_IMAGE is not readable by $(id -un); fix its mode or point HPCDASK_IMAGE at a copy you can read"
+    command -v "$HJ_APPTAINER" >/dev/null 2>&1 ||
+        hj_die 2 "'$HJ_APPTAINER' not found on PATH of $(hostname); module load apptainer, or set HPCDASK_APPTAINER=/path/to/apptainer"
+}
+
+# The per-cluster folder on the shared filesystem, private (0700); sets HJ_DIR and HJ_EXEC.
+hj_cluster_dir() {
+    HJ_DIR=$1
+    (umask 077 && mkdir -p "$HJ_DIR") 2>/dev/null ||
+        hj_die 2 "cannot create the cluster folder $HJ_DIR; set HPCDASK_SHARED_DIR to a folder you can write on the shared filesystem"
+    chmod 700 "$HJ_DIR"
+    HJ_EXEC=("$HJ_APPTAINER" exec --bind "$HJ_DIR")
+    local b
+    if [ -n "${HPCDASK_BIND:-}" ]; then
+        IFS=, read -ra b <<<"$HPCDASK_BIND"
+        for spec in "${b[@]}"; do HJ_EXEC+=(--bind "$spec"); done
+    fi
+    HJ_EXEC+=("$HPCDASK_IMAGE")
+}
+
+# The job's end time in Unix seconds (empty when it has none), for `hpcdask worker --lifetime auto`.
+hj_job_end() {
+    local end=''
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null) || end=''
+    elif [ -n "${PBS_JOBID:-}" ]; then
+        # PBS has no end time: start (now, near enough) + the walltime asked for.
+        local wt
+        wt=$(qstat -f "$PBS_JOBID" 2>/dev/null | sed -n 's/^ *Resource_List.walltime = //p')
+        if [ -n "$wt" ]; then
+            IFS=: read -r h m s <<<"$wt"
+            echo $(($(date +%s) + 10#$h * 3600 + 10#$m * 60 + 10#$s))
+        fi
+        return 0
+    fi
+    case $end in '' | N/A | NONE | Unknown | UNLIMITED) return 0 ;; esac
+    date -d "$end" +%s
+}
+
+# argv of one node's workers: `hpcdask worker` retiring before the job's end (FILE, END).
+hj_worker_argv() {
+    HJ_WORKER_ARGV=("${HJ_EXEC[@]}" hpcdask worker --scheduler-file "$1")
+    [ -z "${2:-}" ] || HJ_WORKER_ARGV+=(--lifetime auto --job-end "$2")
+}
+
+# srun of one worker task per node (NODES) of this allocation, in the background.
+hj_srun_workers() {
+    local file=$1 end=$2 nodes=$3
+    hj_worker_argv "$file" "$end"
+    # srun (22.05+) does not inherit --cpus-per-task from sbatch: pass it on, so task binding
+    # gives each worker the CPUs the job asked for.
+    local cpt=()
+    [ -z "${SLURM_CPUS_PER_TASK:-}" ] || cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    srun --nodes="$nodes" --ntasks-per-node=1 "${cpt[@]}" --kill-on-bad-exit=0 \
+        "${HJ_WORKER_ARGV[@]}" &
+    HJ_WORKERS=$!
+}
+
+# PBS: one worker task per node through pbsdsh (PBS's own launcher: no ssh, no mpirun). pbsdsh
+# tasks start with PBS's bare environment, so the job's HPCDASK_* settings go through a file.
+hj_pbsdsh_workers() {
+    local file=$1 end=$2 envfile=$HJ_DIR/worker-env.sh
+    hj_worker_argv "$file" "$end"
+    {
+        printf 'cd %q\n' "$PWD"
+        printf 'export PATH=%q\n' "$PATH"
+        local v
+        for v in $(compgen -e); do
+            case $v in HPCDASK_* | TMPDIR | PBS_JOBFS | APPTAINERENV_* | APPTAINER_BIND) printf 'export %s=%q\n' "$v" "${!v}" ;; esac
+        done
+        printf 'exec'
+        printf ' %q' "${HJ_WORKER_ARGV[@]}"
+        printf '\n'
+    } >"$envfile"
+    # The first vnode index of each distinct host in PBS_NODEFILE (one line per CPU there).
+    local idx
+    idx=$(awk '!seen[$1]++ { print NR - 1 }' "$PBS_NODEFILE")
+    (
+        for i in $idx; do pbsdsh -n "$i" -- /bin/bash "$envfile" & done
+        wait
+    ) &
+    HJ_WORKERS=$!
+}
+
+# PBS sizing: PBS_NODEFILE has one line per CPU; NCPUS and PBS_VMEM are the job's totals, so
+# each node's workers get their share (unless HPCDASK_NTHREADS / HPCDASK_MEMORY_LIMIT say).
+hj_pbs_sizing() {
+    HJ_NODES=$(sort -u "$PBS_NODEFILE" | wc -l)
+    local cpus nw=${HPCDASK_NWORKERS:-1}
+    cpus=$(wc -l <"$PBS_NODEFILE")
+    export HPCDASK_NTHREADS=${HPCDASK_NTHREADS:-$((cpus / HJ_NODES / nw > 0 ? cpus / HJ_NODES / nw : 1))}
+    if [ -n "${PBS_VMEM:-}" ]; then
+        export HPCDASK_MEMORY_LIMIT=${HPCDASK_MEMORY_LIMIT:-$((PBS_VMEM / HJ_NODES / nw))}
+    fi
+}
+
+# Workers on every node of this job, by the batch system's own launcher: FILE END NODES.
+hj_launch_workers() {
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        hj_srun_workers "$@"
+    else
+        hj_pbsdsh_workers "$@"
+    fi
+}
+
+# Start the scheduler (FILE) in the background and wait until it has written FILE.
+hj_start_scheduler() {
+    local file=$1
+    rm -f "$file"
+    "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" &
+    HJ_SCHED=$!
+    # Its readiness is the file itself (written once it listens); the loop only also notices
+    # a scheduler that failed, so an error shows at once instead of after a timeout.
+    local limit=$((SECONDS + 120))
+    until [ -s "$file" ]; do
+        if ! kill -0 "$HJ_SCHED" 2>/dev/null; then
+            local rc=0
+            wait "$HJ_SCHED" || rc=$?
+            HJ_SCHED=''
+            hj_die "$rc" "the scheduler did not start (exit $rc); the line above says why"
+        fi
+        [ "$SECONDS" -lt "$limit" ] || hj_die 1 "the scheduler wrote no $file within 120 s"
+        sleep 0.1
+    done
+    hj_say "scheduler up after $(hj_elapsed)s: $file"
+}
+
+# Is PID (possibly empty) still running?
+hj_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# Wait until any background role ends; then HJ_ENDED names it (client/waiter/scheduler/workers)
+# and HJ_RC is its exit code.
+hj_wait_any() {
+    wait -n 2>/dev/null || true
+    local name pid
+    for name in waiter client scheduler workers; do
+        case $name in
+            waiter) pid=$HJ_WAITER ;; client) pid=$HJ_CLIENT ;;
+            scheduler) pid=$HJ_SCHED ;; workers) pid=$HJ_WORKERS ;;
+        esac
+        if [ -n "$pid" ] && ! hj_alive "$pid"; then
+            HJ_ENDED=$name
+            HJ_RC=0
+            wait "$pid" 2>/dev/null || HJ_RC=$?
+            case $name in
+                waiter) HJ_WAITER='' ;; client) HJ_CLIENT='' ;;
+                scheduler) HJ_SCHED='' ;; workers) HJ_WORKERS='' ;;
+            esac
+            return 0
+        fi
+    done
+    HJ_ENDED=''
+}
+
+# A role ended out of turn: say which in one line and stop the job.
+hj_fail_ended() {
+    case $HJ_ENDED in
+        scheduler) hj_die 1 "the scheduler ended (exit $HJ_RC) while the $1; stopping the job" ;;
+        workers) hj_die 1 "the workers' step ended (exit $HJ_RC) while the $1; see the worker errors above" ;;
+    esac
+}
+
+# Readiness: block until N workers are registered (`hpcdask wait`), or a role fails first.
+hj_wait_ready() {
+    local file=$1 n=$2
+    "${HJ_EXEC[@]}" hpcdask wait --scheduler-file "$file" --workers "$n" --timeout "$HJ_READY_TIMEOUT" &
+    HJ_WAITER=$!
+    while :; do
+        hj_wait_any
+        case $HJ_ENDED in
+            waiter)
+                [ "$HJ_RC" -eq 0 ] || hj_die "$HJ_RC" "the workers did not all join (hpcdask wait exit $HJ_RC)"
+                hj_say "$n worker(s) ready after $(hj_elapsed)s in the job"
+                return 0 ;;
+            scheduler | workers) hj_fail_ended "workers were starting" ;;
+        esac
+    done
+}
+
+# The client: `hpcdask run` (no arguments, or run's options), or a user's script + its arguments.
+hj_start_client() {
+    local file=$1
+    shift
+    if [ $# -eq 0 ] || [ "${1#-}" != "$1" ]; then
+        "${HJ_EXEC[@]}" hpcdask run --scheduler-file "$file" "$@" &
+    else
+        [ -f "$1" ] || hj_die 2 "script $1 does not exist (from $(pwd)); give your Python script's path after the jobscript, e.g. sbatch dask-cluster.sbatch ./my_analysis.py --arg 1"
+        "${HJ_EXEC[@]}" hpcdask client --scheduler-file "$file" -- "$@" &
+    fi
+    HJ_CLIENT=$!
+}
+
+# Wait for the client; returns its exit code in HJ_RC. Dies if the scheduler or all workers go first.
+hj_wait_client() {
+    while :; do
+        hj_wait_any
+        case $HJ_ENDED in
+            client) return 0 ;;
+            scheduler | workers) hj_fail_ended "client was running" ;;
+        esac
+    done
+}
+
+# Wait up to SECS for PID to end; true if it did.
+hj_wait_pid() {
+    local pid=$1 limit=$((SECONDS + $2))
+    while hj_alive "$pid"; do
+        [ "$SECONDS" -lt "$limit" ] || return 1
+        sleep 0.2
+    done
+    wait "$pid" 2>/dev/null || true
+}
+
+# Orderly end: SIGTERM the scheduler (it retires the workers first), then wait for the workers.
+hj_shutdown() {
+    if hj_alive "$HJ_SCHED"; then
+        kill -TERM "$HJ_SCHED" 2>/dev/null || true
+        hj_wait_pid "$HJ_SCHED" "$HJ_STOP_TIMEOUT" || hj_say "the scheduler did not stop within ${HJ_STOP_TIMEOUT}s"
+    fi
+    HJ_SCHED=''
+    if hj_alive "$HJ_WORKERS"; then
+        hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT" || hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
+    fi
+}
+
+# Trap on any exit: end what still runs (TERM, then KILL after 10 s), remove the job's folder.
+hj_cleanup() {
+    local pids=() p
+    for p in "$HJ_CLIENT" "$HJ_WAITER" "$HJ_SCHED" "$HJ_WORKERS"; do
+        hj_alive "$p" && pids+=("$p")
+    done
+    if [ ${#pids[@]} -gt 0 ]; then
+        kill -TERM "${pids[@]}" 2>/dev/null || true
+        for p in "${pids[@]}"; do hj_wait_pid "$p" 10 || kill -KILL "$p" 2>/dev/null || true; done
+    fi
+    if [ "$HJ_OWN_DIR" = 1 ] && [ -n "$HJ_DIR" ]; then
+        rm -rf -- "$HJ_DIR"
+    else
+        # A kept folder (HPCDASK_CLUSTER_DIR) loses only the dead cluster's credentials.
+        [ -z "$HJ_DIR" ] || rm -f -- "$HJ_DIR"/ca.pem "$HJ_DIR"/cluster.pem "$HJ_DIR"/cluster.key
+    fi
+}
+
+# SIGTERM/SIGINT to the job (time limit, scancel/qdel): the cleanup trap does the rest.
+hj_traps() {
+    trap hj_cleanup EXIT
+    trap 'hj_say "stopped by SIGTERM (time limit or scancel)"; exit 143' TERM
+    trap 'hj_say "stopped by SIGINT"; exit 130' INT
+}
+
+# The all-in-one job: scheduler on this node, NODES x NWORKERS workers, the client here; exits
+# with the client's exit code. FILE, NODES, then the client's arguments.
+hj_all_in_one() {
+    local file=$1 nodes=$2
+    shift 2
+    local n=$((nodes * ${HPCDASK_NWORKERS:-1}))
+    hj_start_scheduler "$file"
+    hj_launch_workers "$file" "$(hj_job_end)" "$nodes"
+    hj_wait_ready "$file" "$n"
+    hj_start_client "$file" "$@"
+    hj_wait_client
+    local rc=$HJ_RC
+    hj_say "client ended (exit $rc) after $(hj_elapsed)s; stopping the cluster"
+    hj_shutdown
+    return "$rc"
+}

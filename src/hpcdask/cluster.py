@@ -1,0 +1,209 @@
+"""dask-jobqueue clusters whose workers run in the image: ``slurm_cluster`` and ``pbs_cluster``.
+
+Seed 002's ``SLURMCluster`` and seed 001's ``PBSCluster``, with hpcdask's defaults: each worker
+job runs dask-jobqueue's own worker command under ``apptainer exec IMAGE python``, binds the
+workers' interface (``ib0``) while the scheduler binds its own (``scheduler_interface``: login
+nodes often lack ``ib0``), speaks TLS with fresh per-cluster credentials (the CA and certificate
+in a private folder on the shared filesystem, which every worker job reads), retires workers
+gracefully before the walltime, and applies the memory preset.
+
+The scheduler runs in the calling process, so that process must run in the image too, or
+the Python and package versions differ between the scheduler and its workers::
+
+    apptainer exec --bind /etc/slurm,... $HPCDASK_IMAGE python my_login_node_script.py
+
+and inside it::
+
+    from distributed import Client
+    from hpcdask.cluster import slurm_cluster
+
+    with slurm_cluster(cores=8, memory="32GiB", walltime="01:00:00", account="def-me",
+                       scheduler_interface="eth0") as cluster, Client(cluster) as client:
+        cluster.scale(jobs=4)
+        ...
+
+The image holds no Slurm or PBS commands: bind the site's into it, or, where that is
+impractical, submit through the login node with ``submit_prefix="ssh login1"`` (the prefix
+goes before ``sbatch``/``scancel``, ``qsub``/``qdel``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dask.utils
+
+from hpcdask import config, memory, netif, security, versions
+from hpcdask.errors import BadInput
+
+__all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
+
+
+def _image(image: str | os.PathLike[str] | None) -> str:
+    image = image or config.get("image") or os.environ.get("HPCDASK_IMAGE")
+    if not image:
+        raise BadInput("no image for the workers: pass image='/path/to/hpcdask.sif' or export "
+                       "HPCDASK_IMAGE=/path/to/hpcdask.sif")
+    return str(image)
+
+
+def _lifetime_args(walltime: str | None) -> list[str]:
+    """``--lifetime`` so workers retire (handing over their data) before the walltime."""
+    if not walltime:
+        return []
+    total = dask.utils.parse_timedelta(walltime if ":" not in walltime else _hms(walltime))
+    margin = dask.utils.parse_timedelta(config.get("lifetime-margin"))
+    stagger = dask.utils.parse_timedelta(config.get("lifetime-stagger"))
+    life = total - margin - stagger
+    if life <= 0:
+        raise BadInput(f"walltime {walltime} leaves no time before the retirement margin of "
+                       f"{margin:.0f}s + {stagger:.0f}s stagger; ask for a longer walltime or "
+                       f"lower HPCDASK_LIFETIME_MARGIN")
+    return ["--lifetime", f"{life:.0f}s", "--lifetime-stagger", f"{stagger:.0f}s"]
+
+
+def _hms(text: str) -> str:
+    parts = [int(p) for p in text.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts[-3:]
+    return f"{h * 3600 + m * 60 + s}s"
+
+
+def _free_or_any(host: str, port: int) -> int:
+    """``port`` if free on ``host``, else 0 (any): several clusters may share a login node."""
+    try:
+        netif.check_port_free(host, port, "--dashboard-port")
+    except BadInput:
+        return 0
+    return port
+
+
+def _preset_exports(name: str) -> list[str]:
+    """The memory preset as DASK_* exports for the worker job (dask-jobqueue's worker command)."""
+    lines = []
+    for key, value in memory.preset(name).items():
+        env = "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+        lines.append(f"export {env}={shlex.quote(str(value))}")
+    return lines
+
+
+def job_kwargs(
+    image: str | os.PathLike[str] | None = None,
+    *,
+    folder: str | os.PathLike[str] | None = None,
+    interface: str | None = None,
+    scheduler_interface: str | None = None,
+    local_directory: str | None = None,
+    walltime: str | None = None,
+    job_script_prologue: list[str] | None = None,
+    worker_extra_args: list[str] | None = None,
+    dashboard: str | None = None,
+    require_image: bool = True,
+    scheduler_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The dask-jobqueue keyword arguments hpcdask adds (see the module docstring).
+
+    Creates the cluster's TLS credentials in ``folder`` (default: a new folder under
+    ``hpcdask.shared-dir``, which must be on the shared filesystem).
+    """
+    image = _image(image)
+    if require_image and versions.image_info() is None:
+        raise BadInput("this process runs outside the image, so the scheduler it starts would "
+                       "differ from the workers; run it in the image: apptainer exec "
+                       f"{image} python YOUR_SCRIPT.py (or pass require_image=False knowingly)")
+    iface = config.get("interface", interface)
+    sched_iface = scheduler_interface or config.get("scheduler-interface") or iface
+    host = netif.address_of(sched_iface, "scheduler_interface=")
+    cluster_id = uuid.uuid4().hex[:8]
+    folder = Path(folder or Path(config.get("shared-dir")).expanduser() / f"jobqueue-{cluster_id}")
+    creds = security.create(folder.absolute(), cluster_id)
+    apptainer = os.environ.get("HPCDASK_APPTAINER", "apptainer")
+    local = local_directory or config.get("local-directory") or "${TMPDIR:-/tmp}"
+    # The worker's scratch and the credentials' folder must be visible inside the image.
+    python = (f"{apptainer} exec --bind {shlex.quote(str(creds.folder))} --bind \"{local}\" "
+              f"{shlex.quote(image)} python")
+    prologue = [*_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
+    dmode = config.get("dashboard", dashboard)
+    options: dict[str, Any] = {"interface": sched_iface}
+    if dmode == "off":
+        options["dashboard"] = False
+    else:
+        dhost = "127.0.0.1" if dmode == "loopback" else host
+        options["dashboard_address"] = f"{dhost}:{_free_or_any(dhost, config.get('dashboard-port'))}"
+    if require_image:
+        options["plugins"] = [versions.IdentityGuard()]
+    options.update(scheduler_options or {})
+    out = dict(
+        python=python,
+        interface=iface,
+        local_directory=local,
+        security=creds.security(),
+        protocol="tls://",
+        scheduler_options=options,
+        job_script_prologue=prologue,
+        worker_extra_args=[*_lifetime_args(walltime), *(worker_extra_args or [])],
+        shared_temp_directory=str(creds.folder),
+        **kwargs,
+    )
+    if walltime:
+        out["walltime"] = walltime
+    return out
+
+
+def _with_prefix(job_cls: type, prefix: str | None) -> type:
+    """``job_cls`` submitting and cancelling through ``prefix`` (e.g. ``ssh login1``)."""
+    if not prefix:
+        return job_cls
+    return type(job_cls.__name__, (job_cls,), {
+        "submit_command": f"{prefix} {job_cls.submit_command}",
+        "cancel_command": f"{prefix} {job_cls.cancel_command}",
+    })
+
+
+def slurm_cluster(image: str | os.PathLike[str] | None = None, *,
+                  submit_prefix: str | None = None, **kwargs: Any):
+    """A ``dask_jobqueue.SLURMCluster`` whose workers run in ``image`` (seed 002's Cedar example).
+
+    Keyword arguments are :func:`job_kwargs`'s and ``SLURMCluster``'s (``cores``, ``memory``,
+    ``walltime``, ``account``, ``queue``, ``job_extra_directives``, ...).
+    """
+    from dask_jobqueue import SLURMCluster
+    from dask_jobqueue.slurm import SLURMJob
+
+    return SLURMCluster(job_cls=_with_prefix(SLURMJob, submit_prefix), **job_kwargs(image, **kwargs))
+
+
+def pbs_cluster(image: str | os.PathLike[str] | None = None, *,
+                submit_prefix: str | None = None, project: str | None = None,
+                ncpus: int | None = None, mem: str | None = None, jobfs: str | None = None,
+                job_extra_directives: list[str] | None = None, **kwargs: Any):
+    """A ``dask_jobqueue.PBSCluster`` whose workers run in ``image`` (seed 001's Gadi example).
+
+    ``project``, ``ncpus``, ``mem`` and ``jobfs`` become Gadi's ``-P``, ``-l ncpus=``, ``-l mem=``
+    and ``-l jobfs=`` directives (Gadi takes no ``select``, so it is skipped); the workers'
+    scratch defaults to ``$PBS_JOBFS`` when ``jobfs`` is asked for.
+    """
+    from dask_jobqueue import PBSCluster
+    from dask_jobqueue.pbs import PBSJob
+
+    extra = list(job_extra_directives or [])
+    if project:
+        extra.append(f"-P {project}")
+    if ncpus:
+        extra.append(f"-l ncpus={ncpus}")
+    if mem:
+        extra.append(f"-l mem={mem}")
+    if jobfs:
+        extra.append(f"-l jobfs={jobfs}")
+        kwargs.setdefault("local_directory", "$PBS_JOBFS")
+    if ncpus or mem:
+        kwargs.setdefault("job_directives_skip", ["select"])
+    kwargs.setdefault("shebang", "#!/usr/bin/env bash")
+    return PBSCluster(job_cls=_with_prefix(PBSJob, submit_prefix), job_extra_directives=extra,
+                      **job_kwargs(image, **kwargs))

@@ -1,0 +1,36 @@
+"""Session fixtures shared by every test folder: the Slurm test cluster and the test image.
+
+Both are required in CI: when either cannot be made the tests that use it FAIL, never skip.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from cluster.fixtures import slurm_cluster  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The test image (a sandbox folder): ``python tests/cluster/image.py build`` (cached), its path."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "cluster" / "image.py"), "build"],
+            capture_output=True, text=True, timeout=3600, check=False, stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"building the test image failed: {exc}", pytrace=False)
+    lines = proc.stdout.strip().splitlines()
+    path = Path(lines[-1]) if lines else None
+    if proc.returncode != 0 or path is None or not path.is_dir():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
+        pytest.fail(f"tests/cluster/image.py build exited {proc.returncode} without an image "
+                    f"(required: these tests run in CI)\n{tail}", pytrace=False)
+    return path

@@ -1,0 +1,213 @@
+"""The jobscripts as text, like dask-jobqueue's test_header / test_job_script: the key lines are
+there exactly, every script parses (bash -n) and passes shellcheck, and the shared library's
+checks fail with one line before anything starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+JOBSCRIPTS = REPO / "jobscripts"
+LIB = JOBSCRIPTS / "lib" / "hpcdask-job.sh"
+ALL_IN_ONE = JOBSCRIPTS / "slurm" / "dask-cluster.sbatch"
+SCHEDULER = JOBSCRIPTS / "slurm" / "dask-scheduler.sbatch"
+WORKERS = JOBSCRIPTS / "slurm" / "dask-workers.sbatch"
+PBS = JOBSCRIPTS / "pbs" / "dask-cluster.pbs"
+SCRIPTS = [ALL_IN_ONE, SCHEDULER, WORKERS, PBS]
+
+
+def directives(path: Path, prefix: str = "#SBATCH") -> list[str]:
+    return [line[len(prefix):].strip() for line in path.read_text().splitlines()
+            if line.startswith(prefix + " ")]
+
+
+def code(path: Path) -> str:
+    """The script without its comments (so the assertions look at what runs)."""
+    return "\n".join(line for line in path.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("path", [*SCRIPTS, LIB], ids=lambda p: p.name)
+def test_bash_parses(path):
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("path", [*SCRIPTS, LIB], ids=lambda p: p.name)
+def test_shellcheck_clean(path):
+    exe = shutil.which("shellcheck")
+    assert exe, "shellcheck is missing: apt-get install shellcheck (required in CI)"
+    proc = subprocess.run([exe, "-x", "-s", "bash", str(path)], capture_output=True, text=True,
+                          cwd=path.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_executable_bash_with_strict_mode(path):
+    text = path.read_text()
+    assert text.startswith("#!/bin/bash\n")
+    assert os.access(path, os.X_OK)
+    assert "set -euo pipefail" in text
+    # Big core, tiny variants: every script sources the one library and stays short.
+    assert re.search(r'^source "\$jobscripts/lib/hpcdask-job\.sh"$', text, re.M)
+    assert len(code(path).splitlines()) < 30
+
+
+def test_all_in_one_sbatch_defaults():
+    assert directives(ALL_IN_ONE) == [
+        "--job-name=hpcdask",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--time=00:30:00",
+        "--output=hpcdask-%j.out",
+    ]
+
+
+def test_scheduler_and_worker_job_defaults():
+    assert directives(SCHEDULER) == ["--job-name=hpcdask-scheduler", "--nodes=1",
+                                     "--ntasks-per-node=1", "--time=04:00:00",
+                                     "--output=hpcdask-scheduler-%j.out"]
+    assert directives(WORKERS) == ["--job-name=hpcdask-workers", "--nodes=1",
+                                   "--ntasks-per-node=1", "--time=00:30:00",
+                                   "--output=hpcdask-workers-%j.out"]
+
+
+def test_all_in_one_folder_and_scheduler_file_are_per_job():
+    text = code(ALL_IN_ONE)
+    assert 'hj_cluster_dir "${HPCDASK_SHARED_DIR:-$HOME/.hpcdask/clusters}/job-$SLURM_JOB_ID"' in text
+    assert 'hj_all_in_one "$HJ_DIR/scheduler-$SLURM_JOB_ID.json" "$SLURM_JOB_NUM_NODES" "$@"' in text
+    assert "HJ_OWN_DIR=1" in text  # removed at the end, credentials included
+
+
+def test_scheduler_and_workers_meet_in_the_cluster_dir():
+    for path in (SCHEDULER, WORKERS):
+        assert ('hj_cluster_dir "${HPCDASK_CLUSTER_DIR:-${HPCDASK_SHARED_DIR:-$HOME/.hpcdask/'
+                'clusters}/default}"') in code(path)
+    assert 'hj_start_scheduler "$HJ_DIR/scheduler.json"' in code(SCHEDULER)
+    assert 'file=$HJ_DIR/scheduler.json' in code(WORKERS)
+    assert 'hj_srun_workers "$file" "$(hj_job_end)" "$SLURM_JOB_NUM_NODES"' in code(WORKERS)
+
+
+def test_library_key_lines():
+    text = code(LIB)
+    # ib0 unless the user says otherwise; hpcdask reads HPCDASK_INTERFACE itself.
+    assert "export HPCDASK_INTERFACE=${HPCDASK_INTERFACE:-ib0}" in text
+    # Workers: one srun task per node, never an apptainer instance.
+    assert ('srun --nodes="$nodes" --ntasks-per-node=1 "${cpt[@]}" --kill-on-bad-exit=0 \\\n'
+            '        "${HJ_WORKER_ARGV[@]}" &') in text
+    assert 'HJ_WORKER_ARGV=("${HJ_EXEC[@]}" hpcdask worker --scheduler-file "$1")' in text
+    assert 'HJ_WORKER_ARGV+=(--lifetime auto --job-end "$2")' in text
+    assert "instance" not in text
+    # The job's end time for --lifetime auto comes from Slurm itself.
+    assert 'squeue -h -j "$SLURM_JOB_ID" -o %e' in text
+    # Every role: apptainer exec IMAGE hpcdask ROLE.
+    assert 'HJ_EXEC=("$HJ_APPTAINER" exec --bind "$HJ_DIR")' in text
+    assert 'HJ_EXEC+=("$HPCDASK_IMAGE")' in text
+    assert '"${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" &' in text
+    # Readiness is real: hpcdask wait for N registered workers.
+    assert ('"${HJ_EXEC[@]}" hpcdask wait --scheduler-file "$file" --workers "$n" '
+            '--timeout "$HJ_READY_TIMEOUT" &') in text
+    # The client: hpcdask run, or the user's script after "--" (its options stay its own).
+    assert '"${HJ_EXEC[@]}" hpcdask run --scheduler-file "$file" "$@" &' in text
+    assert '"${HJ_EXEC[@]}" hpcdask client --scheduler-file "$file" -- "$@" &' in text
+    # Orderly end: SIGTERM to the scheduler, which retires the workers; cleanup on any exit.
+    assert 'kill -TERM "$HJ_SCHED"' in text
+    assert "trap hj_cleanup EXIT" in text
+    # Private per-cluster folder.
+    assert '(umask 077 && mkdir -p "$HJ_DIR")' in text and 'chmod 700 "$HJ_DIR"' in text
+
+
+def test_pbs_script_in_gadi_style():
+    d = directives(PBS, "#PBS")
+    assert d == ["-N hpcdask", "-q normal", "-l ncpus=96", "-l mem=380GB", "-l jobfs=100GB",
+                 "-l walltime=00:30:00", "-l wd", "-j oe"]
+    text = code(PBS)
+    assert 'export HPCDASK_LOCAL_DIRECTORY=${HPCDASK_LOCAL_DIRECTORY:-${PBS_JOBFS:-${TMPDIR:-/tmp}}}' in text
+    assert 'hj_all_in_one "$HJ_DIR/scheduler-$PBS_JOBID.json"' in text
+    lib = code(LIB)
+    assert 'pbsdsh -n "$i" -- /bin/bash "$envfile" &' in lib
+    assert "ssh" not in lib and "mpirun" not in lib
+
+
+def run_lib(snippet: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **env}
+    return subprocess.run(["bash", "-c", f'set -euo pipefail; source "{LIB}"; {snippet}'],
+                          capture_output=True, text=True, env=full, timeout=30)
+
+
+def test_missing_image_is_one_line_exit_2():
+    proc = run_lib("hj_require", {})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hpcdask-job: error: HPCDASK_IMAGE is not set; export HPCDASK_IMAGE=/path/to/hpcdask.sif "
+        "before sbatch/qsub (the job inherits it)"]
+
+
+def test_absent_image_is_one_line_exit_2(tmp_path):
+    proc = run_lib("hj_require", {"HPCDASK_IMAGE": str(tmp_path / "nope.sif")})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.sif does not exist" in lines[0]
+
+
+def test_missing_apptainer_is_one_line_exit_2(tmp_path):
+    img = tmp_path / "img.sif"
+    img.write_text("")
+    proc = run_lib("hj_require", {"HPCDASK_IMAGE": str(img), "HPCDASK_APPTAINER": "no-such-apptainer"})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'no-such-apptainer' not found on PATH" in lines[0]
+
+
+def test_cluster_dir_is_private_and_binds(tmp_path):
+    d = tmp_path / "shared" / "job-1"
+    proc = run_lib(f'hj_cluster_dir "{d}"; printf "%s\\n" "${{HJ_EXEC[@]}}"',
+                   {"HPCDASK_IMAGE": "/img", "HPCDASK_BIND": "/scratch,/project:/p:ro"})
+    assert proc.returncode == 0, proc.stderr
+    assert (d.stat().st_mode & 0o777) == 0o700
+    assert proc.stdout.split() == ["apptainer", "exec", "--bind", str(d), "--bind", "/scratch",
+                                   "--bind", "/project:/p:ro", "/img"]
+
+
+def test_client_choice(tmp_path):
+    script = tmp_path / "my.py"
+    script.write_text("")
+    # Replace the apptainer prefix by echo: what would run?
+    snippet = ('HJ_EXEC=(echo); hj_start_client F "$@"; wait "$HJ_CLIENT"')
+    cases = {(): "hpcdask run --scheduler-file F",
+             ("--workload", "smoke"): "hpcdask run --scheduler-file F --workload smoke",
+             (str(script), "--arg", "1"): f"hpcdask client --scheduler-file F -- {script} --arg 1"}
+    for args, want in cases.items():
+        proc = subprocess.run(["bash", "-c", f'source "{LIB}"; {snippet}', "x", *args],
+                              capture_output=True, text=True)
+        assert proc.stdout.strip() == want, proc.stderr
+    proc = subprocess.run(["bash", "-c", f'source "{LIB}"; {snippet}', "x", "absent.py"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "script absent.py does not exist" in proc.stderr
+
+
+def test_pbs_workers_go_through_an_env_file(tmp_path):
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("n1\nn1\nn2\nn2\nn3\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "pbsdsh").write_text('#!/bin/sh\necho "pbsdsh $*" >>"$LOG"\n')
+    (bindir / "pbsdsh").chmod(0o755)
+    log = tmp_path / "log"
+    proc = run_lib(f'hj_cluster_dir "{tmp_path}/c"; hj_pbsdsh_workers F 123 1; wait "$HJ_WORKERS"; '
+                   f'cat "{tmp_path}/c/worker-env.sh"',
+                   {"PATH": f"{bindir}:{os.environ['PATH']}", "PBS_NODEFILE": str(nodefile),
+                    "LOG": str(log), "HPCDASK_IMAGE": "/img", "HPCDASK_NTHREADS": "4"})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(log.read_text().split("\n")[:-1]) == [
+        f"pbsdsh -n {i} -- /bin/bash {tmp_path}/c/worker-env.sh" for i in (0, 2, 4)]
+    assert "export HPCDASK_NTHREADS=4" in proc.stdout
+    assert proc.stdout.strip().endswith(
+        "exec apptainer exec --bind " + str(tmp_path / "c") +
+        " /img hpcdask worker --scheduler-file F --lifetime auto --job-end 123")

@@ -20,6 +20,9 @@ __all__ = ["WORKLOADS", "resolve", "load", "describe", "execute", "check_output"
 WORKLOADS: dict[str, str] = {
     "pipeline": "pipeline",
     "smoke": "smoke",
+    "incremental": "incremental",
+    "hyperband": "hyperband",
+    "gridsearch": "gridsearch",
 }
 ALIASES = {"default": "pipeline"}
 

@@ -1,3 +1,3 @@
-from hpcdask.cli import main
+from hpcdask.entry import main
 
 main()

@@ -13,7 +13,7 @@ import click
 
 import hpcdask
 from hpcdask import config, launch, versions
-from hpcdask.errors import BadInput
+from hpcdask.errors import BadInput, Refused
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -34,13 +34,26 @@ def _logging() -> None:
     log.propagate = False
 
 
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):
-        config.check_user_config()
-        return super().invoke(ctx)
+class _OneLineErrors(click.Group):
+    """Every error is one line on stderr: click's usage errors too (no usage block)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            rv = super().main(args, prog_name or "hpcdask", standalone_mode=False, **extra)
+        except (BadInput, Refused) as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            where = f" (see: {e.ctx.command_path} --help)" if getattr(e, "ctx", None) else ""
+            click.echo(f"hpcdask: error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("hpcdask: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=_Group, context_settings=CONTEXT)
+@click.group("hpcdask", cls=_OneLineErrors, context_settings=CONTEXT)
 @click.version_option(hpcdask.__version__, prog_name="hpcdask")
 def main() -> None:
     """Containerised, reproducible Dask on HPC clusters.
@@ -172,6 +185,33 @@ def client(script, args, scheduler_file, tls) -> None:
         sys.argv = [str(script), *args]
         with c.as_current():
             runpy.run_path(str(script), run_name="__main__")
+
+
+@main.command("wait", context_settings=CONTEXT)
+@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's scheduler file (waited for up to hpcdask.scheduler-file-timeout).")
+@click.option("--workers", "n_workers", type=click.IntRange(min=1), default=1,
+              help="Return once this many workers are registered.")
+@click.option("--timeout", default="300s", help="Give up after this long (exit 1).")
+@tls_option
+def wait_(scheduler_file, n_workers, timeout, tls) -> None:
+    """Wait until N workers have joined the cluster: the jobscripts' readiness check."""
+    import time
+
+    import dask.utils
+
+    t0 = time.monotonic()
+    limit = dask.utils.parse_timedelta(timeout)
+    with launch.connect(scheduler_file, tls=tls, check=False) as c:
+        try:
+            c.wait_for_workers(n_workers, timeout=max(1.0, limit - (time.monotonic() - t0)))
+        except TimeoutError:
+            have = len(c.scheduler_info(n_workers=-1)["workers"])
+            raise click.ClickException(
+                f"only {have} of {n_workers} worker(s) joined within {timeout}; see the worker "
+                f"output for why, or raise --timeout") from None
+    click.echo(f"hpcdask: {n_workers} worker(s) ready after {time.monotonic() - t0:.1f}s "
+               f"(at {time.time():.3f})")
 
 
 @main.command("versions", context_settings=CONTEXT)

@@ -14,7 +14,6 @@ from typing import Any
 import dask.config
 import yaml
 
-from hpcdask.errors import BadInput
 
 _DEFAULTS_FILE = Path(__file__).with_name("hpcdask.yaml")
 # Environment variables with this prefix that are not settings (not config keys).
@@ -52,26 +51,6 @@ def get(key: str, override: Any = None) -> Any:
     if override is not None:
         return override
     return dask.config.get(f"hpcdask.{key}")
-
-
-def check_user_config() -> None:
-    """Fail with one line when a user's Dask YAML config does not parse."""
-    for path in dask.config.paths:
-        p = Path(path)
-        files = sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")) if p.is_dir() else []
-        for f in files:
-            try:
-                with open(f) as fh:
-                    yaml.safe_load(fh)
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f"{f}:{mark.line + 1}" if mark else str(f)
-                raise BadInput(
-                    f"config file {where} is not valid YAML ({getattr(e, 'problem', e)}); "
-                    f"fix it or move it away: mv {f} {f}.bak"
-                ) from None
-            except OSError:
-                continue
 
 
 reconfigure()

@@ -1,0 +1,206 @@
+"""Every bad input: one line that names what is wrong and how to fix it, exit code 2,
+and nothing half-written. Each row is run through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HPCDASK = [sys.executable, "-m", "hpcdask"]
+
+
+def private(tmp_path: Path, name: str = "cluster") -> Path:
+    d = tmp_path / name
+    d.mkdir(mode=0o700)
+    return d
+
+
+def case_unknown_interface_scheduler(tmp_path):
+    return ["scheduler", "--scheduler-file", str(tmp_path / "c" / "s.json"), "--interface", "ib9"], \
+        "interface 'ib9' does not exist"
+
+
+def case_unknown_interface_worker(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "nope0"], \
+        "interfaces here: "
+
+
+def case_unwritable_scheduler_folder(tmp_path):
+    return ["scheduler", "--scheduler-file", "/proc/hpcdask-nope/s.json", "--interface", "lo"], \
+        "cannot create the scheduler file folder /proc/hpcdask-nope"
+
+
+def case_stale_scheduler_file(tmp_path):
+    d = private(tmp_path)
+    (d / "s.json").write_text(json.dumps({"address": "tls://10.0.0.1:8786",
+                                          "hpcdask": {"job": "4242", "owner": "alice"}}))
+    return ["scheduler", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
+        f"(job 4242, owner alice); if that scheduler has ended, delete the stale file: rm {d / 's.json'}"
+
+
+def case_open_scheduler_folder(tmp_path):
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    return ["scheduler", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
+        f"has mode 0755, open to others; the cluster's credentials need a private folder: chmod 700 {d}"
+
+
+def case_bad_memory_string(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
+            "--memory-limit", "4XB"], "--memory-limit '4XB' is not a size; write it like 4GiB"
+
+
+def case_zero_threads(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
+            "--nthreads", "0"], "--nthreads 0 must be at least 1"
+
+
+def case_zero_workers(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
+            "--nworkers", "0"], "--nworkers 0 must be at least 1"
+
+
+def case_unknown_memory_preset(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
+            "--memory-preset", "nolocal"], "unknown memory preset 'nolocal'; use one of: default, no-local-storage"
+
+
+def case_missing_local_directory(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
+            "--local-directory", str(tmp_path / "nope")], "does not exist; create it or pick another with --local-directory"
+
+
+def case_bad_lifetime(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
+            "--lifetime", "soon"], "--lifetime 'soon' is not a duration"
+
+
+def case_job_ends_too_soon(tmp_path):
+    import time
+    return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
+            "--lifetime", "auto", "--job-end", str(time.time() + 30)], "less than the retirement margin"
+
+
+def case_missing_scheduler_file(tmp_path):
+    return ["worker", "--scheduler-file", str(tmp_path / "none.json"), "--interface", "lo"], \
+        "did not appear within 1s; start the scheduler first"
+
+
+def case_scheduler_file_not_json(tmp_path):
+    d = private(tmp_path)
+    (d / "s.json").write_text("{not json")
+    return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], "is not JSON"
+
+
+def case_credentials_folder_open(tmp_path):
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    (d / "s.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
+        f"credentials folder {d} has mode 0755, readable by others; make it private: chmod 700 {d}"
+
+
+def case_tls_file_not_certificate(tmp_path):
+    d = private(tmp_path)
+    (d / "s.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    for name in ("ca.pem", "cluster.pem", "cluster.key"):
+        (d / name).write_text("not a certificate\n")
+        os.chmod(d / name, 0o600)
+    return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
+        f"TLS file {d / 'ca.pem'} is not a PEM certificate"
+
+
+def case_tls_file_readable_by_others(tmp_path):
+    d = private(tmp_path)
+    (d / "s.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    for name in ("ca.pem", "cluster.pem", "cluster.key"):
+        (d / name).write_text("x\n")
+        os.chmod(d / name, 0o644)
+    return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
+        f"TLS file {d / 'ca.pem'} has mode 0644, readable by others; make it private: chmod 600"
+
+
+def case_plain_scheduler_refused(tmp_path):
+    d = private(tmp_path)
+    (d / "s.json").write_text(json.dumps({"address": "tcp://127.0.0.1:1"}))
+    return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
+        "runs without TLS and hpcdask refuses plain connections"
+
+
+def case_plain_address_refused(tmp_path):
+    return ["run", "--address", "tcp://127.0.0.1:1", "--output", str(tmp_path / "o")], \
+        "is a plain connection and hpcdask refuses those; use --scheduler-file F (TLS)"
+
+
+def case_unknown_workload(tmp_path):
+    return ["run", "--workload", "pipelin", "--output", str(tmp_path / "o")], \
+        "unknown workload 'pipelin'; did you mean --workload pipeline?"
+
+
+def case_missing_user_script(tmp_path):
+    return ["client", str(tmp_path / "analysis.py"), "--scheduler-file", str(tmp_path / "s.json")], \
+        "does not exist; give the path of your Python script"
+
+
+def case_port_in_use(tmp_path, _held=[]):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _held.append(s)  # kept open until the process ends
+    port = s.getsockname()[1]
+    return ["scheduler", "--scheduler-file", str(tmp_path / "c" / "s.json"), "--interface", "lo",
+            "--port", str(port)], f"port {port} on 127.0.0.1 is already in use; pick another with --port"
+
+
+def case_output_has_metrics(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.json").write_text("{}")
+    return ["run", "--output", str(tmp_path / "o")], "exists from an earlier run"
+
+
+def case_malformed_config(tmp_path):
+    d = tmp_path / "daskcfg"
+    d.mkdir()
+    (d / "broken.yaml").write_text("distributed:\n  worker: [\n")
+    return (["versions"], {"DASK_CONFIG": str(d)}), f"Dask config file {d / 'broken.yaml'} is malformed"
+
+
+def case_bad_short_env_value(tmp_path):
+    return (["worker", "--scheduler-file", str(tmp_path / "s.json")], {"HPCDASK_INTERFACE": "ib7"}), \
+        "interface 'ib7' does not exist"
+
+
+CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input(case, tmp_path):
+    args, expected = case(tmp_path)
+    env = dict(os.environ, HPCDASK_SCHEDULER_FILE_TIMEOUT="1")
+    if isinstance(args, tuple):
+        args, extra = args
+        env.update(extra)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = subprocess.run([*HPCDASK, *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr  # one line, no traceback, no usage block
+    assert lines[0].startswith("hpcdask: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # Nothing half-written: no new files (the output folder of `run` may be created empty).
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert set(after) <= set(before)
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 15

@@ -1,0 +1,159 @@
+"""Unit tests of the core modules: config, sizing, credentials, scheduler file, identity."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from hpcdask import config, memory, schedfile, security, versions
+from hpcdask.errors import BadInput
+
+GiB = 2**30
+
+
+def test_every_default_has_a_comment():
+    text = (Path(config.__file__).with_name("hpcdask.yaml")).read_text().splitlines()
+    keys = [ln for ln in text if ln.startswith("  ") and ":" in ln]
+    assert len(keys) >= 15
+    assert all("#" in ln for ln in keys), [ln for ln in keys if "#" not in ln]
+
+
+def test_short_env_overrides_config():
+    code = ("import dask.config, hpcdask.config as c; "
+            "print(c.get('interface'), c.get('nworkers'), dask.config.get('hpcdask.memory-preset'))")
+    env = dict(os.environ, HPCDASK_INTERFACE="eth7", HPCDASK_NWORKERS="3",
+               DASK_HPCDASK__MEMORY_PRESET="no-local-storage")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["eth7", "3", "no-local-storage"]
+
+
+def test_defaults_without_env():
+    assert config.get("interface") == "ib0"
+    assert config.get("tls") is True
+    assert config.get("dashboard") == "loopback"
+    assert config.get("interface", "eth0") == "eth0"
+
+
+def test_allocation_from_slurm_mem_per_node():
+    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "8",
+                           "SLURM_MEM_PER_NODE": "4096"})
+    assert (a.cpus, a.memory, a.source) == (8, 4 * GiB, "slurm")
+
+
+def test_allocation_from_slurm_mem_per_cpu():
+    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "4",
+                           "SLURM_MEM_PER_CPU": "512"})
+    assert a.memory == 2 * GiB and a.cpus == 4
+
+
+def test_allocation_from_pbs():
+    a = memory.allocation({"PBS_JOBID": "9.gadi", "NCPUS": "6", "PBS_VMEM": str(3 * GiB)})
+    assert (a.cpus, a.memory, a.source) == (6, 3 * GiB, "pbs")
+
+
+def test_worker_sizing_splits_the_allocation():
+    alloc = memory.Allocation(cpus=8, memory=16 * GiB, source="slurm")
+    assert memory.worker_sizing(2, None, "auto", alloc) == (4, 8 * GiB)
+    assert memory.worker_sizing(4, 1, "1GiB", alloc) == (1, GiB)
+    assert memory.worker_sizing(16, None, "auto", alloc) == (1, GiB)
+
+
+def test_no_local_storage_preset_is_seed_003_policy():
+    p = memory.preset("no-local-storage")
+    assert p["distributed.worker.memory.spill"] is False
+    assert p["distributed.worker.memory.target"] is False
+    assert p["distributed.worker.memory.pause"] == 0.80
+    assert p["distributed.worker.memory.terminate"] == 0.95
+
+
+def test_lifetime_leaves_margin_and_stagger():
+    life = memory.lifetime(job_end=10_000, margin=120, stagger=30, now=6_400)
+    assert 3_600 - 150 <= life <= 3_600 - 120
+    assert memory.lifetime(None, 120, 30) is None
+    with pytest.raises(BadInput, match="less than the retirement margin"):
+        memory.lifetime(job_end=100, margin=120, stagger=0, now=0)
+
+
+def test_credentials_are_private_and_verify(tmp_path):
+    creds = security.create(tmp_path / "cluster", "42")
+    assert stat.S_IMODE(creds.folder.stat().st_mode) == 0o700
+    for f in (creds.ca, creds.cert, creds.key):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate(creds.ca.read_bytes())
+    cert = x509.load_pem_x509_certificate(creds.cert.read_bytes())
+    assert cert.issuer == ca.subject and cert.subject != ca.subject
+    cert.verify_directly_issued_by(ca)
+    assert not list(creds.folder.glob("*ca*.key")), "the CA key must never be written"
+    sec = security.load(creds.folder).security()
+    assert sec.require_encryption and sec.tls_ca_file == str(creds.ca)
+
+
+def test_each_cluster_gets_its_own_ca(tmp_path):
+    a = security.create(tmp_path / "a", "1")
+    b = security.create(tmp_path / "b", "2")
+    ca_b = x509.load_pem_x509_certificate(b.ca.read_bytes())
+    cert_a = x509.load_pem_x509_certificate(a.cert.read_bytes())
+    with pytest.raises(Exception):
+        cert_a.verify_directly_issued_by(ca_b)
+
+
+def test_scheduler_file_is_atomic_private_and_stamped(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    path = schedfile.prepare(tmp_path / "job" / "scheduler-777.json")
+    schedfile.write(path, {"address": "tls://10.0.0.1:8786", "id": "Scheduler-x"}, tls=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    content = json.loads(path.read_text())
+    assert content["address"] == "tls://10.0.0.1:8786"
+    assert content["hpcdask"]["job"] == "777" and content["hpcdask"]["tls"] is True
+    assert content["hpcdask"]["owner"]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    with pytest.raises(BadInput, match="job 777"):
+        schedfile.prepare(path)
+    schedfile.remove_if_ours(path, "Scheduler-other")
+    assert path.exists()
+    schedfile.remove_if_ours(path, "Scheduler-x")
+    assert not path.exists()
+
+
+def test_identity_covers_python_image_and_every_package():
+    ident = versions.identity()
+    assert ident["python"].count(".") == 2
+    for name in ("dask", "distributed", "dask-ml", "scikit-learn", "numpy", "pandas"):
+        assert name in ident["packages"]
+    assert "pip" not in ident["packages"]
+
+
+def test_differences_name_the_package_and_role():
+    ref = {"python": "3.11.2", "image": "lock:abc", "packages": {"dask": "1", "scikit-learn": "1.7.2"}}
+    other = {"python": "3.11.2", "image": "lock:abc", "packages": {"dask": "1", "scikit-learn": "1.6.1"}}
+    rows = versions.differences(ref, {"worker a": ref, "worker b": other})
+    assert rows == [("scikit-learn", "1.7.2", {"worker a": "1.7.2", "worker b": "1.6.1"})]
+    assert versions.summary(rows) == "scikit-learn 1.7.2 != 1.6.1 (worker b)"
+    table = versions.table(rows)
+    assert "scikit-learn" in table and "1.6.1" in table and "worker b" in table.splitlines()[0]
+    assert versions.differences(ref, {"worker a": ref}) == []
+
+
+def test_differences_see_missing_packages_and_images():
+    ref = {"python": "3.11.2", "image": "lock:abc", "packages": {"dask": "1"}}
+    other = {"python": "3.11.7", "image": "none (bare venv)", "packages": {"dask": "1", "extra": "2"}}
+    items = [r[0] for r in versions.differences(ref, {"client": other})]
+    assert items == ["image", "python", "extra"]
+
+
+def test_lock_differences(tmp_path):
+    lock = tmp_path / "req.lock"
+    lock.write_text("dask==1.0 \\\n    --hash=sha256:00\nnumpy==2.0\n# comment\npip==1\n")
+    assert versions.read_lock(lock) == {"dask": "1.0", "numpy": "2.0", "pip": "1"}
+    assert versions.lock_differences(lock, {"dask": "1.0", "numpy": "2.0"}) == []
+    assert versions.lock_differences(lock, {"dask": "1.1", "numpy": "2.0", "toolz": "1"}) == [
+        "dask: locked 1.0, installed 1.1", "toolz: installed 1, not in the lock"]
+    assert versions.lock_differences(lock, {"dask": "1.0"}) == ["numpy: locked 2.0, not installed"]

@@ -4,7 +4,7 @@
 #   containers/Dockerfile RUN:    HPCDASK_RECIPE=docker    bash /opt/hpcdask/build/install.sh
 # on Debian bookworm(-slim), as root, with the build inputs in $HPCDASK_BUILD (default /opt/hpcdask/build):
 #   requirements.lock       exact pins + hashes of the whole runtime (setuptools included)
-#   pyproject.toml README.md src/   hpcdask itself
+#   pyproject.toml src/             hpcdask itself
 #
 # Environment:
 #   HPCDASK_RECIPE   apptainer | docker, recorded in /opt/hpcdask/image.json
@@ -49,7 +49,6 @@ step "hpcdask itself (--no-deps --no-build-isolation --no-index)"
 # Built from a copy: the build writes build/ and *.egg-info/ next to the sources.
 src=$(mktemp -d)
 cp -r "$build/pyproject.toml" "$build/src" "$src/"
-[ -e "$build/README.md" ] && cp "$build/README.md" "$src/"
 "${pip[@]}" install --no-deps --no-build-isolation --no-index "$src"
 rm -rf "$src"
 

@@ -43,7 +43,7 @@ key=$(
     cd "$repo"
     { echo "$base_tag"
       find containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
-          README.md src tests/cluster/podman.sh -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+          src tests/cluster/podman.sh -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
           2>/dev/null | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -c1-16
 )
 tag=localhost/hpcdask:$key

@@ -34,3 +34,32 @@ def image() -> Path:
         pytest.fail(f"tests/cluster/image.py build exited {proc.returncode} without an image "
                     f"(required: these tests run in CI)\n{tail}", pytrace=False)
     return path
+
+
+# --- CI: a required test that skips is a failure ------------------------------------------------
+REQUIRED_MARKERS = ("image", "compose", "slurm")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI=true, fail the run when any test skipped, or when no test of a required kind
+    (image, compose, Slurm cluster) passed: the full suite must really run there."""
+    import os
+
+    if not os.environ.get("CI") or session.config.option.collectonly:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    problems = [f"skipped in CI: {r.nodeid} ({r.longrepr[-1] if isinstance(r.longrepr, tuple) else r.longrepr})"
+                for r in reporter.stats.get("skipped", [])]
+    whole = [Path(a).resolve() for a in session.config.args] == [REPO / "tests"]
+    if whole and not session.config.option.markexpr and not session.config.option.keyword:
+        passed = reporter.stats.get("passed", [])
+        for marker in REQUIRED_MARKERS:
+            if not any(marker in r.keywords for r in passed):
+                problems.append(f"no '{marker}' test passed: the {marker} tests must run in CI")
+    if problems:
+        reporter.write_line("")
+        for p in problems:
+            reporter.write_line(f"CI GUARD: {p}", red=True, bold=True)
+        session.exitstatus = 1

@@ -68,3 +68,28 @@ def test_main_job_on_a_local_cluster_matches_scikit_learn(tmp_path):
     assert {r.split()[0] for r in roles} == {"scheduler", "worker", "client"}
     assert len({json.dumps(r["packages"], sort_keys=True) for r in roles.values()}) == 1
     assert not list(out.glob(".partial-*"))
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_mid_run_leaves_no_partial_results(tmp_path):
+    """Slurm's time limit sends SIGTERM: one clear line, exit 143, no metrics.json, no temp files."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    err = tmp_path / "stderr"
+    with err.open("w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "hpcdask", "run", "--size", "medium",
+                                 "--n-workers", "2", "--output", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=e)
+    deadline = time.time() + 180
+    while "fit on the cluster ..." not in err.read_text():
+        assert proc.poll() is None, err.read_text()[-2000:]
+        assert time.time() < deadline, "the workload never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 143
+    text = err.read_text()
+    assert text.strip().splitlines()[-1].startswith("hpcdask: interrupted by SIGTERM")
+    assert "Traceback" not in text
+    assert list(out.iterdir()) == []

@@ -23,6 +23,11 @@ WORKLOADS: dict[str, str] = {
     "incremental": "incremental",
     "hyperband": "hyperband",
     "gridsearch": "gridsearch",
+    "predict": "predict",
+    "kmeans": "kmeans",
+    "etl": "etl",
+    "xgboost": "xgboost",
+    "collections": "collections",
 }
 ALIASES = {"default": "pipeline"}
 

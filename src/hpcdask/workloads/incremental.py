@@ -26,8 +26,11 @@ def plan(ctx, limit: int) -> dict:
     rows = max(1000, block_bytes // (8 * (D + 1)))
     target = int(limit * factor) + 1
     nblocks = -(-target // (rows * D * 8))
-    return {"factor": factor, "rows": rows, "nblocks": nblocks,
-            "batch": 2 * ctx.nworkers, "test_blocks": 2}
+    # blocks per partial_fit call: enough to keep every worker generating, but all of them
+    # (and their scaled copies) could land on the worker holding the model: keep < limit / 4
+    batch = max(1, min(2 * ctx.nworkers, limit // 4 // (rows * (D + 1) * 8)))
+    return {"factor": factor, "rows": rows, "nblocks": nblocks, "batch": batch,
+            "test_blocks": 2}
 
 
 def run(ctx) -> dict:

@@ -56,6 +56,19 @@ def split(xy):
     return xy[:, :d], xy[:, d].astype(np.int64)
 
 
+def scatter_array(client, a: np.ndarray, chunk: int):
+    """A dask array of NumPy data made on the client: the blocks are scattered to the workers
+    first, instead of being embedded in (and shipped with) every graph that uses them."""
+    import dask
+    import dask.array as da
+
+    starts = range(0, len(a), chunk)
+    futures = client.scatter([a[i:i + chunk] for i in starts])
+    return da.concatenate([da.from_delayed(dask.delayed(f), (min(chunk, len(a) - i),) + a.shape[1:],
+                                           dtype=a.dtype, meta=a[:0])
+                           for f, i in zip(futures, starts)])
+
+
 def min_memory_limit(client) -> int:
     """The smallest worker memory_limit in bytes (0: a worker has no limit)."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()

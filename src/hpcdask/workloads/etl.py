@@ -128,7 +128,7 @@ def run(ctx) -> dict:
     return {
         "metric": "rows after cleaning",
         "score": int(n_clean),
-        "baseline_score": int(len(pevents)),
+        "baseline_score": len(pevents),
         "rows_raw": int(n_raw),
         "baseline_rows_raw": int(p_raw),
         "groups": len(a),

@@ -18,7 +18,6 @@ DESCRIPTION = ("HyperbandSearchCV on the cluster vs scikit-learn RandomizedSearc
 
 
 def run(ctx) -> dict:
-    import dask.array as da
     import matplotlib
     import numpy as np
     from scipy.stats import loguniform, uniform
@@ -27,6 +26,7 @@ def run(ctx) -> dict:
     from sklearn.model_selection import RandomizedSearchCV, ShuffleSplit, train_test_split
 
     from hpcdask import compat
+    from hpcdask.workloads import _data
 
     n = ctx.pick(20_000, 200_000, 2_000_000)
     d = 20
@@ -41,8 +41,8 @@ def run(ctx) -> dict:
         X_train, X_test, y_train, y_test = train_test_split(
             X, y, test_size=n // 5, random_state=ctx.seed)
         chunk = -(-len(X_train) // blocks)
-        dX = da.from_array(X_train, chunks=(chunk, d)).persist()
-        dy = da.from_array(y_train, chunks=chunk).persist()
+        dX = _data.scatter_array(ctx.client, X_train, chunk)
+        dy = _data.scatter_array(ctx.client, y_train, chunk)
 
     space = {
         "loss": ["hinge", "log_loss", "modified_huber"],

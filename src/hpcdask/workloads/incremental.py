@@ -73,7 +73,7 @@ def run(ctx) -> dict:
                     peak["memory"] = max(peak["memory"], m.get("memory") or 0)
                     spilled = (m.get("spilled_bytes") or {}).get("disk") or 0
                     peak["spilled"] = max(peak["spilled"], spilled)
-            except Exception:  # the client closing under us ends the sampling, nothing else
+            except Exception:  # noqa: BLE001 -- the client closing under us ends the sampling
                 return
 
     watch = _data.WorkerWatch(client).start()

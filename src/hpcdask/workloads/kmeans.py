@@ -14,12 +14,13 @@ DESCRIPTION = ("dask-ml KMeans (k-means||) vs scikit-learn KMeans: same clusters
 
 
 def run(ctx) -> dict:
-    import dask.array as da
     import numpy as np
     from dask_ml.cluster import KMeans
     from sklearn.cluster import KMeans as SkKMeans
     from sklearn.datasets import make_blobs
     from sklearn.metrics import adjusted_rand_score
+
+    from hpcdask.workloads import _data
 
     n = ctx.pick(100_000, 2_000_000, 20_000_000)
     d, k = 10, 8
@@ -28,7 +29,7 @@ def run(ctx) -> dict:
                               center_box=(-20, 20), random_state=ctx.seed)
         nblocks = max(2 * ctx.nworkers, -(-X.nbytes // (64 << 20)))
         chunk = -(-n // nblocks)
-        dX = da.from_array(X, chunks=(chunk, d)).persist()
+        dX = _data.scatter_array(ctx.client, X, chunk)
 
     with ctx.step("dask-ml KMeans on the cluster"):
         km = KMeans(n_clusters=k, random_state=ctx.seed).fit(dX)

@@ -55,7 +55,7 @@ def run(ctx) -> dict:
         "metric": "accuracy over the full data",
         "score": float(np.mean(labels == truth)),
         "baseline_score": float(np.mean(ref_labels == ref_truth)),
-        "predictions": int(len(labels)),
+        "predictions": len(labels),
         "labels_different": int(np.sum(labels != ref_labels)),
         "max_probability_difference": float(np.max(np.abs(proba - ref_proba))),
         "same_truth": bool(np.array_equal(truth, ref_truth)),

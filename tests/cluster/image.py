@@ -289,6 +289,19 @@ def read_labels(path: Path) -> dict[str, str]:
     return out
 
 
+KEEP_IMAGES = 3  # each is ~1.3 GB, and every source edit makes a new one
+
+
+def prune(cache: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest images of the cache (the base stays)."""
+    done = sorted(cache.glob("image-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for marker in done[keep:]:
+        img = marker.with_suffix("")
+        log(f"pruning the older image {img}")
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(img, ignore_errors=True)
+
+
 def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path = REPO) -> Path:
     """Build (or reuse) the sandbox image of ``def_path`` and return its path."""
     require_tools()
@@ -363,6 +376,7 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
             done.write_text(json.dumps({"key": key, "base": str(base), "seconds": round(seconds, 1),
                                         "def": str(def_path)}) + "\n")
             log(f"built {dest} in {seconds:.0f} s")
+            prune(cache, keep=KEEP_IMAGES)
             return dest
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "tests" / "cluster" / "bin" / "apptainer"
 LOCK = REPO / "containers" / "requirements.lock"
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
-import image as image_builder  # noqa: E402
+import image as image_builder
 
 pytestmark = [pytest.mark.image, pytest.mark.slow]
 
@@ -111,7 +111,7 @@ def test_lock_check_names_a_changed_package(img, tmp_path):
     of the built image, which is the file %test compares the installed set against.
     """
     text = LOCK.read_text()
-    m = re.search(r"^toolz==(\S+) \\$", text, re.M)
+    m = re.search(r"^toolz==(\S+) \\$", text, re.MULTILINE)
     assert m, "expected toolz pinned in the lock"
     bad = tmp_path / "requirements.lock"
     bad.write_text(text.replace(f"toolz=={m.group(1)} \\", "toolz==0.0.1 \\"))

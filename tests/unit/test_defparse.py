@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
-import image  # noqa: E402
+import image
 
 DEF = REPO / "containers" / "dask.def"
 DOCKERFILE = REPO / "containers" / "Dockerfile"
@@ -30,7 +30,7 @@ def defn() -> image.Definition:
 
 def heredocs(body: str) -> list[str]:
     """The bodies of ``python - <<'EOF' ... EOF`` heredocs of a shell section."""
-    return re.findall(r"python3? - [^\n]*<<'EOF'\n(.*?)\nEOF\n", body, re.S)
+    return re.findall(r"python3? - [^\n]*<<'EOF'\n(.*?)\nEOF\n", body, re.DOTALL)
 
 
 def test_header_pins_the_base_by_digest(defn):
@@ -39,12 +39,12 @@ def test_header_pins_the_base_by_digest(defn):
 
 
 def test_dockerfile_uses_the_same_base(defn):
-    m = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.M)
+    m = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
     assert m and m.group(1) == defn.header["from"]
 
 
 def test_files_come_from_the_repository_root(defn):
-    dsts = dict((dst, src) for src, dst in defn.files)
+    dsts = {dst: src for src, dst in defn.files}
     assert dsts["/opt/hpcdask/build/requirements.lock"] == "containers/requirements.lock"
     assert dsts["/opt/hpcdask/build/install.sh"] == "containers/install.sh"
     for src, _ in defn.files:
@@ -54,7 +54,7 @@ def test_files_come_from_the_repository_root(defn):
 def test_dockerfile_copies_the_same_inputs(defn):
     text = DOCKERFILE.read_text()
     for src, _ in defn.files:
-        assert re.search(rf"^COPY .*\b{re.escape(src)}\b", text, re.M), src
+        assert re.search(rf"^COPY .*\b{re.escape(src)}\b", text, re.MULTILINE), src
 
 
 def test_spython_agrees_on_header_and_files(defn):
@@ -91,8 +91,8 @@ def test_environment_follows_the_image_contract(defn):
 
 
 def test_dockerfile_env_matches_apptainer_environment(defn):
-    docker = dict(re.findall(r"^ENV (\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
-    apptainer = dict(re.findall(r"^\s*export (\w+)=\"?([^\"\s$]+)", defn.body("environment"), re.M))
+    docker = dict(re.findall(r"^ENV (\w+)=(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
+    apptainer = dict(re.findall(r"^\s*export (\w+)=\"?([^\"\s$]+)", defn.body("environment"), re.MULTILINE))
     for key in ("PYTHONNOUSERSITE", "DASK_ROOT_CONFIG", "HPCDASK_IMAGE_INFO", "LC_ALL", "VIRTUAL_ENV"):
         assert docker[key] == apptainer[key], key
     assert docker["PATH"].startswith("/opt/hpcdask/venv/bin:")

@@ -11,6 +11,7 @@ FAIL, they do not skip.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -144,7 +145,7 @@ def check_metrics(metrics: dict) -> None:
         n: r["host"] for n, r in workers.items()}
     assert len({r["host"] for r in roles.values()}) == len(roles)
 
-    lock_sha = __import__("hashlib").sha256(LOCK.read_bytes()).hexdigest()
+    lock_sha = hashlib.sha256(LOCK.read_bytes()).hexdigest()
     reference = roles["scheduler"]
     assert reference["image"] == f"lock:{lock_sha[:16]}", reference["image"]
     for name, r in roles.items():
@@ -172,6 +173,10 @@ def check_running_cluster(project: str) -> None:
     ids = podman("ps", "-a", "--filter", f"label=io.podman.compose.project={project}",
                  "--format", "{{.ImageID}}").stdout.split()
     assert len(ids) == 4 and len(set(ids)) == 1, ids
+
+    # The credentials' folder on the shared volume is private, as the design asks.
+    mode = podman("exec", scheduler, "stat", "-c", "%a %U", "/shared/cluster").stdout.split()
+    assert mode == ["700", "root"], mode
 
     versions = podman("exec", scheduler, "hpcdask", "versions", "--scheduler-file", SCHEDULER_FILE,
                       check=False, timeout=180)

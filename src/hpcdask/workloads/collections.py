@@ -57,7 +57,7 @@ def run(ctx) -> dict:
 
     n = ctx.pick(10_000, 4_000_000, 40_000_000)
     nbag = ctx.pick(10_000, 400_000, 4_000_000)
-    walks = ctx.pick(1_000, 20_000, 200_000)
+    walks = ctx.pick(1_000, 5_000, 50_000)
     parts = 4 * ctx.nworkers
     checks = {}
 

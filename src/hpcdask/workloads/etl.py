@@ -83,7 +83,7 @@ def run(ctx) -> dict:
     import dask.dataframe as dd
     import pandas as pd
 
-    rows = ctx.pick(50_000, 500_000, 2_000_000)  # per partition
+    rows = ctx.pick(50_000, 250_000, 2_000_000)  # per partition
     nparts = ctx.pick(2, 6, 24) * ctx.nworkers
     data = ctx.outdir / "data"
     events_path, users_path = data / "events", data / "users"

@@ -32,8 +32,8 @@ def run(ctx) -> dict:
 
     from hpcdask.workloads import _data
 
-    n = ctx.pick(100_000, 1_000_000, 10_000_000)
-    rounds = ctx.pick(30, 100, 200)
+    n = ctx.pick(100_000, 500_000, 10_000_000)
+    rounds = ctx.pick(30, 50, 200)
     nblocks = max(2 * ctx.nworkers, -(-n * (D + 1) * 8 // (64 << 20)))
     rows = -(-n // nblocks)
     test_blocks = max(1, nblocks // 5)

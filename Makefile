@@ -51,9 +51,9 @@ test-unit: $(VENV)/.done $(TVENV)/.done
 # --- the lock ---------------------------------------------------------------------------------
 lock:
 	$(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install $(PIP_QUIET) pip-tools
-	.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	    -o $(LOCK) containers/requirements.in
-	cd tests && ../.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
+	cd tests && ../.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
 	    --strip-extras -o requirements-dev.lock requirements-dev.in
 
 # --- images -----------------------------------------------------------------------------------

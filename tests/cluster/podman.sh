@@ -92,11 +92,19 @@ done < <(grep -oE '^[[:space:]]*--(extra-index-url|index-url|find-links)[ =](fil
 
 say "podman build -f containers/Dockerfile -t $tag (${#volumes[@]} build-time volume args)"
 t0=$(date +%s.%N)
-(cd "$repo" && podman build --pull=never --format docker -f containers/Dockerfile \
+# No layer cache: the one RUN follows COPY src, so a cached layer would never be reused.
+(cd "$repo" && podman build --pull=never --layers=false --format docker -f containers/Dockerfile \
     "${build_args[@]}" "${volumes[@]}" -t "$tag" -t localhost/hpcdask:latest .) >&2
 build_s=$(elapsed "$t0")
 size=$(podman image inspect --format '{{.Size}}' "$tag")
 say "built $tag in ${build_s} s, $((size / 1024 / 1024)) MiB"
+# Earlier builds of this script (localhost/hpcdask:KEY) are superseded; one in use stays.
+for old in $(podman images --format '{{.Repository}}:{{.Tag}}' localhost/hpcdask); do
+    t=${old##*:}
+    if [[ $t =~ ^[0-9a-f]{16}$ && $t != "$key" ]]; then
+        if podman rmi "$old" >/dev/null 2>&1; then say "removed $old"; rm -f "$cache/podman-$t.json"; fi
+    fi
+done
 printf '{"tag": "%s", "base": "%s", "base_import_s": %s, "build_s": %s, "size_bytes": %s}\n' \
     "$tag" "$base_tag" "$import_s" "$build_s" "$size" >"$cache/podman-$key.json"
 echo "$tag"

@@ -28,7 +28,7 @@ def run(ctx) -> dict:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    n = ctx.pick(2_000, 20_000, 200_000)
+    n = ctx.pick(2_000, 10_000, 200_000)
     d = 30
     with ctx.step("generate data"):
         X, y = make_classification(n_samples=n, n_features=d, n_informative=12, n_redundant=6,

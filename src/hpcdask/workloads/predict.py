@@ -20,7 +20,7 @@ def run(ctx) -> dict:
 
     from hpcdask.workloads import _data
 
-    n = ctx.pick(200_000, 2_000_000, 40_000_000)
+    n = ctx.pick(200_000, 1_000_000, 40_000_000)
     n_sample = ctx.pick(20_000, 50_000, 100_000)
     # blocks of at most ~64 MiB, at least 4 per worker
     nblocks = max(4 * ctx.nworkers, -(-n * (D + 1) * 8 // (64 << 20)))

@@ -31,6 +31,7 @@ HJ_SCHED=''       # pid of the scheduler
 HJ_WORKERS=''     # pid of the srun (or pbsdsh) that runs the workers
 HJ_CLIENT=''      # pid of the client
 HJ_WAITER=''      # pid of `hpcdask wait`
+HJ_FILE=''        # the scheduler file this job's scheduler writes
 HJ_T0=$(date +%s.%N)
 
 hj_say() { echo "hpcdask-job: $*" >&2; }
@@ -158,6 +159,7 @@ hj_launch_workers() {
 hj_start_scheduler() {
     local file=$1
     rm -f "$file"
+    HJ_FILE=$file
     "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" &
     HJ_SCHED=$!
     # Its readiness is the file itself (written once it listens); the loop only also notices
@@ -277,6 +279,11 @@ hj_shutdown() {
 # Trap on any exit: end what still runs (TERM, then KILL after 10 s), remove the job's folder.
 hj_cleanup() {
     local pids=() p
+    # First, so no worker or client finds a cluster that is going away (the scheduler removes
+    # it too, but Slurm's KillWait may SIGKILL it before it gets there).
+    if [ -n "$HJ_FILE" ] && hj_ours "$HJ_FILE"; then
+        rm -f -- "$HJ_FILE"
+    fi
     for p in "$HJ_CLIENT" "$HJ_WAITER" "$HJ_SCHED" "$HJ_WORKERS"; do
         hj_alive "$p" && pids+=("$p")
     done
@@ -290,6 +297,12 @@ hj_cleanup() {
         # A kept folder (HPCDASK_CLUSTER_DIR) loses only the dead cluster's credentials.
         [ -z "$HJ_DIR" ] || rm -f -- "$HJ_DIR"/ca.pem "$HJ_DIR"/cluster.pem "$HJ_DIR"/cluster.key
     fi
+}
+
+# Was FILE written by this job (its "job" stamp)?
+hj_ours() {
+    local id=${SLURM_JOB_ID:-${PBS_JOBID:-}}
+    [ -n "$id" ] && grep -qs "\"job\": \"$id\"" "$1"
 }
 
 # SIGTERM/SIGINT to the job (time limit, scancel/qdel): the cleanup trap does the rest.

@@ -131,8 +131,8 @@ def job_kwargs(
     prologue = [*_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
     dmode = config.get("dashboard", dashboard)
     options: dict[str, Any] = {"interface": sched_iface}
-    if dmode == "off":
-        options["dashboard"] = False
+    if dmode == "off":  # the HTTP server (metrics, health) still listens: on loopback, any port
+        options.update(dashboard=False, dashboard_address="127.0.0.1:0")
     else:
         dhost = "127.0.0.1" if dmode == "loopback" else host
         options["dashboard_address"] = f"{dhost}:{_free_or_any(dhost, config.get('dashboard-port'))}"

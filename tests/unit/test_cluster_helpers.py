@@ -1,0 +1,90 @@
+"""hpcdask.cluster: the dask-jobqueue clusters' job scripts as text (like dask-jobqueue's own
+test_job_script), with the scheduler on loopback (the host has no ib0)."""
+
+from __future__ import annotations
+
+import re
+import stat
+
+import pytest
+
+from hpcdask import cluster
+from hpcdask.errors import BadInput
+
+
+@pytest.fixture
+def shared(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPCDASK_SHARED_DIR", str(tmp_path / "shared"))
+    from hpcdask import config
+    config.reconfigure()
+    yield tmp_path / "shared"
+    monkeypatch.delenv("HPCDASK_SHARED_DIR")
+    config.reconfigure()
+
+
+def test_slurm_job_script_runs_the_worker_in_the_image_over_tls(shared):
+    with cluster.slurm_cluster("/img/hpcdask.sif", cores=2, memory="4GiB", walltime="00:10:00",
+                               scheduler_interface="lo", require_image=False,
+                               dashboard="off") as c:
+        script = c.job_script()
+        folder = next(shared.iterdir())
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert sorted(p.name for p in folder.iterdir()) == ["ca.pem", "cluster.key", "cluster.pem"]
+        assert c.scheduler_address.startswith("tls://127.0.0.1:")
+    lines = script.splitlines()
+    assert "#SBATCH -t 00:10:00" in lines and "#SBATCH --mem=4G" in lines
+    cmd = lines[-1]
+    assert cmd.startswith(f'apptainer exec --bind {folder} --bind "${{TMPDIR:-/tmp}}" '
+                          f"/img/hpcdask.sif python -m distributed.cli.dask_worker tls://127.0.0.1:")
+    for part in ("--interface ib0", "--protocol tls://", f"--tls-ca-file {folder}/ca.pem",
+                 f"--tls-cert {folder}/cluster.pem", f"--tls-key {folder}/cluster.key",
+                 "--local-directory ${TMPDIR:-/tmp}",
+                 # 600 s walltime - 120 s margin - 30 s stagger: retire before the limit
+                 "--lifetime 450s --lifetime-stagger 30s"):
+        assert part in cmd, part
+
+
+def test_submit_prefix_and_memory_preset(shared, monkeypatch):
+    monkeypatch.setenv("HPCDASK_MEMORY_PRESET", "no-local-storage")
+    from hpcdask import config
+    config.reconfigure()
+    with cluster.slurm_cluster("/img", cores=1, memory="1GiB", scheduler_interface="lo",
+                               require_image=False, dashboard="off",
+                               submit_prefix="ssh login1") as c:
+        script = c.job_script()
+        assert c.job_cls.submit_command == "ssh login1 sbatch"
+        assert c.job_cls.cancel_command == "ssh login1 scancel"
+    assert "export DASK_DISTRIBUTED__WORKER__MEMORY__SPILL=False" in script
+    assert "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=0.8" in script
+    assert "--lifetime" not in script  # no walltime, no retirement
+
+
+def test_pbs_gadi_directives(shared):
+    with cluster.pbs_cluster("/img", cores=48, memory="192GB", walltime="00:20:00",
+                             queue="normal", project="vp91", ncpus=48, mem="192GB",
+                             jobfs="100GB", scheduler_interface="lo", require_image=False,
+                             dashboard="off") as c:
+        script = c.job_script()
+    d = [ln for ln in script.splitlines() if ln.startswith("#PBS")]
+    assert d == ["#PBS -N dask-worker", "#PBS -q normal", "#PBS -l walltime=00:20:00",
+                 "#PBS -P vp91", "#PBS -l ncpus=48", "#PBS -l mem=192GB", "#PBS -l jobfs=100GB"]
+    assert script.startswith("#!/usr/bin/env bash\n")
+    assert re.search(r'--bind "\$PBS_JOBFS" /img python -m distributed.cli.dask_worker', script)
+    assert "--local-directory $PBS_JOBFS" in script
+
+
+def test_outside_the_image_is_refused(shared):
+    with pytest.raises(BadInput, match="runs outside the image"):
+        cluster.job_kwargs("/img", scheduler_interface="lo")
+
+
+def test_no_image_is_one_line(shared, monkeypatch):
+    monkeypatch.delenv("HPCDASK_IMAGE", raising=False)
+    with pytest.raises(BadInput, match="export HPCDASK_IMAGE="):
+        cluster.job_kwargs(None, scheduler_interface="lo", require_image=False)
+
+
+def test_walltime_too_short_for_the_margin(shared):
+    with pytest.raises(BadInput, match="leaves no time"):
+        cluster.job_kwargs("/img", walltime="00:02:00", scheduler_interface="lo",
+                           require_image=False)

@@ -173,3 +173,32 @@ def test_cli_runs_a_workload(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["workload"] == "etl" and m["seed"] == 3
     assert m["score"] == m["baseline_score"]
+
+
+@pytest.mark.slow
+def test_worker_watch_sees_a_killed_worker():
+    """The check the incremental workload relies on: a worker that dies is reported."""
+    import os
+    import threading
+    import time
+
+    from hpcdask.workloads import _data
+
+    with launch.local_cluster(n_workers=2, threads_per_worker=1, tls=True) as cluster, \
+            launch.Client(cluster) as c:
+        quiet = _data.WorkerWatch(c).start().stop()
+        assert quiet["killed_or_restarted"] is False and quiet["memory_kills"] == 0
+        watch = _data.WorkerWatch(c).start()
+        victim = min(c.scheduler_info(n_workers=-1)["workers"])
+        # exit a moment after answering, so that the run call itself returns
+        c.run(lambda: threading.Timer(0.2, os._exit, (1,)).start(), workers=[victim])
+        deadline = time.monotonic() + 60  # the nanny restarts it: wait for a new address
+        while time.monotonic() < deadline:
+            workers = set(c.scheduler_info(n_workers=-1)["workers"])
+            if victim not in workers and len(workers) == 2:
+                break
+            time.sleep(0.5)
+        seen = watch.stop()
+    assert seen["killed_or_restarted"] is True
+    assert seen["workers_lost"] == [victim]
+    assert seen["workers_removed_events"] >= 1

@@ -88,21 +88,25 @@ class WorkerWatch:
     def _addresses(self) -> set[str]:
         return set(self.client.scheduler_info(n_workers=-1)["workers"])
 
-    def start(self) -> WorkerWatch:
-        import time
+    def _events(self, topic: str) -> list:
+        return list(self.client.get_events(topic))
 
-        self.t0 = time.time()
+    def start(self) -> WorkerWatch:
+        # positions in the scheduler's event logs, not timestamps: the client's and the
+        # scheduler's clocks need not agree on a cluster
+        self.seen = {t: len(self._events(t)) for t in ("all", "worker-restart-memory")}
         self.before = self._addresses()
         return self
 
+    def _new(self, topic: str) -> list:
+        return [e for _, e in self._events(topic)[self.seen[topic]:]]
+
     def stop(self) -> dict:
         after = self._addresses()
-        events = [e for t, e in self.client.get_events("all") if t >= self.t0
-                  and isinstance(e, dict)]
+        events = [e for e in self._new("all") if isinstance(e, dict)]
         removed = [e.get("worker") for e in events if e.get("action") == "remove-worker"]
         added = [e.get("worker") for e in events if e.get("action") == "add-worker"]
-        memory_kills = [e for t, e in self.client.get_events("worker-restart-memory")
-                        if t >= self.t0]
+        memory_kills = self._new("worker-restart-memory")
         return {
             "workers_before": len(self.before),
             "workers_after": len(after),

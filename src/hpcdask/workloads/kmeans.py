@@ -22,7 +22,7 @@ def run(ctx) -> dict:
 
     from hpcdask.workloads import _data
 
-    n = ctx.pick(100_000, 500_000, 20_000_000)
+    n = ctx.pick(50_000, 500_000, 20_000_000)
     d, k = 10, 8
     with ctx.step("generate data"):
         X, truth = make_blobs(n_samples=n, n_features=d, centers=k, cluster_std=1.5,

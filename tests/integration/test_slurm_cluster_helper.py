@@ -1,0 +1,173 @@
+"""hpcdask.cluster.slurm_cluster scaling a real dask-jobqueue SLURMCluster on the test cluster.
+
+The calling script runs INSIDE the image (``apptainer exec IMAGE python script.py``), as the
+module's docstring asks, so its scheduler's Python and packages are the workers' and the
+IdentityGuard keeps them. The scheduler listens on the host's bridge (``hpcd-br0``, 10.253.71.1:
+the runner keeps the caller's network); each worker is a Slurm job started by sbatch from inside
+the image and runs ``apptainer exec IMAGE python -m distributed.cli.dask_worker`` on a node (ib0).
+
+The image has no Slurm commands: as a site would, the test binds the host's into it (its /usr,
+the munge socket's folder and a slurm.conf seen from inside) and submits through
+tests/cluster/jobqueue_slurm.sh as ``submit_prefix``.
+
+Required in CI: without the cluster or the image this FAILS (the fixtures fail loudly).
+The time from ``scale()`` to all workers connected is printed and appended to
+``$HPCDASK_MEASUREMENTS`` (default /tmp/hpcdask-measurements.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_DIR = REPO / "tests" / "cluster"
+RUNNER = CLUSTER_DIR / "bin" / "apptainer"
+SLURM_LIBS = Path("/usr/lib/x86_64-linux-gnu/slurm-wlm")
+MEASURE = Path(os.environ.get("HPCDASK_MEASUREMENTS", "/tmp/hpcdask-measurements.jsonl"))
+JOBS = 3
+TIMEOUT = 240  # scale() to all workers connected; the machine is small and shared
+
+SCRIPT = r'''
+import json, os, subprocess, sys, time
+import dask.array as da
+from distributed import Client
+from hpcdask.cluster import slurm_cluster
+
+prefix, jobs, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+# Fail fast (rather than after the workers' timeout) when the bound Slurm cannot reach the cluster.
+subprocess.run([prefix, "sinfo", "-h"], check=True, timeout=60)
+# cores=2: a whole test node per job, so the workers land on distinct nodes.
+with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
+                   scheduler_interface="hpcd-br0", submit_prefix=prefix,
+                   dashboard="off") as cluster, Client(cluster) as client:
+    print("SCHEDULER " + cluster.scheduler_address, flush=True)
+    print("JOBSCRIPT-BEGIN\n" + cluster.job_script() + "\nJOBSCRIPT-END", flush=True)
+    t0 = time.time()
+    cluster.scale(jobs=jobs)
+    try:
+        client.wait_for_workers(jobs, timeout=timeout)
+    finally:
+        ids = sorted(j.job_id for j in cluster.workers.values() if getattr(j, "job_id", None))
+        print("JOBS " + json.dumps(ids), flush=True)
+    ready = time.time() - t0
+    total = int(da.arange(1_000_000, chunks=100_000).sum().compute())
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    guard = client.run_on_scheduler(
+        lambda dask_scheduler: dict(dask_scheduler.plugins["hpcdask-identity-guard"].refused))
+    print("RESULT " + json.dumps({
+        "ready_s": round(ready, 1), "sum": total, "workers": sorted(workers),
+        "names": sorted(str(w["name"]) for w in workers.values()), "refused": guard,
+        "jobs": ids, "scheduler": cluster.scheduler_address,
+        "container": os.environ.get("APPTAINER_CONTAINER"), "python": sys.executable,
+    }), flush=True)
+    t1 = time.time()
+print(f"CLOSED after {time.time() - t1:.1f}s", flush=True)
+'''
+
+
+def measure(name: str, **values) -> None:
+    print(f"MEASURE {name}: {values}")
+    with MEASURE.open("a") as f:
+        f.write(json.dumps({"test": name, **values}) + "\n")
+
+
+def host_slurm_in_image(slurm_cluster, mnt: Path) -> tuple[list[str], str]:
+    """Lay out the host's Slurm for the image under MNT (bound at /mnt): the binds and prefix."""
+    assert SLURM_LIBS.is_dir(), f"{SLURM_LIBS} missing: the host's Slurm is not Debian's slurm-wlm"
+    conf = slurm_cluster.conf.read_text()
+    m = re.search(r"^AuthInfo=.*socket=([^,\s]+)", conf, re.MULTILINE)
+    assert m, f"no munge socket in {slurm_cluster.conf} (AuthInfo=socket=...)"
+    munge = Path(m.group(1)).parent
+    host = mnt / "host"
+    for d in (host / "usr", host / "munge", mnt / "cluster"):
+        d.mkdir(parents=True)
+    # The cluster's slurm.conf as seen from inside the image: plugins and munge socket under /mnt.
+    conf = re.sub(r"^PluginDir=.*\n", "", conf, flags=re.MULTILINE)
+    conf = re.sub(r"^AuthInfo=.*$", "AuthInfo=socket=/mnt/host/munge/" + Path(m.group(1)).name,
+                  conf, flags=re.MULTILINE)
+    (host / "slurm.conf").write_text(
+        f"PluginDir=/mnt/host/usr/lib/x86_64-linux-gnu/slurm-wlm\n{conf}")
+    binds = [f"{mnt}:/mnt", "/usr:/mnt/host/usr:ro", f"{munge}:/mnt/host/munge",
+             f"{CLUSTER_DIR}:/mnt/cluster:ro"]
+    return binds, "/mnt/cluster/jobqueue_slurm.sh"
+
+
+def cancel_leftovers(slurm_cluster, workdir: Path) -> list[str]:
+    """scancel this test's jobs still pending or running (their WorkDir is WORKDIR); their ids."""
+    out = slurm_cluster.run(["squeue", "-h", "-t", "PD,R", "-o", "%i %Z"], check=False).stdout
+    left = [line.split()[0] for line in out.splitlines()
+            if len(line.split()) == 2 and Path(line.split()[1]) == workdir]
+    if left:
+        slurm_cluster.run(["scancel", *left], check=False)
+    return left
+
+
+def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, image, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    binds, prefix = host_slurm_in_image(slurm_cluster, tmp_path / "mnt")
+    script = tmp_path / "scale.py"
+    script.write_text(SCRIPT)
+    env = {**slurm_cluster.env, "HPCDASK_IMAGE": str(image), "HPCDASK_SHARED_DIR": str(shared)}
+    cmd = [str(RUNNER), "exec", *(a for b in binds for a in ("--bind", b)), str(image),
+           "python", str(script), prefix, str(JOBS), str(TIMEOUT)]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=TIMEOUT + 180, stdin=subprocess.DEVNULL, check=False)
+    finally:
+        leftovers = cancel_leftovers(slurm_cluster, tmp_path)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted(tmp_path.glob("slurm-*.out")))
+    text = (f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n"
+            f"--- stderr\n{proc.stderr[-6000:]}\n{logs}")
+    assert proc.returncode == 0, text
+    print(proc.stdout.split("JOBSCRIPT-END")[-1].strip())  # jobs, result, close (under -s)
+    res = json.loads(re.search(r"^RESULT (.*)$", proc.stdout, re.MULTILINE).group(1))
+
+    # The scheduler ran in the image's process, on the bridge, over TLS.
+    assert res["container"] == str(Path(image).resolve()), res
+    assert res["python"].startswith("/opt/hpcdask/"), res
+    assert re.fullmatch(r"tls://10\.253\.71\.1:\d+", res["scheduler"]), res
+    # The jobscript dask-jobqueue submitted runs the worker in the image, on ib0.
+    jobscript = re.search(r"JOBSCRIPT-BEGIN\n(.*)\nJOBSCRIPT-END", proc.stdout, re.DOTALL).group(1)
+    worker = (rf"apptainer exec .* {re.escape(str(image))} python -m "
+              r"distributed\.cli\.dask_worker tls://10\.253\.71\.1:\d+ ")
+    assert re.search(worker, jobscript), jobscript
+    assert "--interface ib0" in jobscript and "--protocol tls://" in jobscript, jobscript
+    # One worker per job, each on its own node's ib0, none refused by the IdentityGuard.
+    assert len(res["jobs"]) == JOBS and len(set(res["jobs"])) == JOBS, res
+    addrs = [re.fullmatch(r"tls://(10\.253\.71\.1\d):\d+", w).group(1) for w in res["workers"]]
+    assert len(addrs) == JOBS and len(set(addrs)) == JOBS, res
+    assert set(addrs) <= set(slurm_cluster.addresses.values()), (addrs, slurm_cluster.addresses)
+    assert res["refused"] == {}, res
+    assert res["sum"] == sum(range(1_000_000)), res
+    nodes = {}
+    for job_id in res["jobs"]:
+        job = slurm_cluster.job(job_id, workdir=tmp_path)
+        assert job.info.get("JobName") == "dask-worker", job
+        nodes[job_id] = job.info.get("NodeList")
+    assert len(set(nodes.values())) == JOBS, nodes
+
+    # cluster.close() cancelled the jobs: none left queued or running, all CANCELLED.
+    assert leftovers == [], f"jobs still pending/running after close(): {leftovers}\n{text}"
+    deadline = time.monotonic() + 60
+    while True:
+        states = {j: slurm_cluster.job(j, workdir=tmp_path).state for j in res["jobs"]}
+        queued = slurm_cluster.run(["squeue", "-h", "-j", ",".join(res["jobs"]),
+                                    "-t", "PD,R,CG"], check=False).stdout.strip()
+        done = all(s == "CANCELLED" for s in states.values()) and not queued
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert done, (states, queued)
+    measure(f"slurm_cluster scale(jobs={JOBS})", scale_to_workers_s=res["ready_s"],
+            close=re.search(r"^CLOSED after ([\d.]+)s", proc.stdout, re.MULTILINE).group(1))

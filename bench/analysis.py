@@ -10,7 +10,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-
 # --- statistics ---------------------------------------------------------------------------------
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -413,7 +413,8 @@ def _ok(xs):
 
 
 def _pair(a_runs, b_runs, key):
-    pairs = [(x[key], y[key]) for x, y in zip(a_runs, b_runs) if x[key] == x[key] and y[key] == y[key]]
+    pairs = [(x[key], y[key]) for x, y in zip(a_runs, b_runs)
+             if x[key] == x[key] and y[key] == y[key]]
     return A.paired_ratios([p[0] for p in pairs], [p[1] for p in pairs])
 
 
@@ -858,7 +859,8 @@ def headlines(res: dict) -> list[dict]:
             if "container" in r["summary"]:
                 h.append({"figure": f"time to ready, scheduler + {n} worker(s), loopback TLS",
                           "a": "image (runner)", "b": "bare venv", "unit": "s",
-                          "a_value": r["summary"]["container"][n], "b_value": r["summary"]["bare"][n],
+                          "a_value": r["summary"]["container"][n],
+                          "b_value": r["summary"]["bare"][n],
                           "ratio": r["ratios"]["container/bare"][n]})
         for n in r["workers"]:
             h.append({"figure": f"time to ready, {n} worker(s): LocalCluster vs scheduler file",
@@ -876,7 +878,8 @@ def headlines(res: dict) -> list[dict]:
                   "b_value": c["summary"]["bare"]["in_job_ready_s"], "ratio": c["ratio_in_job"],
                   "note": "from the batch script's start; from sbatch: "
                           f"{A.fmt_value(c['summary']['container']['submit_to_ready_s'], 's')} "
-                          f"(image) vs {A.fmt_value(c['summary']['bare']['submit_to_ready_s'], 's')}"})
+                          f"(image) vs "
+                          f"{A.fmt_value(c['summary']['bare']['submit_to_ready_s'], 's')}"})
     else:
         skipped("time to ready (Slurm test cluster)", c)
     t = S.get("throughput", {})
@@ -999,7 +1002,8 @@ def plots(res: dict, outdir: Path) -> list[str]:
     r = S.get("ready", {})
     if r.get("summary"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        labels = {"bare": "bare venv, scheduler file", "container": "image (runner), scheduler file",
+        labels = {"bare": "bare venv, scheduler file",
+                  "container": "image (runner), scheduler file",
                   "local": "LocalCluster (bare venv)"}
         for i, v in enumerate(r["variants"]):
             ns = [n for n in r["workers"] if r["summary"][v][n].get("n")]
@@ -1015,7 +1019,8 @@ def plots(res: dict, outdir: Path) -> list[str]:
                 if s.get("n"):
                     ax.errorbar([c["workers"]], [s["median"]], yerr=err(s), marker=mk,
                                 linestyle="none", capsize=3,
-                                label=f"Slurm test cluster, {'image' if v == 'container' else 'bare'}"
+                                label="Slurm test cluster, "
+                                      f"{'image' if v == 'container' else 'bare'}"
                                       f" (in job, ib0)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("workers")
@@ -1227,7 +1232,8 @@ def main(argv=None) -> int:
         log(f"plots FAILED: {e}")
     res["meta"]["duration_s"] = round(time.perf_counter() - T_START, 1)
     tmpjson = args.out / "latest.json.tmp"
-    tmpjson.write_text(json.dumps(_finite(res), indent=1, default=_json_default, allow_nan=False) + "\n")
+    tmpjson.write_text(json.dumps(_finite(res), indent=1, default=_json_default,
+                                  allow_nan=False) + "\n")
     tmpjson.replace(args.out / "latest.json")
     (args.out / "latest.md").write_text(A.render_markdown(res))
     log(f"done in {res['meta']['duration_s']:.0f}s: {args.out / 'latest.md'}")

@@ -22,13 +22,14 @@ D = 20  # features
 def plan(ctx, limit: int) -> dict:
     """Block size and count from the smallest worker memory limit."""
     factor = ctx.pick(1.1, 1.5, 3.0)  # data bytes / smallest worker memory_limit
-    block_bytes = min(max(limit // 24, 1 << 20), 128 << 20)
+    # small blocks: a worker's own Python stack (dask, scikit-learn, ...) takes ~250 MiB
+    block_bytes = min(max(limit // 48, 1 << 20), 128 << 20)
     rows = max(1000, block_bytes // (8 * (D + 1)))
     target = int(limit * factor) + 1
     nblocks = -(-target // (rows * D * 8))
     # blocks per partial_fit call: enough to keep every worker generating, but all of them
-    # (and their scaled copies) could land on the worker holding the model: keep < limit / 4
-    batch = max(1, min(2 * ctx.nworkers, limit // 4 // (rows * (D + 1) * 8)))
+    # (and their scaled copies) could land on the worker holding the model: keep < limit / 16
+    batch = max(1, min(2 * ctx.nworkers, limit // 16 // (rows * (D + 1) * 8)))
     return {"factor": factor, "rows": rows, "nblocks": nblocks, "batch": batch,
             "test_blocks": 2}
 

@@ -85,8 +85,8 @@ cluster-env:
 	@bash tests/cluster/cluster.sh env
 
 # --- benchmarks -------------------------------------------------------------------------------
-bench: $(VENV)/.done
-	$(VENV)/bin/hpcdask bench $(if $(QUICK),--quick,) $(ARGS)
+bench: host-deps $(VENV)/.done
+	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick,) $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(TVENV) .venv-tools hpcdask-output .pytest_cache

@@ -79,9 +79,11 @@ def main() -> None:
               help="LocalCluster workers (default: sized to the machine).")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
               help="LocalCluster threads per worker.")
+@click.option("--memory-limit", default=None,
+              help="LocalCluster memory per worker, e.g. 2GiB (default: 90% of the machine / workers).")
 @tls_option
 def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
-        threads_per_worker, tls) -> None:
+        threads_per_worker, memory_limit, tls) -> None:
     """Run a workload (the main job): on a LocalCluster, or on the cluster given.
 
     Writes metrics.json (scores, baseline, timings, versions of every role, cluster
@@ -99,13 +101,17 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
     size = config.get("size", size)
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
     output = output or Path(config.get("output")) / f"{name}-{size}{f'-job{job}' if job else ''}"
+    if memory_limit:
+        from hpcdask.memory import parse_bytes
+        parse_bytes(memory_limit)
     workloads.check_output(output)
     with _terminate_cleanly():
         if scheduler_file or address:
             with launch.connect(scheduler_file, address, tls=tls) as client:
                 path = workloads.execute(client, name, size, seed, output)
         else:
-            with launch.local_cluster(n_workers, threads_per_worker, tls=tls) as cluster, \
+            with launch.local_cluster(n_workers, threads_per_worker, tls=tls,
+                                      memory_limit=memory_limit) as cluster, \
                     launch.Client(cluster) as client:
                 path = workloads.execute(client, name, size, seed, output)
     click.echo(f"metrics: {path}")

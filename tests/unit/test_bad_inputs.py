@@ -160,6 +160,11 @@ def case_port_in_use(tmp_path, _held=[]):
             "--port", str(port)], f"port {port} on 127.0.0.1 is already in use; pick another with --port"
 
 
+def case_bad_memory_for_local_cluster(tmp_path):
+    return ["run", "--memory-limit", "lots", "--output", str(tmp_path / "o")], \
+        "--memory-limit 'lots' is not a size"
+
+
 def case_output_has_metrics(tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "metrics.json").write_text("{}")

@@ -117,7 +117,9 @@ nodes_ready() {
 }
 
 healthy() {
-    [ -s "$CONF" ] && daemons_alive && [ "$(nodes_ready)" -eq "$(cat "$STATE/nodes")" ] \
+    # ... and made from this checkout (its TaskProlog), not from another clone on the machine.
+    [ -s "$CONF" ] && grep -qxF "TaskProlog=$repo/tests/cluster/slurm/task_prolog.sh" "$CONF" \
+        && daemons_alive && [ "$(nodes_ready)" -eq "$(cat "$STATE/nodes")" ] \
         && [ "$(cat "$STATE/nodes")" -eq "$NODES" ]
 }
 

@@ -111,17 +111,22 @@ async def _serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec) -> N
 
 
 async def retire_all(s: Scheduler, timeout: float = 30) -> None:
-    """Orderly end: workers leave first (closing their nannies), then the scheduler closes."""
-    if s.workers:
-        try:
+    """Orderly end: every nanny stops its worker (through the nanny's own stop queue, which
+    distributed's worker processes expect), then the scheduler closes once all have left."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        if any(ws.nanny for ws in s.workers.values()):
+            await asyncio.wait_for(s.broadcast(msg={"op": "terminate", "reason": "hpcdask-shutdown"},
+                                               nanny=True, on_error="ignore"), timeout)
+        if s.workers:  # workers without a nanny close themselves
             await asyncio.wait_for(s.retire_workers(close_workers=True, remove=False,
                                                     stimulus_id="hpcdask-shutdown"), timeout)
-            # Let each worker close its own stream, so nothing is cut mid-read.
-            deadline = asyncio.get_running_loop().time() + timeout
-            while s.workers and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-        except asyncio.TimeoutError:
-            logger.warning("hpcdask: workers did not retire within %ss; closing anyway", timeout)
+        # Let each worker close its own stream, so nothing is cut mid-read.
+        while s.workers and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+    except asyncio.TimeoutError:
+        logger.warning("hpcdask: workers did not stop within %ss; closing anyway", timeout)
     await s.close(reason="hpcdask-shutdown")
 
 

@@ -38,11 +38,15 @@ def run(client, name: str, tmp_path: Path) -> tuple[dict, Path]:
 
 def test_every_workload_has_a_test():
     tested = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
-    assert set(WORKLOADS) - {"pipeline", "smoke"} <= tested
+    checked = {n.removeprefix("check_") for n in globals() if n.startswith("check_")}
+    assert set(WORKLOADS) - {"pipeline", "smoke"} <= tested & checked
 
 
 def test_collections(client, tmp_path):
-    m, out = run(client, "collections", tmp_path)
+    check_collections(*run(client, "collections", tmp_path))
+
+
+def check_collections(m: dict, out: Path) -> None:
     # integer results exactly; float sums/means to rtol 1e-12 (chunks are summed in another order)
     assert m["score"] == m["baseline_score"] == 5
     assert all(c["equal"] for c in m["checks"].values())
@@ -61,15 +65,19 @@ def test_incremental(tmp_path):
     # and still go through without a worker being killed (streamed a few blocks at a time).
     with launch.local_cluster(n_workers=2, threads_per_worker=1, tls=True,
                               memory_limit="400MiB") as cluster, launch.Client(cluster) as c:
-        m, _ = run(c, "incremental", tmp_path)
+        m, out = run(c, "incremental", tmp_path)
+    assert m["worker_memory_limit_min"] == 400 * 2**20
+    check_incremental(m, out, workers=2)
+
+
+def check_incremental(m: dict, out: Path, workers: int) -> None:
     limit = m["worker_memory_limit_min"]
-    assert limit == 400 * 2**20
     assert m["data_bytes"] > limit
     assert m["data_over_memory_limit"] > 1
     w = m["workers"]
     assert w["killed_or_restarted"] is False
     assert w["memory_kills"] == 0 and w["workers_lost"] == [] and w["workers_removed_events"] == 0
-    assert w["workers_before"] == w["workers_after"] == 2
+    assert w["workers_before"] == w["workers_after"] == workers
     # Same partial_fit sequence on the same blocks: the models differ only by the rounding of the
     # scaler's mean/variance (tree reduction vs running update), ~1e-15 relative.
     assert m["max_coef_relative_difference"] < 1e-9
@@ -82,10 +90,13 @@ def test_incremental(tmp_path):
 def test_hyperband(client, tmp_path):
     from hpcdask import compat
 
-    m, out = run(client, "hyperband", tmp_path)
+    check_hyperband(*run(client, "hyperband", tmp_path))
+    assert "dask/dask-ml#1016" in compat.active()
+
+
+def check_hyperband(m: dict, out: Path) -> None:
     # HyperbandSearchCV ran on dask 2026.8.0: only possible with hpcdask's fix for dask-ml#1016
     assert "dask/dask-ml#1016" in m["compat_patches"]
-    assert "dask/dask-ml#1016" in compat.active()
     hb, rs = m["hyperband"], m["randomized_search"]
     # the same budget of partial fits, to within one random-search model's budget
     assert 0 <= hb["partial_fit_calls"] - rs["partial_fit_calls"] < m["data"]["max_iter"]
@@ -99,7 +110,10 @@ def test_hyperband(client, tmp_path):
 
 @pytest.mark.slow
 def test_gridsearch(client, tmp_path):
-    m, _ = run(client, "gridsearch", tmp_path)
+    check_gridsearch(*run(client, "gridsearch", tmp_path))
+
+
+def check_gridsearch(m: dict, out: Path) -> None:
     # deterministic fits on the same folds: the same winner, bit-for-bit the same scores up to
     # the order of the fold average
     assert m["joblib_dask"]["best_params"] == m["best_params"]
@@ -114,7 +128,10 @@ def test_gridsearch(client, tmp_path):
 
 @pytest.mark.slow
 def test_predict(client, tmp_path):
-    m, _ = run(client, "predict", tmp_path)
+    check_predict(*run(client, "predict", tmp_path))
+
+
+def check_predict(m: dict, out: Path) -> None:
     # row-wise prediction of the same model on the same rows: identical
     assert m["same_truth"]
     assert m["labels_different"] == 0
@@ -125,7 +142,10 @@ def test_predict(client, tmp_path):
 
 @pytest.mark.slow
 def test_kmeans(client, tmp_path):
-    m, _ = run(client, "kmeans", tmp_path)
+    check_kmeans(*run(client, "kmeans", tmp_path))
+
+
+def check_kmeans(m: dict, out: Path) -> None:
     # different algorithms and initialisations (k-means|| vs k-means++ x 10): on well separated
     # blobs both must find the same partition and the same optimum; 1 % covers a slightly
     # different local optimum or a difference in the last Lloyd iteration
@@ -135,7 +155,10 @@ def test_kmeans(client, tmp_path):
 
 
 def test_etl(client, tmp_path):
-    m, out = run(client, "etl", tmp_path)
+    check_etl(*run(client, "etl", tmp_path))
+
+
+def check_etl(m: dict, out: Path) -> None:
     # the same rows survive cleaning; aggregates equal after sorting, floats to rtol 1e-9
     # (sums are added in a different order)
     assert m["score"] == m["baseline_score"] > 0
@@ -150,7 +173,10 @@ def test_etl(client, tmp_path):
 
 
 def test_xgboost(client, tmp_path):
-    m, out = run(client, "xgboost", tmp_path)
+    check_xgboost(*run(client, "xgboost", tmp_path))
+
+
+def check_xgboost(m: dict, out: Path, tracker_host: str = "127.0.0.1") -> None:
     # distributed 'hist' merges per-worker quantile sketches: not bit-identical to one machine,
     # so test AUC and accuracy agree within 0.01
     assert m["same_test_labels"]
@@ -158,7 +184,7 @@ def test_xgboost(client, tmp_path):
     assert m["accuracy"] == pytest.approx(m["baseline_accuracy"], abs=0.01)
     assert m["score"] > 0.9
     # the tracker was bound to the scheduler's host address (loopback for a LocalCluster)
-    assert m["tracker_host"] == "127.0.0.1"
+    assert m["tracker_host"] == tracker_host
     assert (out / "feature_importance.png").read_bytes().startswith(PNG)
 
 

@@ -278,7 +278,8 @@ def preflight(interface, scheduler_file, memory_limit, nworkers, local_directory
         click.echo(f"ok scheduler file folder {folder}: private and writable")
     alloc = memory.allocation()
     threads, mem = memory.worker_sizing(config.get("nworkers", nworkers), None,
-                                        config.get("memory-limit", memory_limit), alloc)
+                                        config.get("memory-limit", memory_limit), alloc,
+                                        **memory.reserves())
     if mem > alloc.memory:
         raise BadInput(f"memory limit {mem} B per worker exceeds this node's allocation "
                        f"({alloc.memory} B from {alloc.source}); lower --memory-limit")

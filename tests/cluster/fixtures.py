@@ -187,7 +187,7 @@ class SlurmCluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run CMD as USER (default hpcuser; None: root) on the login node (or node WHERE)."""
         proc = subprocess.run(
-            self._argv(where, user, cmd, env, cwd),
+            self._argv(where, user, cmd, env, cwd), env=self._root_env(user, env),
             check=False, capture_output=True, text=True, timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
@@ -202,7 +202,12 @@ class SlurmCluster:
               cwd: Path | str | None = None, user: str | None = USER, where: str = "login",
               **kwargs) -> subprocess.Popen:
         """Start CMD like :meth:`run`, in the background."""
-        return subprocess.Popen(self._argv(where, user, cmd, env, cwd), **kwargs)
+        return subprocess.Popen(self._argv(where, user, cmd, env, cwd),
+                                env=self._root_env(user, env), **kwargs)
+
+    def _root_env(self, user: str | None, env: Mapping[str, str] | None) -> dict[str, str] | None:
+        """Root's commands get this process's environment plus the cluster's exports."""
+        return None if user else {**os.environ, **self.exports, **(env or {})}
 
     def node(self, node: str, cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess[str]:
         """Run CMD on compute node NODE (as root unless user= is given)."""

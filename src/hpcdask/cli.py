@@ -63,6 +63,20 @@ def main() -> None:
     DASK_HPCDASK__KEY or HPCDASK_KEY environment variables.
     """
     _logging()
+    _private_scratch()
+
+
+def _private_scratch() -> None:
+    """Every distributed server of this process (the scheduler's too) keeps its workspace in a
+    private folder of node-local scratch ($TMPDIR, else /tmp), removed when the command ends:
+    distributed's own default leaves lock files behind in a folder that jobs and users share."""
+    import dask.config
+
+    ctx = click.get_current_context()
+    if ctx.resilient_parsing or "--help" in sys.argv or "-h" in sys.argv:
+        return
+    d = ctx.with_resource(launch.scratch(launch.local_directory(None)))
+    dask.config.set({"temporary-directory": d})
 
 
 @main.command(context_settings=CONTEXT)

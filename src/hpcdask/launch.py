@@ -8,11 +8,15 @@ any role whose environment differs from the scheduler's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,9 +226,21 @@ def run_worker(spec: WorkerSpec) -> None:
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
     info = schedfile.wait(path, timeout)
     sec = connection(info, path, spec.tls, "worker")
-    with dask.config.set(preset):
+    with dask.config.set(preset), scratch(local_dir) as d:
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
-                                   local_dir, life, spec.name))
+                                   d, life, spec.name))
+
+
+@contextlib.contextmanager
+def scratch(parent: str):
+    """A private folder of this process's workers inside ``parent`` (node-local $TMPDIR or /tmp),
+    removed whole when they end: distributed leaves its workspace's lock files behind, and
+    ``parent`` may be shared with other jobs and users."""
+    d = tempfile.mkdtemp(prefix="hpcdask-", dir=parent)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _lifetime(spec: WorkerSpec) -> float | None:
@@ -322,7 +338,8 @@ def check_cluster(client: Client) -> dict[str, dict[str, Any]]:
 
 def local_cluster(n_workers: int | None = None, threads_per_worker: int | None = None,
                   tls: bool = True, memory_limit: str | None = None):
-    """The embedded default: a LocalCluster sized to the machine, TLS on loopback."""
+    """The embedded default: a LocalCluster sized to the machine, TLS on loopback; its workers'
+    scratch (a private folder) is removed once it is gone, at the latest when Python exits."""
     from distributed import LocalCluster
 
     alloc = memory.allocation()
@@ -331,9 +348,16 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     mem = memory.parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
     kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                  local_directory=local_directory(None), silence_logs=logging.WARNING)
+                                  silence_logs=logging.WARNING)
     if tls:
         kwargs.update(security=Security.temporary(), protocol="tls://")
     else:
         warn_no_tls("the local cluster")
-    return LocalCluster(**kwargs)
+    d = tempfile.mkdtemp(prefix="hpcdask-", dir=local_directory(None))
+    try:
+        cluster = LocalCluster(local_directory=d, **kwargs)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    weakref.finalize(cluster, shutil.rmtree, d, True)
+    return cluster

@@ -392,3 +392,17 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
             shutil.rmtree(cluster.workdir, ignore_errors=True)
         if not was_up and os.environ.get("HPCDASK_CLUSTER_KEEP") != "1":
             _cluster_sh("down", check=False)
+
+
+@pytest.fixture
+def udir(slurm_cluster) -> Path:
+    """A new folder of hpcuser's in its home (the shared filesystem): a job's working directory."""
+    return slurm_cluster.mkdtemp("t-")
+
+
+@pytest.fixture
+def job_env(slurm_cluster, image) -> dict[str, str]:
+    """What every test job adds to hpcuser's login environment: the image, and a private shared
+    folder of its own for the cluster folders (so a test can check it is left empty)."""
+    return {"HPCDASK_IMAGE": str(image),
+            "HPCDASK_SHARED_DIR": str(slurm_cluster.mkdtemp("clusters-"))}

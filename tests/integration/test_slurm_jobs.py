@@ -206,12 +206,17 @@ def test_two_clusters_and_two_users_at_once_keep_to_their_own_files(slurm_cluste
         folders = sorted(Path(job_env["HPCDASK_SHARED_DIR"]).iterdir())
         assert len(folders) == 2 and all(f.stat().st_mode & 0o777 == 0o700 for f in folders)
         sched = next(folders[0].glob("scheduler-*.json"))
-        # otheruser can neither read hpcuser's scheduler file nor use it.
+        # otheruser can neither read hpcuser's scheduler file or credentials nor use them.
+        for f in (sched, sched.parent / "cluster.key"):
+            proc = slurm_cluster.run(["cat", str(f)], user=slurm_cluster.OTHER_USER, check=False)
+            assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc
         proc = slurm_cluster.run(["apptainer", "exec", job_env["HPCDASK_IMAGE"], "hpcdask",
                                   "versions", "--scheduler-file", str(sched)],
+                                 env={"HPCDASK_SCHEDULER_FILE_TIMEOUT": "2s"},
                                  user=slurm_cluster.OTHER_USER, check=False, timeout=120)
         assert proc.returncode == 2, proc
-        assert len(proc.stderr.strip().splitlines()) == 1 and "not readable by you" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert re.search(r"(not readable by you|did not appear within 2s)", proc.stderr)
         results = [slurm_cluster.wait(j.job_id, timeout=300, workdir=d)
                    for j, d in zip(jobs, (udir, udir, other))]
     finally:

@@ -16,8 +16,8 @@ from ready import schedfile_cluster
 
 
 def section(args, setup, tmp) -> dict:
-    fit_ns = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16]
-    pred_ns = [8] if args.quick else [32, 64]
+    fit_ns = [1, 2] if args.quick else [1, 2, 4, 8, 16]
+    pred_ns = [4] if args.quick else [32, 64]
     reps = 1 if args.quick else 2
     runs: dict[str, list[dict]] = {}
 

@@ -44,6 +44,8 @@ def verdict(s: dict[str, Any] | None, op: str, threshold: float | Sequence[float
 
 def fmt_goal(op: str, threshold, unit: str) -> str:
     if op == "within":
+        if threshold is None:
+            return "within the band predicted from 1-16 workers"
         return f"within {fmt_num(threshold[0])}-{fmt_num(threshold[1])} {unit}".strip()
     return f"{op} {fmt_num(threshold)}{unit}"
 
@@ -129,9 +131,9 @@ def all_goals(S: dict) -> list[Goal]:
         ("hyperband: held-out test accuracy, Hyperband - RandomizedSearchCV", ">=", 0.0, "",
          "workloads", lambda S: _get(S, "workloads", "hyperband", "test_score_difference"),
          "same validation split and test set for both; one value per seed"),
-        ("grid search on 2 workers (fits >= 0.5 s): sequential / joblib-dask", ">=", 1.6, "x",
+        ("grid search on 2 workers x 1 thread: sequential (1 thread) / joblib-dask", ">=", 1.6, "x",
          "workloads", lambda S: _get(S, "workloads", "gridsearch", "speedup"),
-         "limit 2.0x on 2 cores"),
+         "limit 2.0x on 2 cores; fit times in the grid search table"),
         *_scaling_goals(S),
     ]
 
@@ -146,7 +148,7 @@ def _scaling_goals(S: dict) -> list[Goal]:
                     "prediction recorded before the measurement"))
     if not out:
         out.append(("time to ready at 32 and 64 workers vs the model's prediction", "within",
-                    [0, 0], "s", "scaling", lambda S: None, ""))
+                    None, "s", "scaling", lambda S: None, ""))
     out.append(("100/1000-worker model band contains every measured point", ">=", 1.0, "",
                 "model", lambda S: _get(S, "model", "band_contains"),
                 "1 = every measured median inside the band"))

@@ -52,13 +52,6 @@ def _details(S: dict[str, Any]) -> list[str]:
                 q = {**q, **{k: q[k] / 1e6 for k in ("median", "min", "max") if k in q}}
                 rows.append([f"{s / 1e6:.0f} MB", v, fmt_value(q, "MB/s")])
         out.append(markdown_table(rows, ["size", "variant", "bandwidth"]))
-        prof = x.get("profile", {}).get("dask TLS", {})
-        if prof:
-            out.append("\nWhere Dask's TLS transfers spent the workers' event-loop time "
-                       "(self samples, sender `a` / receiver `b`):\n\n")
-            for who in ("a", "b"):
-                top = prof.get(who, {}).get("top", [])[:6]
-                out.append(f"- {who}: " + ("; ".join(f"{n} {f}" for n, f in top) or "-") + "\n")
     w = S.get("workloads", {})
     hb = w.get("hyperband", {})
     if hb.get("runs"):

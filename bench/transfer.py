@@ -3,8 +3,7 @@
 The bench makes two namespaces joined by a veth pair (and removes them at the end). Four
 variants, interleaved: Dask's transfer under TLS (as deployed) and with --no-tls (roles from the
 bench's venv, scheduler and worker ``a`` in namespace A, worker ``b`` in B); raw TCP; and a raw
-Python ``ssl`` socket in the same SSLContext (so the same cipher) as Dask's TLS. Afterwards the
-workers' own event-loop profiles say where the time of Dask's TLS transfers went.
+Python ``ssl`` socket in the same SSLContext (so the same cipher) as Dask's TLS.
 """
 
 from __future__ import annotations
@@ -136,8 +135,6 @@ def section(args, setup, tmp: Path) -> dict:
                 runs[size][v].append(res)
                 log(f"transfer {size / 1e6:.0f} MB {v:9s} rep {r}: "
                     f"{res['bandwidth'] / 1e6:7.0f} MB/s")
-        profile = {"dask TLS": pairs["dask TLS"].ask("profile"),
-                   "dask TCP": pairs["dask TCP"].ask("profile")}
         ciphers = {"dask TLS": pairs["dask TLS"].info.get("cipher"),
                    "raw ssl": next((x["cipher"] for x in runs[sizes[0]]["raw ssl"]), None)}
     finally:
@@ -146,7 +143,7 @@ def section(args, setup, tmp: Path) -> dict:
         nets.remove()
     out = {"path": "namespace A -> namespace B over a veth pair (MTU 1500), roles from the "
                    "bench's venv", "sizes": sizes, "reps": reps, "ciphers": ciphers,
-           "runs": {str(s): r for s, r in runs.items()}, "profile": profile,
+           "runs": {str(s): r for s, r in runs.items()},
            "summary": {}, "ratios": {}}
     for s in sizes:
         rs = runs[s]

@@ -5,15 +5,13 @@
 Starts ``hpcdask scheduler`` and worker ``a`` in this namespace and worker ``b`` in NETNS_B (each
 bound to its veth), prints ``READY {json}``, then answers one JSON line per command read from
 stdin: ``xfer NBYTES`` (an array made on ``a`` is needed by a task pinned to ``b``; bandwidth =
-bytes / the duration of ``b``'s own transfer log entry) and ``profile`` (the event-loop threads'
-own profile of both workers over the transfers, as (self samples, function) pairs).
+bytes / the duration of ``b``'s own transfer log entry).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,24 +21,6 @@ from common import HPCDASK, spawn, stop, tail, wait_file  # noqa: E402
 def _last_transfer(dask_worker):
     e = list(dask_worker.transfer_incoming_log)[-1]
     return {"duration": e["duration"], "total": e["total"]}
-
-
-def self_time(state: dict, top: int = 12) -> list[tuple[int, str]]:
-    """Flatten a distributed profile tree into the functions with the most self samples."""
-    acc: dict[str, int] = {}
-
-    def walk(node):
-        kids = node.get("children", {}).values()
-        own = node.get("count", 0) - sum(k.get("count", 0) for k in kids)
-        d = node.get("description", {})
-        if own > 0 and d:
-            key = f"{d.get('name')} ({Path(str(d.get('filename'))).name}:{d.get('line_no')})"
-            acc[key] = acc.get(key, 0) + own
-        for k in kids:
-            walk(k)
-
-    walk(state)
-    return sorted(((n, k) for k, n in acc.items()), reverse=True)[:top]
 
 
 def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
@@ -67,7 +47,6 @@ def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
         addr = {w["name"]: a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
         extra = client.scheduler_comm.comm.extra_info
         print("READY " + json.dumps({"workers": addr, "cipher": extra.get("cipher")}), flush=True)
-        t_first = time.time()
         for line in sys.stdin:
             cmd = line.split()
             if cmd[0] == "xfer":
@@ -81,11 +60,6 @@ def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
                 del x, y
                 out = {"bytes": e["total"], "transfer_s": e["duration"],
                        "bandwidth": e["total"] / e["duration"]}
-            elif cmd[0] == "profile":
-                out = {}
-                for name in ("a", "b"):
-                    p = client.profile(start=t_first, workers=[addr[name]], server=True)
-                    out[name] = {"samples": p.get("count", 0), "top": self_time(p)}
             else:
                 break
             print(json.dumps(out), flush=True)

@@ -28,7 +28,7 @@ def _details(S: dict[str, Any]) -> list[str]:
     if r.get("summary"):
         out.append("\n## Time to ready on loopback (TLS), image vs bare\n\n")
         b = r.get("bare", {})
-        out.append(f"Bare venv `{b.get('venv')}`: Python {b.get('python')}; "
+        out.append(f"Bare: `{b.get('how')}`, Python {b.get('python')}; "
                    f"image: Python {b.get('image_python')}.\n\n")
         out.append(markdown_table(
             [[str(n), fmt_value(r["summary"]["container"][str(n)], "s"),

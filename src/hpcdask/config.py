@@ -1,7 +1,8 @@
 """hpcdask's settings: the defaults in ``hpcdask.yaml`` merged into ``dask.config``.
 
 Every setting lives under the ``hpcdask`` namespace, so the usual Dask overrides work
-(``~/.config/dask/*.yaml``, ``DASK_HPCDASK__INTERFACE=eth0``). The jobscripts' short
+(``~/.config/dask/*.yaml``, ``DASK_HPCDASK__INTERFACE=eth0``); the few Dask settings hpcdask
+changes (``distributed.comm.shard``) are defaults too, so a user's own setting still wins. The jobscripts' short
 environment variables (``HPCDASK_INTERFACE=eth0``) are read here too, on top of both.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
+import distributed  # noqa: F401  (its defaults first: hpcdask.yaml's changes to them must win)
 import yaml
 
 
@@ -37,6 +39,19 @@ def _short_env(defaults: dict[str, Any]) -> dict[str, Any]:
     return {"hpcdask": out} if out else {}
 
 
+def _apply_comm_shard() -> None:
+    """distributed reads ``distributed.comm.shard`` once, when ``distributed.comm.tcp`` is
+    imported (a class attribute): set it on the classes of this process, and in the environment
+    for the processes it starts (a nanny's worker, LocalCluster's workers) to read at import."""
+    from dask.utils import parse_bytes
+    from distributed.comm.tcp import C_INT_MAX, TCP, TLS
+
+    shard = dask.config.get("distributed.comm.shard")
+    os.environ.setdefault("DASK_DISTRIBUTED__COMM__SHARD", str(shard))
+    TCP.max_shard_size = parse_bytes(shard)
+    TLS.max_shard_size = min(C_INT_MAX, TCP.max_shard_size)
+
+
 def reconfigure() -> None:
     """(Re)load hpcdask's defaults, then the short ``HPCDASK_*`` environment overrides."""
     defaults = _load_defaults()
@@ -44,6 +59,7 @@ def reconfigure() -> None:
     short = _short_env(defaults)
     if short:
         dask.config.update(dask.config.config, short, priority="new")
+    _apply_comm_shard()
 
 
 def get(key: str, override: Any = None) -> Any:

@@ -84,6 +84,23 @@ def test_cluster_client_runs_work(cluster):
         assert len(c.scheduler_info()["workers"]) == 2
 
 
+def test_roles_comms_send_large_frames_unsplit(cluster):
+    """hpcdask.yaml's distributed.comm.shard reaches the live comms of the scheduler and of
+    every worker process (started by the nanny), so a 400 MB array is not split into 64 MiB
+    shards that the receiver copies together again."""
+    from dask.utils import parse_bytes
+
+    def worker_shard(dask_worker):
+        return dask_worker.batched_stream.comm.max_shard_size
+
+    def scheduler_shards(dask_scheduler):
+        return sorted({bs.comm.max_shard_size for bs in dask_scheduler.stream_comms.values()})
+
+    with launch.connect(cluster["path"], check=False) as c:
+        assert set(c.run(worker_shard).values()) == {parse_bytes("1GiB")}
+        assert c.run_on_scheduler(scheduler_shards) == [parse_bytes("1GiB")]
+
+
 def test_versions_all_identical(cluster):
     proc = subprocess.run([*HPCDASK, "versions", "--scheduler-file", str(cluster["path"])],
                           capture_output=True, text=True, timeout=60)

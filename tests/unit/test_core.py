@@ -35,6 +35,19 @@ def test_short_env_overrides_config():
     assert out == ["eth7", "3", "no-local-storage"]
 
 
+def test_dask_settings_hpcdask_changes_are_defaults_a_user_still_overrides():
+    code = ("import hpcdask.config, dask.config; "
+            "print(dask.config.get('distributed.comm.shard'))")
+    env = {k: v for k, v in os.environ.items() if k != "DASK_DISTRIBUTED__COMM__SHARD"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env).stdout.split()
+    assert out == ["1GiB"]
+    env = dict(os.environ, DASK_DISTRIBUTED__COMM__SHARD="16MiB")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env).stdout.split()
+    assert out == ["16MiB"]
+
+
 def test_defaults_without_env():
     assert config.get("interface") == "ib0"
     assert config.get("tls") is True

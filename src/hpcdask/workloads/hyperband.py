@@ -7,7 +7,9 @@ training data.  Each random-search candidate is an ``SGDClassifier(max_iter=E, t
 whose ``fit`` makes ``E`` passes over the training fold, i.e. ``E x blocks`` block-sized
 partial fits; ``E x blocks`` is set equal to Hyperband's ``max_iter`` (the most any one of its
 models gets), and the number of random candidates is Hyperband's total partial fits divided
-by that.  Both winners are scored on the same held-out test set.  Hyperband runs on Dask 2026
+by that.  Both searches score their candidates on the same validation split (the one
+Hyperband makes with ``dask_ml.model_selection.train_test_split``, given to the random
+search as its single predefined split), and both winners on the same held-out test set.  Hyperband runs on Dask 2026
 only with hpcdask's compatibility fix (``hpcdask.compat``, dask/dask-ml#1016).
 """
 
@@ -23,7 +25,7 @@ def run(ctx) -> dict:
     from scipy.stats import loguniform, uniform
     from sklearn.datasets import make_classification
     from sklearn.linear_model import SGDClassifier
-    from sklearn.model_selection import RandomizedSearchCV, ShuffleSplit, train_test_split
+    from sklearn.model_selection import RandomizedSearchCV, train_test_split
 
     from hpcdask import compat
     from hpcdask.workloads import _data
@@ -67,10 +69,12 @@ def run(ctx) -> dict:
 
     n_iter = max(1, hb_calls // max_iter)
     with ctx.step("RandomizedSearchCV on one machine (same budget)"):
+        # Hyperband's own validation split (its documented hook), as one predefined split.
+        fX, vX, fy, vy = (a.compute() for a in hb._get_train_test_split(dX, dy))
+        split = [(np.arange(len(fX)), np.arange(len(fX), len(fX) + len(vX)))]
         rs = RandomizedSearchCV(model(max_iter=epochs, tol=None), space, n_iter=n_iter,
-                                cv=ShuffleSplit(1, test_size=val, random_state=ctx.seed),
-                                random_state=ctx.seed, refit=True)
-        rs.fit(X_train, y_train)
+                                cv=split, random_state=ctx.seed, refit=True)
+        rs.fit(np.concatenate([fX, vX]), np.concatenate([fy, vy]))
         rs_test = float(rs.best_estimator_.score(X_test, y_test))
     rs_calls = n_iter * epochs * blocks
 
@@ -119,5 +123,6 @@ def run(ctx) -> dict:
         "compat_patches": sorted(compat.active()),
         "plot": "score_vs_partial_fits.png",
         "data": {"samples": len(X_train), "test_samples": len(X_test), "features": d,
-                 "blocks": len(dX.chunks[0]), "max_iter": max_iter, "validation_fraction": val},
+                 "blocks": len(dX.chunks[0]), "max_iter": max_iter, "validation_fraction": val,
+                 "validation_samples": len(vX)},
     }

@@ -1,0 +1,101 @@
+"""Section `ready`: time to ready on loopback, the image against its own Python run bare.
+
+Both sides run the same commands (`hpcdask scheduler` + N x `hpcdask worker`, TLS, --interface
+lo), timed like the jobscripts: start the scheduler, start the workers once its file exists,
+stop the clock when a client sees N workers. The image side runs every role through the
+runner (tests/cluster/bin/apptainer exec); the bare side runs the same roles with the image's
+own interpreter and site-packages straight on the host (env.Setup.bare), so the ratio measures
+the container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+
+import stats
+from common import RUNNER, log, ok, pair, private_dir, spawn, stop, tail, wait_file
+
+
+def _cpu():
+    import time as _t
+    return _t.process_time()
+
+
+def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float = 0,
+                      memory: str = "1GiB", timeout: float = 180, env=None) -> dict:
+    """Scheduler + n workers started with ``prefix`` (the hpcdask command), until n are ready.
+
+    Returns ready_s, scheduler_s, join_cpu_s (scheduler CPU per join) and, with idle_s, the
+    idle scheduler's CPU rate with n workers (heartbeats).
+    """
+    from hpcdask import launch
+
+    d = private_dir(tmp, f"ready-{what}-")
+    f = d / "scheduler.json"
+    logfile = d / "roles.log"
+    procs = []
+    client = None
+    try:
+        t0 = time.perf_counter()
+        procs.append(spawn([*prefix, "scheduler", "--scheduler-file", f, "--interface", "lo",
+                            "--dashboard", "off"], logfile, env=env))
+        wait_file(f, procs, 120, f"{what} scheduler", logfile)
+        t_sched = time.perf_counter() - t0
+        for i in range(n):
+            procs.append(spawn([*prefix, "worker", "--scheduler-file", f, "--interface", "lo",
+                                "--nthreads", "1", "--memory-limit", memory, "--name", f"w{i}"],
+                               logfile, env=env))
+        client = launch.connect(f, check=False)
+        cpu0 = client.run_on_scheduler(_cpu)
+        client.wait_for_workers(n, timeout=timeout)
+        t_ready = time.perf_counter() - t0
+        cpu1 = client.run_on_scheduler(_cpu)
+        out = {"ready_s": t_ready, "scheduler_s": t_sched, "join_cpu_s": (cpu1 - cpu0) / n}
+        if idle_s:
+            time.sleep(idle_s)
+            out["idle_cpu_rate"] = (client.run_on_scheduler(_cpu) - cpu1) / idle_s
+        return out
+    except Exception as e:
+        raise RuntimeError(f"{what} n={n}: {e}: {tail(logfile)}") from None
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close(timeout=10)
+        stop(procs[1:])  # workers first: they say goodbye to a scheduler that is still there
+        stop(procs[:1])
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def section(args, setup, tmp: Path) -> dict:
+    image, bare = setup.image(), setup.bare()
+    prefixes = {"bare": bare["prefix"],
+                "container": [RUNNER, "exec", "--bind", tmp, image, "hpcdask"]}
+    envs = {"bare": bare["env"], "container": None}
+    ns = [1, 2] if args.quick else [1, 2, 4]
+    reps = 2 if args.quick else 5
+    variants = list(prefixes)
+    runs: dict[str, dict[str, list[dict]]] = {v: {str(n): [] for n in ns} for v in variants}
+    errors = []
+    for v in variants:  # warm-up, not recorded: page cache, the runner's first start
+        with contextlib.suppress(Exception):
+            schedfile_cluster(prefixes[v], 1, tmp, v, env=envs[v])
+    for n in ns:
+        for r, v in stats.interleave(variants, reps):
+            try:
+                res = schedfile_cluster(prefixes[v], n, tmp, v, env=envs[v])
+                log(f"ready {v:9s} n={n} rep {r}: {res['ready_s']:.2f}s")
+            except Exception as e:  # one failed run is recorded, the rest go on
+                errors.append(str(e)[:400])
+                res = {"ready_s": float("nan"), "error": str(e)[:400]}
+                log(f"ready {v} n={n} rep {r} FAILED: {e}")
+            runs[v][str(n)].append(res)
+    return {"workers": ns, "reps": reps, "variants": variants, "runs": runs, "errors": errors,
+            "bare": {k: v for k, v in bare.items() if k != "env"},
+            "summary": {v: {str(n): stats.summarize(ok([x["ready_s"] for x in runs[v][str(n)]]))
+                            for n in ns} for v in variants},
+            "ratios": {"container/bare": {str(n): pair(runs["container"][str(n)],
+                                                       runs["bare"][str(n)], "ready_s")
+                                          for n in ns}}}

@@ -37,7 +37,7 @@ from typing import Any
 
 import dask.utils
 
-from hpcdask import config, memory, netif, security, versions
+from hpcdask import config, memory, netif, security, sif, versions
 from hpcdask.errors import BadInput
 
 __all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
@@ -126,8 +126,10 @@ def job_kwargs(
     apptainer = os.environ.get("HPCDASK_APPTAINER", "apptainer")
     local = local_directory or config.get("local-directory") or "${TMPDIR:-/tmp}"
     # The worker's scratch and the credentials' folder must be visible inside the image.
+    # A .sif is bound onto the image's placeholder too, so workers report its ID (hpcdask.sif).
+    own = (f"--bind {shlex.quote(f'{image}:{sif.IMAGE_SIF}:ro')} " if os.path.isfile(image) else "")
     python = (f"{apptainer} exec --bind {shlex.quote(str(creds.folder))} --bind \"{local}\" "
-              f"{shlex.quote(image)} python")
+              f"{own}{shlex.quote(image)} python")
     prologue = [*_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
     dmode = config.get("dashboard", dashboard)
     options: dict[str, Any] = {"interface": sched_iface}

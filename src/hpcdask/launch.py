@@ -97,7 +97,8 @@ async def _serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec) -> N
                          dashboard=daddr is not None, dashboard_address=daddr,
                          plugins=[guard]) as s:
         schedfile.write(path, s.identity(), tls)
-        logger.info("hpcdask scheduler at %s, scheduler file %s", s.address, path)
+        logger.info("hpcdask scheduler at %s, scheduler file %s, image %s", s.address, path,
+                    guard.identity["image"])
         if daddr:
             logger.info(tunnel_hint(dmode, dport))
         try:
@@ -241,8 +242,8 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
                      dashboard_address="127.0.0.1:0", death_timeout=timeout, **extra)
                for i in range(nworkers)]
     await asyncio.gather(*nannies)
-    logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each", nworkers, host,
-                address, threads, dask.utils.format_bytes(mem))
+    logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each, image %s", nworkers,
+                host, address, threads, dask.utils.format_bytes(mem), versions.image_label())
     finished = asyncio.gather(*[n.finished() for n in nannies])
     why = await _until_signalled(asyncio.Event(), finished)
     if why != "finished":

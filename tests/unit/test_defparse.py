@@ -85,7 +85,7 @@ def test_written_scripts_look_like_apptainers(defn):
 def test_environment_follows_the_image_contract(defn):
     env = defn.body("environment")
     for line in ('export PATH="/opt/hpcdask/venv/bin:', "export PYTHONNOUSERSITE=1",
-                 "unset PYTHONPATH", "export DASK_ROOT_CONFIG=/opt/hpcdask/etc/dask",
+                 "export PYTHONPATH= PYTHONHOME=", "export DASK_ROOT_CONFIG=/opt/hpcdask/etc/dask",
                  "export HPCDASK_IMAGE_INFO=/opt/hpcdask/image.json", "export LC_ALL=C.UTF-8"):
         assert line in env, line
 

@@ -73,6 +73,8 @@ def sandbox(tmp_path_factory) -> Path:
     (sd / "runscript.help").write_text("tiny: a test image\n")
     (sd / "labels.json").write_text(json.dumps(LABELS, indent=4) + "\n")
     (img / "opt" / "tiny" / "bin").mkdir(parents=True)
+    # A new file (the base's are hard links): the runner binds the host's only over an existing one.
+    (img / "etc" / "hosts").write_text("")
     return img
 
 @pytest.fixture(scope="session")

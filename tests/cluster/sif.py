@@ -96,19 +96,22 @@ def inspect_metadata(rootfs: Path) -> dict:
     return {"data": {"attributes": {k: v for k, v in attrs.items() if v}}, "type": "container"}
 
 
-def assemble(rootfs: Path, deffile: bytes, out: Path, json_objects: dict[str, bytes]) -> Path:
-    """Write the SIF ``out`` from ``rootfs`` (atomically: a temp file renamed into place)."""
+def assemble(rootfs: Path | None, deffile: bytes, out: Path, json_objects: dict[str, bytes],
+             squashfs: Path | None = None) -> Path:
+    """Write the SIF ``out`` from ``rootfs`` (or an existing ``squashfs`` of it), atomically:
+    a temp file renamed into place."""
     require_tools()
     arch, arch_code = ARCHES.get(platform.machine(), (platform.machine(), 0))
     if not arch_code:
         raise BuildError(f"no SIF architecture code for {platform.machine()}")
     with tempfile.TemporaryDirectory(prefix=".sif-", dir=out.parent) as tmp:
         t = Path(tmp)
-        squash = t / "rootfs.squashfs"
-        flags = ["-noappend"] + (["-all-root"] if os.geteuid() != 0 else [])
-        log(f"mksquashfs {rootfs} ({arch})")
-        subprocess.run(["mksquashfs", str(rootfs), str(squash), *flags, "-quiet", "-no-progress"], check=True,
-                       stdout=sys.stderr)
+        squash = squashfs or t / "rootfs.squashfs"
+        if squashfs is None:
+            flags = ["-noappend"] + (["-all-root"] if os.geteuid() != 0 else [])
+            log(f"mksquashfs {rootfs} ({arch})")
+            subprocess.run(["mksquashfs", str(rootfs), str(squash), *flags, "-quiet", "-no-progress"],
+                           check=True, stdout=sys.stderr)
         sif = t / "image.sif"
         (t / "def").write_bytes(deffile)
         steps = [["new", str(sif)],
@@ -153,6 +156,33 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
             log(f"pruning the older SIF {old}")
             old.unlink(missing_ok=True)
         return dest
+
+
+def objects(sif: Path) -> list[dict[str, str]]:
+    """``siftool list`` of ``sif`` as rows (id, group, link, position, type)."""
+    out = subprocess.run(["siftool", "list", str(sif)], capture_output=True, text=True, check=True)
+    rows = [[c.strip() for c in line.split("|")] for line in out.stdout.splitlines()
+            if "|" in line and not line.startswith("ID")]
+    return [dict(zip(("id", "group", "link", "position", "type"), r)) for r in rows]
+
+
+def renew(sif: Path, out: Path) -> Path:
+    """Another build of the same root filesystem: ``sif``'s objects in a new SIF (a new ID)."""
+    with tempfile.TemporaryDirectory(prefix=".renew-", dir=out.parent) as tmp:
+        dumped, names = {}, {}
+        for obj in objects(sif):
+            f = Path(tmp) / obj["id"]
+            with open(f, "wb") as fh:
+                subprocess.run(["siftool", "dump", obj["id"], str(sif)], stdout=fh, check=True)
+            info = subprocess.run(["siftool", "info", obj["id"], str(sif)], capture_output=True,
+                                  text=True, check=True).stdout
+            name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                         if ln.strip().startswith("Name:")), "")
+            dumped[obj["type"].split(" ")[0]] = dumped.get(obj["type"].split(" ")[0], []) + [f]
+            names[f] = name
+        jsons = {names[f]: f.read_bytes() for f in dumped["JSON.Generic"]}
+        return assemble(None, dumped["Def.FILE"][0].read_bytes(), out, jsons,
+                        squashfs=dumped["FS"][0])
 
 
 def place(sif: Path, out: Path) -> Path:

@@ -110,7 +110,7 @@ def test_roles_report_the_sif_id(sif, other_sif):
 def test_worker_from_another_build_is_refused(sif, other_sif, tmp_path):
     """The same lock, another build: the strict check refuses the worker, naming both IDs."""
     d = tmp_path / "cluster"
-    d.mkdir()
+    d.mkdir(mode=0o700)
     path = d / "scheduler.json"
 
     def role(image: Path, *args: str) -> list[str]:
@@ -118,7 +118,7 @@ def test_worker_from_another_build_is_refused(sif, other_sif, tmp_path):
                 str(image), "hpcdask", *args, "--scheduler-file", str(path), "--interface", "lo"]
 
     log = (tmp_path / "scheduler.log").open("w")
-    sched = subprocess.Popen(role(sif, "scheduler"), stdout=log, stderr=subprocess.STDOUT)
+    sched = subprocess.Popen(role(sif, "scheduler", "--dashboard", "off"), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not path.exists():

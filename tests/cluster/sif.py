@@ -145,7 +145,8 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
             log(f"reusing {dest}")
             return dest
         t0 = time.monotonic()
-        deffile = def_path.read_bytes()
+        # The def the rootfs was built from (image.py writes it there, as Apptainer does).
+        deffile = (sandbox / ".singularity.d" / "Singularity").read_bytes()
         objects = {"inspect-metadata.json": go_json(inspect_metadata(sandbox)),
                    "oci-config.json": go_json(BOOKWORM_SLIM_CONFIG)}
         assemble(sandbox, deffile, dest, objects)

@@ -10,10 +10,9 @@ Where the runner does NOT follow Apptainer (and what depends on it):
   nothing outlives it; the runner mounts with the host's squashfuse in the caller's namespace and
   unmounts on exit and on TERM/INT/HUP/QUIT/USR1/USR2, but a SIGKILLed runner leaves the mount
   (and squashfuse) behind until the job's processes are killed. Nothing in hpcdask depends on it.
-- Bind points deeper than the image's top level that do not exist in the image: Apptainer's
-  underlay creates them, the runner cannot (bwrap over a read-only bind). Depends on it: nothing;
-  the jobscripts' --bind of the cluster folder and hpcdask.cluster's binds land under $HOME or
-  /tmp, which exist; the .sif bind lands on /opt/hpcdask/image.sif, a placeholder the image has.
+- Bind points missing in the image: Apptainer's underlay creates them in the container's own
+  root; the runner puts a tmpfs over the deepest image folder on the way and binds that folder's
+  entries back read-only (the same view; a tmpfs, not a bind of the image's folder).
 - /etc/hosts, /etc/resolv.conf, /etc/localtime: bound only over a file the image has (for
   /etc/localtime, the target of its symlink); Apptainer's underlay creates them. The dask image
   has all three; the tiny test image gets an empty /etc/hosts for that reason.

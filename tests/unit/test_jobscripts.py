@@ -209,7 +209,7 @@ def test_a_sif_file_is_bound_onto_the_image_placeholder(tmp_path):
     img = tmp_path / "dask.sif"
     img.write_bytes(b"")
     d = tmp_path / "c"
-    proc = run_lib(f'hj_cluster_dir "{d}"; printf "%s\\n" "${{HJ_EXEC[@]}}"',
+    proc = run_lib(f'hj_cluster_dir "{d}" 1; printf "%s\\n" "${{HJ_EXEC[@]}}"',
                    {"HPCDASK_IMAGE": str(img)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-3:] == ["--bind", f"{img}:/opt/hpcdask/image.sif:ro", str(img)]

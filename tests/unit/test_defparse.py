@@ -69,6 +69,7 @@ def test_sections_are_verbatim_and_heredocs_are_valid_python(defn):
     post, test = defn.body("post"), defn.body("test")
     assert "bash /opt/hpcdask/build/install.sh" in post
     assert 'exec hpcdask "$@"' in defn.body("runscript")
+    assert '[ "$#" -gt 0 ] || set -- run' in defn.body("runscript")  # `apptainer run dask.sif`
     docs = heredocs(post) + heredocs(test)
     assert docs, "expected a python heredoc in %post"
     for code in docs:

@@ -88,7 +88,7 @@ def test_cleanenv_exec_sees_the_image_environment(img, tmp_path):
     assert got["exe"] == "/opt/hpcdask/venv/bin/python"
     assert got["prefix"] == "/opt/hpcdask/venv"
     assert got["nousersite"] == 1
-    assert got["pythonpath"] is None
+    assert not got["pythonpath"]  # set empty by %environment (Python ignores an empty one)
     assert got["root_config"] == "/opt/hpcdask/etc/dask"
     assert got["info"] == "/opt/hpcdask/image.json"
     assert got["tmpdir"] is None  # -> tempfile.gettempdir(): $TMPDIR or /tmp

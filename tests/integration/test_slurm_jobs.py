@@ -409,3 +409,45 @@ def test_missing_image_fails_before_anything_starts(slurm_cluster, job_env, udir
     assert res.stderr.strip().splitlines() == [
         f"hpcdask-job: error: image {udir / 'nope.sif'} does not exist (HPCDASK_IMAGE); "
         f"build it (make sif) or point HPCDASK_IMAGE at it"], str(res)
+
+
+LOOP_SCRIPT = """\
+import sys
+from pathlib import Path
+from distributed import get_client
+from hpcdask.workloads import execute
+
+out, client, i = Path(sys.argv[1]), get_client(), 0
+print("STARTED", flush=True)
+while True:  # longer than the job: Slurm's time limit ends it
+    execute(client, "pipeline", "small", i, out / f"run-{i}")
+    i += 1
+"""
+
+
+def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job_env, udir):
+    """sbatch --time=1 on a workload longer than the job: every role gets SIGTERM from Slurm at
+    once. The client says so in one line (exit 143), no role prints a traceback or an ERROR,
+    no partial results are left, and all of it within KillWait (5 s here): nothing is left in
+    the cluster folder or the nodes' $TMPDIR (the Epilog would record it), /tmp or /var/tmp."""
+    (udir / "loop.py").write_text(LOOP_SCRIPT)
+    out = slurm_cluster.mkdtemp("out-")
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=1500M", "--time=1"], ["loop.py", str(out)], job_env, udir,
+                 timeout=300)
+    assert res.state == "TIMEOUT", str(res)
+    assert "STARTED" in res.stdout, str(res)
+    err = res.stderr.splitlines()
+    assert [ln for ln in err if ln.startswith("hpcdask: interrupted by SIGTERM")] == [
+        "hpcdask: interrupted by SIGTERM (the job's time limit?); nothing was written: rerun "
+        "with more time (sbatch --time) or --size small"], str(res)
+    assert "hpcdask-job: stopped by SIGTERM (time limit or scancel)" in err, str(res)
+    # Finished runs are whole; the interrupted one left nothing (no .partial-*, no metrics.json).
+    runs = sorted(out.iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert runs, str(res)
+    for run in runs[:-1]:
+        json.loads((run / "metrics.json").read_text())
+    last = sorted(p.name for p in runs[-1].iterdir())
+    assert last == [] or "metrics.json" in last, last  # interrupted: nothing; else whole
+    assert not list(out.rglob(".partial-*"))
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))

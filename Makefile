@@ -57,9 +57,18 @@ lock:
 	    --strip-extras -o requirements-dev.lock requirements-dev.in
 
 # --- images -----------------------------------------------------------------------------------
+# With a real Apptainer on PATH: apptainer build. Without: the test image's root filesystem
+# (debootstrap + the def's sections, tests/cluster/image.py) assembled into a SIF like Apptainer's
+# builder does (tests/cluster/sif.py: mksquashfs + siftool; needs root). Says which path it took.
 sif:
-	@command -v apptainer >/dev/null || { echo "make sif: apptainer is not installed; install Apptainer (https://apptainer.org/docs/admin/main/installation.html) or use: make image (test sandbox) / make docker" >&2; exit 2; }
-	apptainer build dask.sif containers/dask.def
+	@a=$$(command -v apptainer || true); \
+	if [ -n "$$a" ] && ! grep -q 'bubblewrap test runner' "$$a" 2>/dev/null; then \
+	    echo "make sif: building with Apptainer ($$a): apptainer build dask.sif containers/dask.def"; \
+	    apptainer build dask.sif containers/dask.def; \
+	else \
+	    echo "make sif: no Apptainer on PATH: debootstrap root filesystem + the def's sections, assembled into a SIF with mksquashfs and siftool (tests/cluster/sif.py)"; \
+	    $(PYTHON) tests/cluster/sif.py build --out dask.sif; \
+	fi
 
 docker:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make docker: no running Docker engine; start one, or use podman: bash tests/cluster/podman.sh build" >&2; exit 2; }

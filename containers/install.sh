@@ -46,8 +46,10 @@ step "runtime from the lock (--require-hashes --no-deps): $(grep -cE '^[A-Za-z0-
 "${pip[@]}" install --require-hashes --no-deps -r "$lock"
 
 step "hpcdask itself (--no-deps --no-build-isolation --no-index)"
-# Built from a copy: the build writes build/ and *.egg-info/ next to the sources.
-src=$(mktemp -d)
+# Built from a copy: the build writes build/ and *.egg-info/ next to the sources. A fixed path,
+# not mktemp's: pip records it (direct_url.json, `pip freeze`), and rebuilds must not differ.
+src=/tmp/hpcdask-src
+rm -rf "$src" && mkdir "$src"
 cp -r "$build/pyproject.toml" "$build/src" "$src/"
 "${pip[@]}" install --no-deps --no-build-isolation --no-index "$src"
 rm -rf "$src"

@@ -1,6 +1,7 @@
-"""Session fixtures shared by every test folder: the Slurm test cluster and the test image.
+"""Session fixtures shared by every test folder: the Slurm test cluster and the test image (as a
+sandbox folder, ``image``, and as a SIF file, ``sif``).
 
-Both are required in CI: when either cannot be made the tests that use it FAIL, never skip.
+All are required in CI: when either cannot be made the tests that use it FAIL, never skip.
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ def image() -> Path:
     if proc.returncode != 0 or path is None or not path.is_dir():
         tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
         pytest.fail(f"tests/cluster/image.py build exited {proc.returncode} without an image "
+                    f"(required: these tests run in CI)\n{tail}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sif() -> Path:
+    """The image as a SIF file: ``python tests/cluster/sif.py build`` (the sandbox of ``image``,
+    assembled like ``apptainer build`` does; cached under $HPCDASK_TEST_CACHE by the same input
+    key), its path. Fails, never skips, when it cannot be built."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "cluster" / "sif.py"), "build"],
+            capture_output=True, text=True, timeout=3600, check=False, stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"building the SIF failed: {exc}", pytrace=False)
+    lines = proc.stdout.strip().splitlines()
+    path = Path(lines[-1]) if lines else None
+    if proc.returncode != 0 or path is None or not path.is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
+        pytest.fail(f"tests/cluster/sif.py build exited {proc.returncode} without a SIF "
                     f"(required: these tests run in CI)\n{tail}", pytrace=False)
     return path
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real: debootstrap + bubblewrap (the
-# Apptainer path), podman + podman-compose + runc (the Docker path; crun fails on hybrid cgroups), slurm-wlm + munge (the test
+# Apptainer path), squashfs-tools + siftool + squashfuse (dask.sif without Apptainer, and the
+# runner's SIF mounts), podman + podman-compose + runc (the Docker path; crun fails on hybrid cgroups), slurm-wlm + munge (the test
 # cluster), shellcheck (jobscripts), graphviz (task-graph pictures). Quick when all are there.
 set -euo pipefail
-pkgs=(debootstrap bubblewrap podman podman-compose runc slirp4netns uidmap fuse-overlayfs
+pkgs=(debootstrap bubblewrap squashfs-tools siftool squashfuse fuse3 podman podman-compose runc slirp4netns uidmap fuse-overlayfs
       slurm-wlm munge iproute2 util-linux procps shellcheck graphviz ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do

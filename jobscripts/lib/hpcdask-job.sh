@@ -105,6 +105,8 @@ hj_exec_prefix() {
         IFS=, read -ra b <<<"$HPCDASK_BIND"
         for spec in "${b[@]}"; do HJ_EXEC+=(--bind "$spec"); done
     fi
+    # A .sif is also bound onto the image's placeholder, so every role reads its ID (hpcdask/sif.py).
+    [ -f "$HPCDASK_IMAGE" ] && HJ_EXEC+=(--bind "$HPCDASK_IMAGE:/opt/hpcdask/image.sif:ro")
     HJ_EXEC+=("$HPCDASK_IMAGE")
 }
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import dask.utils
 
-from hpcdask import config, memory, netif, security, versions
+from hpcdask import config, memory, netif, security, sif, versions
 from hpcdask.errors import BadInput
 
 __all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
@@ -136,6 +136,18 @@ def job_kwargs(
         raise BadInput("this process runs outside the image, so the scheduler it starts would "
                        "differ from the workers; run it in the image: apptainer exec "
                        f"{image} python YOUR_SCRIPT.py (or pass require_image=False knowingly)")
+    if require_image and os.path.isfile(image):
+        # The workers see their .sif's ID (bound below); this scheduler must see the same one.
+        try:
+            theirs = sif.read_header(image).id
+        except (OSError, ValueError) as e:
+            raise BadInput(f"image {image}: {e}; point image= / HPCDASK_IMAGE at a .sif or a "
+                           "sandbox folder") from None
+        if sif.image_id() != theirs:
+            raise BadInput(f"this process does not run from {image} (SIF {theirs}; here: "
+                           f"{sif.image_id() or 'no SIF visible'}), so its scheduler would refuse "
+                           f"the workers; run it as: apptainer exec --bind {image}:{sif.IMAGE_SIF}:ro "
+                           f"{image} python YOUR_SCRIPT.py")
     iface = config.get("interface", interface)
     sched_iface = scheduler_interface or config.get("scheduler-interface") or iface
     host = netif.address_of(sched_iface, "scheduler_interface=")
@@ -154,8 +166,10 @@ def job_kwargs(
     apptainer = os.environ.get("HPCDASK_APPTAINER", "apptainer")
     local = local_directory or config.get("local-directory") or "${TMPDIR:-/tmp}"
     # The worker's scratch and the credentials' folder must be visible inside the image.
+    # A .sif is bound onto the image's placeholder too, so workers report its ID (hpcdask.sif).
+    own = (f"--bind {shlex.quote(f'{image}:{sif.IMAGE_SIF}:ro')} " if os.path.isfile(image) else "")
     python = (f"{apptainer} exec --bind {shlex.quote(str(creds.folder))} --bind \"{local}\" "
-              f"{shlex.quote(image)} python")
+              f"{own}{shlex.quote(image)} python")
     # The workers' scratch: a private folder in the node-local one, removed when the job script
     # ends (distributed leaves its workspace's lock files; other jobs may share the parent).
     prologue = [f'HPCDASK_SCRATCH=$(mktemp -d "{local}/hpcdask-XXXXXX")',

@@ -115,7 +115,8 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
                          dashboard=daddr is not None, dashboard_address=daddr,
                          plugins=[guard]) as s:
         schedfile.write(path, s.identity(), token, tls)
-        logger.info("hpcdask scheduler at %s, scheduler file %s", s.address, path)
+        logger.info("hpcdask scheduler at %s, scheduler file %s, image %s", s.address, path,
+                    guard.identity["image"])
         if daddr:
             logger.info(tunnel_hint(dmode, dport))
         why = await _until_signalled(asyncio.Event(), s.finished())
@@ -281,8 +282,8 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
                      preload=["hpcdask.shutdown"], **extra)
                for i in range(nworkers)]
     await asyncio.gather(*nannies)
-    logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each", nworkers, host,
-                address, threads, dask.utils.format_bytes(mem))
+    logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each, image %s", nworkers,
+                host, address, threads, dask.utils.format_bytes(mem), versions.image_label())
     finished = asyncio.gather(*[n.finished() for n in nannies])
     why = await _until_signalled(asyncio.Event(), finished)
     if why != "finished":

@@ -22,6 +22,8 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from hpcdask import sif
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_INFO = "/opt/hpcdask/image.json"
@@ -55,12 +57,15 @@ def image_info() -> dict[str, Any] | None:
 
 
 def image_label() -> str:
+    """``lock:<sha256[:16]>``, plus ``sif:<ID>`` when the role knows the SIF it runs from."""
     info = image_info()
-    return f"lock:{info['lock_sha256'][:16]}" if info else "none (bare venv)"
+    label = f"lock:{info['lock_sha256'][:16]}" if info else "none (bare venv)"
+    sif_id = sif.image_id() if info else None
+    return f"{label} sif:{sif_id}" if sif_id else label
 
 
 def identity() -> dict[str, Any]:
-    """What must be equal on every role: Python, packages, image lock label."""
+    """What must be equal on every role: Python, packages, image lock label (and SIF ID)."""
     return {"python": platform.python_version(), "image": image_label(), "packages": installed()}
 
 

@@ -336,6 +336,8 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
                 "APPTAINER_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
                 "SINGULARITY_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
             }
+            if os.environ.get("SOURCE_DATE_EPOCH"):  # reproducible builds: install.sh uses it
+                env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
             ro_binds = []
             ca = os.environ.get("PIP_CERT") or (str(HOST_CA) if HOST_CA.exists() else "")
             if ca:

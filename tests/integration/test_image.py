@@ -54,8 +54,10 @@ def test_labels_carry_the_lock_sha256(img):
     info = json.loads((img / "opt" / "hpcdask" / "image.json").read_text())
     assert info["lock_sha256"] == sha and info["recipe"] == "apptainer"
     assert (img / "opt" / "hpcdask" / "requirements.lock").read_bytes() == LOCK.read_bytes()
-    out = apptainer("inspect", "--labels", str(img))
-    assert json.loads(out.stdout)["org.hpcdask.lock-sha256"] == sha
+    out = apptainer("inspect", "--labels", str(img))  # sorted "key: value" lines, like Apptainer
+    assert f"org.hpcdask.lock-sha256: {sha}" in out.stdout.splitlines()
+    out = apptainer("inspect", "--json", "--labels", str(img))
+    assert json.loads(out.stdout)["data"]["attributes"]["labels"]["org.hpcdask.lock-sha256"] == sha
 
 
 def test_apptainer_test_passes(img):
@@ -86,11 +88,19 @@ def test_cleanenv_exec_sees_the_image_environment(img, tmp_path):
     assert got["exe"] == "/opt/hpcdask/venv/bin/python"
     assert got["prefix"] == "/opt/hpcdask/venv"
     assert got["nousersite"] == 1
-    assert got["pythonpath"] is None
+    assert not got["pythonpath"]  # set empty by %environment (Python ignores an empty one)
     assert got["root_config"] == "/opt/hpcdask/etc/dask"
     assert got["info"] == "/opt/hpcdask/image.json"
     assert got["tmpdir"] is None  # -> tempfile.gettempdir(): $TMPDIR or /tmp
     assert "/opt/hpcdask/etc/dask" in got["paths"]
+
+
+def test_host_pythonpath_does_not_reach_the_image(img, tmp_path):
+    """Without --cleanenv (as the jobscripts run roles), Apptainer re-exports every host variable
+    %environment left unset; the def sets PYTHONPATH empty so that it ends unset."""
+    r = apptainer("exec", str(img), "python", "-c", "import os; print(os.environ.get('PYTHONPATH'))",
+                  env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "None\n"), r.stderr
 
 
 def test_image_is_read_only(img):

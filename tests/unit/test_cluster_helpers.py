@@ -82,6 +82,28 @@ def test_outside_the_image_is_refused(shared):
         cluster.job_kwargs("/img", scheduler_interface="lo")
 
 
+def test_a_scheduler_outside_the_workers_sif_is_refused(shared, monkeypatch, tmp_path):
+    """Workers report their SIF's ID: the scheduler started here must run from the same SIF."""
+    import subprocess
+
+    from hpcdask import sif, versions
+
+    img, other = tmp_path / "dask.sif", tmp_path / "other.sif"
+    for p in (img, other):
+        subprocess.run(["siftool", "new", str(p)], check=True)
+    monkeypatch.setattr(versions, "image_info", lambda: {"lock_sha256": "ab" * 32})
+    monkeypatch.delenv("APPTAINER_CONTAINER", raising=False)
+    monkeypatch.setattr(sif, "IMAGE_SIF", str(other))
+    with pytest.raises(BadInput) as e:
+        cluster.job_kwargs(str(img), scheduler_interface="lo")
+    msg = e.value.format_message()
+    assert "\n" not in msg and sif.read_header(img).id in msg and sif.read_header(other).id in msg
+    assert f"--bind {img}:{sif.IMAGE_SIF}:ro" in msg
+    monkeypatch.setattr(sif, "IMAGE_SIF", str(img))
+    kw = cluster.job_kwargs(str(img), scheduler_interface="lo")
+    assert f"--bind {img}:{sif.IMAGE_SIF}:ro {img} python" in kw["python"]
+
+
 def test_no_image_is_one_line(shared, monkeypatch):
     monkeypatch.delenv("HPCDASK_IMAGE", raising=False)
     with pytest.raises(BadInput, match="export HPCDASK_IMAGE="):

@@ -69,6 +69,7 @@ def test_sections_are_verbatim_and_heredocs_are_valid_python(defn):
     post, test = defn.body("post"), defn.body("test")
     assert "bash /opt/hpcdask/build/install.sh" in post
     assert 'exec hpcdask "$@"' in defn.body("runscript")
+    assert '[ "$#" -gt 0 ] || set -- run' in defn.body("runscript")  # `apptainer run dask.sif`
     docs = heredocs(post) + heredocs(test)
     assert docs, "expected a python heredoc in %post"
     for code in docs:
@@ -85,7 +86,7 @@ def test_written_scripts_look_like_apptainers(defn):
 def test_environment_follows_the_image_contract(defn):
     env = defn.body("environment")
     for line in ('export PATH="/opt/hpcdask/venv/bin:', "export PYTHONNOUSERSITE=1",
-                 "unset PYTHONPATH", "export DASK_ROOT_CONFIG=/opt/hpcdask/etc/dask",
+                 "export PYTHONPATH= PYTHONHOME=", "export DASK_ROOT_CONFIG=/opt/hpcdask/etc/dask",
                  "export HPCDASK_IMAGE_INFO=/opt/hpcdask/image.json", "export LC_ALL=C.UTF-8"):
         assert line in env, line
 

@@ -204,6 +204,17 @@ def test_named_cluster_dir_is_made_only_by_the_scheduler_job(tmp_path):
     assert proc.stdout.split() == ["0"], proc.stderr
 
 
+def test_a_sif_file_is_bound_onto_the_image_placeholder(tmp_path):
+    """Every role reads the ID of its .sif from /opt/hpcdask/image.sif (hpcdask.sif)."""
+    img = tmp_path / "dask.sif"
+    img.write_bytes(b"")
+    d = tmp_path / "c"
+    proc = run_lib(f'hj_cluster_dir "{d}" 1; printf "%s\\n" "${{HJ_EXEC[@]}}"',
+                   {"HPCDASK_IMAGE": str(img)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-3:] == ["--bind", f"{img}:/opt/hpcdask/image.sif:ro", str(img)]
+
+
 def test_client_choice(tmp_path):
     script = tmp_path / "my.py"
     script.write_text("")

@@ -22,44 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "tests" / "cluster" / "bin" / "apptainer"
 BASE_SH = REPO / "tests" / "cluster" / "base.sh"
 
-ENVIRONMENT = """#!/bin/sh
-
-export PATH="/opt/tiny/bin:$PATH"
-export PYTHONNOUSERSITE=1
-export FROM_IMAGE=yes
-export OVERRIDDEN=image
-unset PYTHONPATH
-"""
-
-
-def need_tools() -> None:
-    missing = [t for t in ("bwrap", "debootstrap") if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: apt-get install bubblewrap debootstrap "
-                    "(required, not optional: these tests run in CI)")
-    if os.geteuid() != 0:
-        pytest.fail("the base image needs root (debootstrap)")
-
-
-@pytest.fixture(scope="session")
-def sandbox(tmp_path_factory) -> Path:
-    need_tools()
-    out = subprocess.run(["bash", str(BASE_SH)], stdout=subprocess.PIPE, text=True, check=True)
-    base = Path(out.stdout.strip().splitlines()[-1])
-    img = tmp_path_factory.mktemp("img") / "tiny"
-    if subprocess.run(["cp", "-al", str(base), str(img)], check=False).returncode != 0:
-        subprocess.run(["cp", "-a", str(base), str(img)], check=True)
-    sd = img / ".singularity.d"
-    (sd / "env").mkdir(parents=True)
-    (sd / "env" / "90-environment.sh").write_text(ENVIRONMENT)
-    (sd / "runscript").write_text('#!/bin/sh\n\necho "runscript: $*"\nexit 3\n')
-    (sd / "test").write_text("#!/bin/sh\n\necho test-script-ran\n")
-    for f in ("env/90-environment.sh", "runscript", "test"):
-        (sd / f).chmod(0o755)
-    (img / "opt" / "tiny" / "bin").mkdir(parents=True)
-    return img
-
-
 def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 60):
     return subprocess.run([str(RUNNER), *args], capture_output=True, text=True, check=False,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
@@ -121,11 +83,12 @@ def test_environment_passes_through_unless_cleanenv(sandbox):
     script = 'echo "$HOST_ONLY|$FROM_IMAGE|${PYTHONPATH-unset}|$PATH"'
     r = sh(sandbox, script, env=env)
     host_only, from_image, pythonpath, path = r.stdout.strip().split("|")
+    # The image sets PYTHONPATH empty: Apptainer's restore_env then unsets it.
     assert (host_only, from_image, pythonpath) == ("from-host", "yes", "unset")
     # The host's PATH is not passed (as in Apptainer); the image's env scripts set it.
     assert path.startswith("/opt/tiny/bin:") and "/host/bin" not in path
     r = sh(sandbox, script, "--cleanenv", env=env)
-    assert r.stdout.strip().split("|")[:3] == ["", "yes", "unset"]
+    assert r.stdout.strip().split("|")[:3] == ["", "yes", ""]  # not the host's: set empty
     r = sh(sandbox, "env", "-e", env=env)
     names = {line.split("=", 1)[0] for line in r.stdout.splitlines()}
     assert "HOST_ONLY" not in names and {"HOME", "PYTHONNOUSERSITE", "FROM_IMAGE"} <= names
@@ -157,12 +120,12 @@ def test_pwd_option(sandbox):
     assert sh(sandbox, "pwd", "--pwd", "/etc").stdout == "/etc\n"
 
 
-def test_sif_is_refused_naming_apptainer(sandbox, tmp_path):
+def test_a_file_that_is_no_sif_is_refused(tmp_path):
     sif = tmp_path / "dask.sif"
-    sif.write_bytes(b"\0")
+    sif.write_bytes(b"\0" * 200)
     r = run("exec", str(sif), "true")
     assert r.returncode == 255
-    assert "SIF" in r.stderr and "real Apptainer" in r.stderr
+    assert r.stderr.startswith("FATAL:") and "image format not recognized" in r.stderr
 
 
 def test_host_network_namespace_is_kept(sandbox):

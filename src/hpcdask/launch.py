@@ -151,9 +151,11 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
 
 
 async def _terminate(s: Scheduler, nanny: str) -> None:
+    # Seconds, not distributed's connect timeout: at a time limit or scancel the nanny may be gone
+    # already, and Slurm's KillWait is short.
     try:
-        await s.rpc(nanny).terminate(reply=False, reason="hpcdask-shutdown")
-    except OSError:  # already gone
+        await asyncio.wait_for(s.rpc(nanny).terminate(reply=False, reason="hpcdask-shutdown"), 3)
+    except (OSError, asyncio.TimeoutError):  # already gone
         pass
 
 

@@ -243,10 +243,15 @@ def versions_(scheduler_file, lock, show_all, tls) -> None:
         for name in versions.KEY_PACKAGES:
             click.echo(f"{name} {ident['packages'].get(name, '-')}")
         return
-    with launch.connect(scheduler_file, tls=tls, check=False) as c:
-        reports = launch.cluster_reports(c)
-    sched = reports.pop("scheduler")
-    rows = versions.differences(sched, reports)
+    sched = launch.scheduler_identity_of(scheduler_file, tls)
+    rows = versions.differences(sched, {"client": versions.report()})
+    if not rows:  # the scheduler refuses a differing client, so compare with it first
+        with launch.connect(scheduler_file, tls=tls, check=False) as c:
+            reports = launch.cluster_reports(c)
+        sched = reports.pop("scheduler")
+        rows = versions.differences(sched, reports)
+    else:
+        reports = {"client": versions.report()}
     if show_all or not rows:
         keys = ["python", "image", *versions.KEY_PACKAGES]
         shown = [(k, versions._flat(sched).get(k, "-"),

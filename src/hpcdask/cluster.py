@@ -39,6 +39,7 @@ import dask.utils
 
 from hpcdask import config, memory, netif, security, versions
 from hpcdask.errors import BadInput
+from hpcdask.guard import IdentityGuard
 
 __all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
 
@@ -137,7 +138,7 @@ def job_kwargs(
         dhost = "127.0.0.1" if dmode == "loopback" else host
         options["dashboard_address"] = f"{dhost}:{_free_or_any(dhost, config.get('dashboard-port'))}"
     if require_image:
-        options["plugins"] = [versions.IdentityGuard()]
+        options["plugins"] = [IdentityGuard()]
     options.update(scheduler_options or {})
     out = dict(
         python=python,

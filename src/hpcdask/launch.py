@@ -25,6 +25,7 @@ from distributed.security import Security
 
 from hpcdask import config, memory, netif, schedfile, security, versions
 from hpcdask.errors import BadInput, Refused
+from hpcdask.guard import IdentityGuard
 
 logger = logging.getLogger("hpcdask")
 
@@ -92,7 +93,7 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
 
 
 async def _serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec) -> None:
-    guard = versions.IdentityGuard()
+    guard = IdentityGuard()
     async with Scheduler(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
                          dashboard=daddr is not None, dashboard_address=daddr,
                          plugins=[guard]) as s:
@@ -186,6 +187,15 @@ async def scheduler_identity(address: str, sec: Security, role: str, path: Path 
         raise BadInput(f"{hint} ({type(e).__name__})") from None
 
 
+def scheduler_identity_of(scheduler_file: Path, tls: bool) -> dict[str, Any]:
+    """The identity of the scheduler in ``scheduler_file`` (asked without registering)."""
+    path = Path(scheduler_file).expanduser()
+    info = schedfile.wait(path, dask.utils.parse_timedelta(config.get("scheduler-file-timeout")))
+    sec = connection(info, path, tls, "client")
+    timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
+    return asyncio.run(scheduler_identity(info["address"], sec, "client", path, timeout))
+
+
 def refuse_if_different(reference: dict[str, Any], mine: dict[str, Any], me: str) -> None:
     rows = versions.differences(reference, {me: mine})
     if rows:
@@ -277,6 +287,8 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
     except (OSError, asyncio.TimeoutError) as e:
         hint = schedfile.stale_hint(path) if path else f"the scheduler at {address} does not answer"
         raise BadInput(f"{hint} ({type(e).__name__})") from None
+    except ImportError as e:  # how distributed's Client reports the guard's refusal
+        raise Refused(str(e).removeprefix("hpcdask: ")) from None
     if check:
         try:
             check_cluster(client)

@@ -77,6 +77,15 @@ def other_toolz(tmp_path_factory):
     return target
 
 
+@pytest.fixture(scope="module")
+def other_threadpoolctl(tmp_path_factory):
+    """Another release of a package distributed does not report (only the full identity shows it)."""
+    target = tmp_path_factory.mktemp("threadpoolctl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(target), "threadpoolctl==3.5.0"], check=True)
+    return target
+
+
 def test_cluster_client_runs_work(cluster):
     with launch.connect(cluster["path"]) as c:
         assert c.submit(sum, [1, 2, 3]).result() == 6
@@ -185,6 +194,103 @@ def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, othe
     assert "refused worker" in sched_log and "toolz" in sched_log
     with launch.connect(cluster["path"]) as c:
         assert len(c.scheduler_info()["workers"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plain_dask_worker(cluster, env, log: Path, port: int) -> subprocess.Popen:
+    d = cluster["dir"]
+    address = json.loads(cluster["path"].read_text())["address"]
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
+             "--host", "127.0.0.1", "--worker-port", str(port), "--nthreads", "2",
+             "--no-dashboard", "--tls-ca-file", str(d / "ca.pem"),
+             "--tls-cert", str(d / "cluster.pem"), "--tls-key", str(d / "cluster.key")],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@pytest.mark.parametrize("foreign", ["other_toolz", "other_threadpoolctl"])
+def test_mismatched_worker_runs_no_task(cluster, foreign, request, tmp_path):
+    """A plain ``dask worker`` from another environment joins while a long map runs: every
+    task leaves a mark named by the process that ran it, and none is the foreign worker's.
+    toolz is among what distributed reports at registration; threadpoolctl only shows in the
+    full identity, proven after registration while the worker is held out of scheduling."""
+    package = foreign.removeprefix("other_")
+    env = dict(os.environ, PYTHONPATH=str(request.getfixturevalue(foreign)))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def work(i):
+        import os
+        import time
+        from pathlib import Path
+        Path(marks, f"{os.getpid()}-{i}").touch()
+        time.sleep(0.05)
+        return i * i
+
+    port = _free_port()
+    log = cluster["logs"] / "scheduler.log"
+    n = 300  # ~7.5 s on the cluster's two single-threaded workers
+    with launch.connect(cluster["path"]) as c:
+        futures = c.map(work, range(n))
+        proc = _plain_dask_worker(cluster, env, tmp_path / "foreign.log", port)
+        try:
+            deadline = time.time() + 60
+            while f"refused worker tls://127.0.0.1:{port}" not in log.read_text():
+                assert time.time() < deadline, (tmp_path / "foreign.log").read_text()
+                time.sleep(0.05)
+            done_at_refusal = sum(f.done() for f in futures)
+            assert c.gather(futures) == [i * i for i in range(n)]
+            assert proc.wait(60) is not None  # removed, it ends
+        finally:
+            stop(proc, signal.SIGKILL)
+        assert done_at_refusal < n, "the foreign worker joined after the map ended: no test"
+        assert len(c.scheduler_info()["workers"]) == 2
+    ran = {p.name.split("-")[0] for p in marks.iterdir()}
+    assert len(list(marks.iterdir())) >= n
+    assert str(proc.pid) not in ran, f"the foreign worker ran tasks: {sorted(ran)}"
+    text = log.read_text()
+    line = next(x for x in text.splitlines() if f"refused worker tls://127.0.0.1:{port}" in x)
+    assert package in line
+    table_head = text[text.index(line):].splitlines()[1]
+    assert table_head.split()[:2] == ["package", "scheduler"], text[text.index(line):][:500]
+
+
+_PLAIN_CLIENT = """
+import sys
+from distributed import Client
+from distributed.security import Security
+d = sys.argv[2]
+sec = Security(require_encryption=True, tls_ca_file=d + "/ca.pem", tls_client_cert=d + "/cluster.pem",
+               tls_client_key=d + "/cluster.key")
+with Client(sys.argv[1], security=sec, timeout=20) as c:
+    print("result", c.submit(sum, [1, 2, 3]).result())
+"""
+
+
+def _plain_client(cluster, env) -> subprocess.CompletedProcess:
+    address = json.loads(cluster["path"].read_text())["address"]
+    return subprocess.run([sys.executable, "-c", _PLAIN_CLIENT, address, str(cluster["dir"])],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_plain_client_from_another_environment_is_refused(cluster, other_toolz):
+    proc = _plain_client(cluster, dict(os.environ, PYTHONPATH=str(other_toolz)))
+    assert proc.returncode != 0 and "result" not in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "refused by the scheduler" in last and "toolz 1.2.0 != 1.0.0" in last, proc.stderr
+    assert "refused client" in (cluster["logs"] / "scheduler.log").read_text()
+
+
+def test_plain_identical_client_works(cluster):
+    proc = _plain_client(cluster, os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    assert "result 6" in proc.stdout
 
 
 def test_versions_names_a_mismatched_client(cluster, other_toolz):

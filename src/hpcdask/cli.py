@@ -166,14 +166,18 @@ def scheduler(scheduler_file, interface, port, dashboard, tls) -> None:
 @click.option("--lifetime", default=None, help="Retire after this long (e.g. 55m), or auto: before the job's end time.")
 @click.option("--job-end", type=float, default=None, help="The job's end time (Unix seconds), for --lifetime auto.")
 @click.option("--name", default=None, help="Worker name (default: host-pid).")
+@click.option("--dashboard", type=click.Choice(["loopback", "interface", "off"]), default=None,
+              help="The workers' HTTP endpoints: off (none), else on loopback (default: "
+                   "hpcdask.dashboard).")
 @tls_option
 def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_directory,
-           memory_preset, lifetime, job_end, name, tls) -> None:
+           memory_preset, lifetime, job_end, name, dashboard, tls) -> None:
     """Start worker process(es) on this node that join the cluster in SCHEDULER_FILE."""
     launch.run_worker(launch.WorkerSpec(
         scheduler_file=scheduler_file, interface=interface, nthreads=nthreads,
         nworkers=nworkers, memory_limit=memory_limit, local_directory=local_directory,
-        memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name, tls=tls))
+        memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name,
+        dashboard=dashboard, tls=tls))
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
@@ -187,9 +191,11 @@ def client(script, args, scheduler_file, tls) -> None:
     if not script.is_file():
         raise BadInput(f"script {script} does not exist; give the path of your Python script, "
                        f"e.g. hpcdask client ./my_analysis.py --scheduler-file F")
+    from hpcdask import compat
+
     with _terminate_cleanly(), launch.connect(scheduler_file, tls=tls) as c:
         sys.argv = [str(script), *args]
-        with c.as_current():
+        with c.as_current(), compat.session(c):  # dask-ml works in the script too
             runpy.run_path(str(script), run_name="__main__")
 
 

@@ -40,6 +40,7 @@ import dask.utils
 from hpcdask import config, memory, netif, security, versions
 from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard
+from hpcdask.servers import NoHTTPScheduler
 
 __all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
 
@@ -73,15 +74,6 @@ def _hms(text: str) -> str:
         parts.insert(0, 0)
     h, m, s = parts[-3:]
     return f"{h * 3600 + m * 60 + s}s"
-
-
-def _free_or_any(host: str, port: int) -> int:
-    """``port`` if free on ``host``, else 0 (any): several clusters may share a login node."""
-    try:
-        netif.check_port_free(host, port, "--dashboard-port")
-    except BadInput:
-        return 0
-    return port
 
 
 def _preset_exports(name: str) -> list[str]:
@@ -132,11 +124,17 @@ def job_kwargs(
     prologue = [*_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
     dmode = config.get("dashboard", dashboard)
     options: dict[str, Any] = {"interface": sched_iface}
-    if dmode == "off":  # the HTTP server (metrics, health) still listens: on loopback, any port
-        options.update(dashboard=False, dashboard_address="127.0.0.1:0")
+    extra: dict[str, Any] = {}
+    if dmode == "off":  # no HTTP listener at all, on the scheduler or the workers
+        options["dashboard"] = False
+        extra["scheduler_cls"] = NoHTTPScheduler
+        worker_http = ["--no-dashboard", "--worker-class", "hpcdask.servers.NoHTTPWorker"]
     else:
         dhost = "127.0.0.1" if dmode == "loopback" else host
-        options["dashboard_address"] = f"{dhost}:{_free_or_any(dhost, config.get('dashboard-port'))}"
+        port = netif.port_or_any(dhost, config.get("dashboard-port"))
+        options["dashboard_address"] = f"{dhost}:{port}"
+        # dask worker binds its HTTP endpoints to every interface unless told otherwise
+        worker_http = ["--dashboard-address", "127.0.0.1:0"]
     if require_image:
         options["plugins"] = [IdentityGuard()]
     options.update(scheduler_options or {})
@@ -148,8 +146,9 @@ def job_kwargs(
         protocol="tls://",
         scheduler_options=options,
         job_script_prologue=prologue,
-        worker_extra_args=[*_lifetime_args(walltime), *(worker_extra_args or [])],
+        worker_extra_args=[*_lifetime_args(walltime), *worker_http, *(worker_extra_args or [])],
         shared_temp_directory=str(creds.folder),
+        **extra,
         **kwargs,
     )
     if walltime:

@@ -26,6 +26,7 @@ from distributed.security import Security
 from hpcdask import config, memory, netif, schedfile, security, versions
 from hpcdask.errors import BadInput, Refused
 from hpcdask.guard import IdentityGuard
+from hpcdask.servers import NoHTTPScheduler, NoHTTPWorker
 
 logger = logging.getLogger("hpcdask")
 
@@ -81,7 +82,11 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
     dport = config.get("dashboard-port")
     daddr = dashboard_address(dmode, host, dport)
     if daddr:
-        netif.check_port_free(daddr.rsplit(":", 1)[0], dport, "--dashboard-port")
+        dhost = daddr.rsplit(":", 1)[0]
+        if netif.port_or_any(dhost, dport) != dport:
+            logger.info("hpcdask: dashboard port %s on %s is taken (another cluster?); using a "
+                        "free one", dport, dhost)
+            daddr = f"{dhost}:0"
     path = schedfile.prepare(scheduler_file)
     cluster_id = schedfile.job_id() or uuid.uuid4().hex[:8]
     if tls:
@@ -89,18 +94,18 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
     else:
         warn_no_tls("the scheduler")
         sec = Security()
-    asyncio.run(_serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec))
+    asyncio.run(_serve_scheduler(path, host, port, dmode, daddr, tls, sec))
 
 
-async def _serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec) -> None:
+async def _serve_scheduler(path, host, port, dmode, daddr, tls, sec) -> None:
     guard = IdentityGuard()
-    async with Scheduler(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
-                         dashboard=daddr is not None, dashboard_address=daddr,
-                         plugins=[guard]) as s:
+    cls = Scheduler if daddr else NoHTTPScheduler  # off: no HTTP listener at all
+    async with cls(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
+                   dashboard=daddr is not None, dashboard_address=daddr, plugins=[guard]) as s:
         schedfile.write(path, s.identity(), tls)
         logger.info("hpcdask scheduler at %s, scheduler file %s", s.address, path)
         if daddr:
-            logger.info(tunnel_hint(dmode, dport))
+            logger.info(tunnel_hint(dmode, s.http_server.port))
         try:
             why = await _until_signalled(asyncio.Event(), s.finished())
             if why != "finished":
@@ -145,6 +150,7 @@ class WorkerSpec:
     lifetime: str | None = None
     job_end: float | None = None
     name: str | None = None
+    dashboard: str | None = None
     tls: bool = True
 
 
@@ -218,9 +224,19 @@ def run_worker(spec: WorkerSpec) -> None:
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
     info = schedfile.wait(path, timeout)
     sec = connection(info, path, spec.tls, "worker")
+    http = worker_http(config.get("dashboard", spec.dashboard))
     with dask.config.set(preset):
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
-                                   local_dir, life, spec.name))
+                                   local_dir, life, spec.name, http))
+
+
+def worker_http(mode: str) -> dict[str, Any]:
+    """Nanny arguments for the workers' HTTP endpoints: loopback only, or none at all (off).
+    Workers never serve them on the interface, whatever the scheduler's dashboard does."""
+    dashboard_address(mode, "", 0)  # refuses an unknown mode
+    if mode == "off":
+        return {"dashboard": False, "worker_class": NoHTTPWorker}
+    return {"dashboard_address": "127.0.0.1:0"}
 
 
 def _lifetime(spec: WorkerSpec) -> float | None:
@@ -239,7 +255,7 @@ def _lifetime(spec: WorkerSpec) -> float | None:
 
 
 async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local_dir, life,
-                         name) -> None:
+                         name, http) -> None:
     timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
     me = f"worker {name or socket.gethostname()}"
     ref = await scheduler_identity(address, sec, "worker", path, timeout)
@@ -248,7 +264,7 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     extra = {"lifetime": life, "lifetime_restart": False} if life else {}
     nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                      local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
-                     dashboard_address="127.0.0.1:0", death_timeout=timeout, **extra)
+                     death_timeout=timeout, **http, **extra)
                for i in range(nworkers)]
     await asyncio.gather(*nannies)
     logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each", nworkers, host,

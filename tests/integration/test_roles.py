@@ -335,3 +335,96 @@ def test_killed_scheduler_workers_end_within_bounded_time(tmp_path):
         assert code is not None
     finally:
         stop(worker, signal.SIGKILL)
+
+
+_HYPERBAND_SCRIPT = """
+import json
+import numpy as np
+from dask_ml.datasets import make_classification
+from dask_ml.model_selection import HyperbandSearchCV
+from sklearn.linear_model import SGDClassifier
+
+X, y = make_classification(n_samples=400, n_features=6, n_informative=3, chunks=100,
+                           random_state=0)
+grid = {"alpha": np.logspace(-5, 1, 13).tolist(), "penalty": ["l2", "l1"]}
+search = HyperbandSearchCV(SGDClassifier(tol=None, random_state=0), grid, max_iter=9,
+                           random_state=0).fit(X, y, classes=[0, 1])
+print(json.dumps({"best": search.best_params_, "score": search.best_score_}))
+"""
+
+
+def test_hyperband_in_a_client_script(cluster, tmp_path):
+    """dask/dask-ml#1016 is fixed for user scripts under `hpcdask client` (the all-in-one job's
+    path) too: the same best parameters as on the stack without the bug (tests/unit/test_compat)."""
+    script = tmp_path / "search.py"
+    script.write_text(_HYPERBAND_SCRIPT)
+    proc = subprocess.run([*HPCDASK, "client", str(script), "--scheduler-file", str(cluster["path"])],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["best"] == {"penalty": "l1", "alpha": 0.01}
+    assert out["score"] == pytest.approx(0.775, abs=1e-12)
+
+
+def _listening(*procs: subprocess.Popen) -> set[tuple[str, int]]:
+    pids = set()
+    for proc in procs:
+        p = psutil.Process(proc.pid)
+        pids |= {p.pid, *(c.pid for c in p.children(recursive=True))}
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
+def _port(address: str) -> tuple[str, int]:
+    host, port = address.split("://", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_dashboard_off_means_no_http_listener(tmp_path):
+    """--dashboard off: the only listeners are the TLS comm ports of scheduler, nanny, worker
+    (distributed would otherwise still serve its info/JSON/Prometheus routes)."""
+    path = tmp_path / "c" / "scheduler.json"
+    sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
+                   "--dashboard", "off"], tmp_path / "s.log")
+    worker = start(["worker", "--scheduler-file", str(path), "--interface", "lo", "--nthreads", "1",
+                    "--memory-limit", "512MiB", "--dashboard", "off"], tmp_path / "w.log")
+    try:
+        wait_workers(path, 1)
+        with launch.connect(path) as c:
+            info = c.scheduler_info()
+            ((addr, ws),) = info["workers"].items()
+            comms = {_port(info["address"]), _port(addr), _port(ws["nanny"])}
+        assert _listening(sched, worker) == comms
+        assert "http://" not in (tmp_path / "s.log").read_text()
+    finally:
+        stop(worker)
+        stop(sched)
+
+
+def test_taken_dashboard_port_falls_back_with_the_right_tunnel(tmp_path):
+    import urllib.request
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        path = tmp_path / "c" / "scheduler.json"
+        env = dict(os.environ, HPCDASK_DASHBOARD_PORT=str(busy))
+        sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo"],
+                      tmp_path / "s.log", env=env)
+        try:
+            deadline = time.time() + 60
+            while "ssh -N -L" not in (tmp_path / "s.log").read_text():
+                assert sched.poll() is None, (tmp_path / "s.log").read_text()
+                assert time.time() < deadline
+                time.sleep(0.1)
+            log = (tmp_path / "s.log").read_text()
+            port = int(log.split("ssh -N -L ", 1)[1].split(":", 1)[0])
+            assert port != busy
+            assert f"ssh -N -L {port}:127.0.0.1:{port} " in log
+            assert ("127.0.0.1", port) in _listening(sched)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+                assert r.read() == b"ok"
+            assert "Traceback" not in log and "already in use" not in log
+        finally:
+            assert stop(sched) == 0

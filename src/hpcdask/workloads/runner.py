@@ -94,7 +94,6 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
     if size not in SIZES:
         raise BadInput(f"--size {size!r} is not one of {', '.join(SIZES)}; e.g. --size small")
     module = importlib.import_module(f"hpcdask.workloads.{WORKLOADS[resolve(name)]}")
-    compat.apply()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     stage = Path(output) / f".partial-{int(time.time() * 1000)}"
@@ -104,7 +103,8 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
         roles = launch.check_cluster(client)
         ctx = Context(client=client, size=size, seed=seed, outdir=stage)
         t0 = time.perf_counter()
-        with performance_report(filename=str(stage / "dask-report.html")):
+        with performance_report(filename=str(stage / "dask-report.html")), \
+                compat.session(client):
             result = module.run(ctx)
         total = time.perf_counter() - t0
         metrics = {

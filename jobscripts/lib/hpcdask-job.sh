@@ -160,7 +160,9 @@ hj_start_scheduler() {
     local file=$1
     rm -f "$file"
     HJ_FILE=$file
-    "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" &
+    local end
+    end=$(hj_job_end)  # the credentials expire soon after the job
+    "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" ${end:+--job-end "$end"} &
     HJ_SCHED=$!
     # Its readiness is the file itself (written once it listens); the loop only also notices
     # a scheduler that failed, so an error shows at once instead of after a timeout.
@@ -295,7 +297,7 @@ hj_cleanup() {
         rm -rf -- "$HJ_DIR"
     else
         # A kept folder (HPCDASK_CLUSTER_DIR) loses only the dead cluster's credentials.
-        [ -z "$HJ_DIR" ] || rm -f -- "$HJ_DIR"/ca.pem "$HJ_DIR"/cluster.pem "$HJ_DIR"/cluster.key
+        [ -z "$HJ_DIR" ] || rm -rf -- "$HJ_DIR"/tls "$HJ_DIR"/.tls-*
     fi
 }
 

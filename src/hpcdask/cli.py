@@ -148,10 +148,13 @@ class _terminate_cleanly:
               help="Port (default 0: a free one, published in the scheduler file).")
 @click.option("--dashboard", type=click.Choice(["loopback", "interface", "off"]), default=None,
               help="Where the dashboard listens (default: loopback).")
+@click.option("--job-end", type=float, default=None,
+              help="The job's end time (Unix seconds): the credentials expire soon after it "
+                   "(default $HPCDASK_JOB_END; none: 30 days).")
 @tls_option
-def scheduler(scheduler_file, interface, port, dashboard, tls) -> None:
+def scheduler(scheduler_file, interface, port, dashboard, job_end, tls) -> None:
     """Start a scheduler on INTERFACE and write the scheduler file."""
-    launch.run_scheduler(scheduler_file, interface, port, dashboard, tls)
+    launch.run_scheduler(scheduler_file, interface, port, dashboard, tls, job_end)
 
 
 @main.command(context_settings=CONTEXT)
@@ -268,6 +271,42 @@ def versions_(scheduler_file, lock, show_all, tls) -> None:
         click.echo(versions.table(rows), err=True)
         raise click.exceptions.Exit(1)
     click.echo(f"all {len(reports) + 1} roles identical ({len(sched['packages'])} packages)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+def clean(folders, dry_run) -> None:
+    """Remove stale per-cluster folders (credentials, scheduler files) left by ended clusters.
+
+    Looks at every folder in hpcdask.shared-dir, or at the FOLDERS given; never touches
+    another user's folder or a live cluster's (refusing, exit 2, when one is named).
+    """
+    from hpcdask import clean as cleaning
+
+    if folders:
+        found = []
+        for f in folders:
+            if not f.is_dir():
+                raise BadInput(f"{f} is not a folder; give a cluster folder, e.g. "
+                               f"{config.get('shared-dir')}/JOBID")
+            found.append(cleaning.judge(f.expanduser().absolute()))
+        refused = [f for f in found if f.state != "stale"]
+        if refused:
+            f = refused[0]
+            raise BadInput(f"refusing to remove {f.path}: {f.state}, {f.why}")
+    else:
+        found = cleaning.survey(Path(config.get("shared-dir")).expanduser())
+    for f in found:
+        if f.state != "stale":
+            click.echo(f"kept {f.path}: {f.state}: {f.why}")
+        elif dry_run:
+            click.echo(f"stale {f.path}: {f.why} (not removed: --dry-run)")
+        else:
+            cleaning.remove(f)
+            click.echo(f"removed {f.path}: {f.why}")
+    if not found:
+        click.echo("no cluster folders")
 
 
 @main.command(context_settings=CONTEXT)

@@ -37,7 +37,7 @@ from typing import Any
 
 import dask.utils
 
-from hpcdask import config, memory, netif, security, versions
+from hpcdask import clean, config, memory, netif, security, versions
 from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
@@ -116,10 +116,11 @@ def job_kwargs(
     cluster_id = uuid.uuid4().hex[:8]
     folder = Path(folder or Path(config.get("shared-dir")).expanduser() / f"jobqueue-{cluster_id}")
     creds = security.create(folder.absolute(), cluster_id)
+    clean.stamp(creds.folder)  # who made it, for `hpcdask clean`
     apptainer = os.environ.get("HPCDASK_APPTAINER", "apptainer")
     local = local_directory or config.get("local-directory") or "${TMPDIR:-/tmp}"
     # The worker's scratch and the credentials' folder must be visible inside the image.
-    python = (f"{apptainer} exec --bind {shlex.quote(str(creds.folder))} --bind \"{local}\" "
+    python = (f"{apptainer} exec --bind {shlex.quote(str(creds.files))} --bind \"{local}\" "
               f"{shlex.quote(image)} python")
     prologue = [*_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
     dmode = config.get("dashboard", dashboard)
@@ -147,13 +148,36 @@ def job_kwargs(
         scheduler_options=options,
         job_script_prologue=prologue,
         worker_extra_args=[*_lifetime_args(walltime), *worker_http, *(worker_extra_args or [])],
-        shared_temp_directory=str(creds.folder),
+        shared_temp_directory=str(creds.files),
         **extra,
         **kwargs,
     )
     if walltime:
         out["walltime"] = walltime
     return out
+
+
+def _removing_credentials(cluster_cls: type, kwargs: dict[str, Any]) -> Any:
+    """``cluster_cls(**kwargs)`` whose credentials folder is removed when the cluster closes."""
+    creds = security.current(Path(kwargs["shared_temp_directory"]).parent)
+
+    class Cluster(cluster_cls):  # type: ignore[misc, valid-type]
+        async def _close(self, *args: Any, **kw: Any) -> None:
+            try:
+                await super()._close(*args, **kw)
+            finally:
+                if creds:
+                    security.remove(creds)
+                    clean.unstamp(creds.folder)
+
+    Cluster.__name__ = Cluster.__qualname__ = cluster_cls.__name__
+    try:
+        return Cluster(**kwargs)
+    except BaseException:
+        if creds:
+            security.remove(creds)
+            clean.unstamp(creds.folder)
+        raise
 
 
 def _with_prefix(job_cls: type, prefix: str | None) -> type:
@@ -176,7 +200,8 @@ def slurm_cluster(image: str | os.PathLike[str] | None = None, *,
     from dask_jobqueue import SLURMCluster
     from dask_jobqueue.slurm import SLURMJob
 
-    return SLURMCluster(job_cls=_with_prefix(SLURMJob, submit_prefix), **job_kwargs(image, **kwargs))
+    return _removing_credentials(SLURMCluster, dict(job_cls=_with_prefix(SLURMJob, submit_prefix),
+                                                    **job_kwargs(image, **kwargs)))
 
 
 def pbs_cluster(image: str | os.PathLike[str] | None = None, *,
@@ -205,5 +230,6 @@ def pbs_cluster(image: str | os.PathLike[str] | None = None, *,
     if ncpus or mem:
         kwargs.setdefault("job_directives_skip", ["select"])
     kwargs.setdefault("shebang", "#!/usr/bin/env bash")
-    return PBSCluster(job_cls=_with_prefix(PBSJob, submit_prefix), job_extra_directives=extra,
-                      **job_kwargs(image, **kwargs))
+    return _removing_credentials(PBSCluster, dict(job_cls=_with_prefix(PBSJob, submit_prefix),
+                                                  job_extra_directives=extra,
+                                                  **job_kwargs(image, **kwargs)))

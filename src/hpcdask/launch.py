@@ -8,6 +8,7 @@ any role whose environment differs from the scheduler's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -73,7 +74,7 @@ async def _until_signalled(stop: asyncio.Event, finished) -> str:
 # --- scheduler ---------------------------------------------------------------------------------
 
 def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
-                  dashboard: str | None, tls: bool) -> None:
+                  dashboard: str | None, tls: bool, job_end: float | None = None) -> None:
     iface = interface or config.get("scheduler-interface") or config.get("interface")
     host = netif.address_of(iface)
     port = config.get("scheduler-port", port)
@@ -89,12 +90,22 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
             daddr = f"{dhost}:0"
     path = schedfile.prepare(scheduler_file)
     cluster_id = schedfile.job_id() or uuid.uuid4().hex[:8]
+    creds = None
     if tls:
-        sec = security.create(path.parent, cluster_id).security()
+        end = job_end or float(os.environ.get("HPCDASK_JOB_END") or 0) or None
+        margin = dask.utils.parse_timedelta(config.get("credentials-margin"))
+        creds = security.create(path.parent, cluster_id, security.not_after(end, margin))
+        sec = creds.security()
     else:
         warn_no_tls("the scheduler")
         sec = Security()
-    asyncio.run(_serve_scheduler(path, host, port, dmode, daddr, tls, sec))
+    try:
+        asyncio.run(_serve_scheduler(path, host, port, dmode, daddr, tls, sec))
+    finally:
+        if creds:  # the cluster has ended: its credentials go with it
+            security.remove(creds)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when nothing else is in it
 
 
 async def _serve_scheduler(path, host, port, dmode, daddr, tls, sec) -> None:

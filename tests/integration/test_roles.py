@@ -148,7 +148,8 @@ def test_client_without_certificate_is_refused(cluster):
 def test_credentials_and_scheduler_file_are_private(cluster):
     d = cluster["dir"]
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    for name in ("ca.pem", "cluster.pem", "cluster.key", "scheduler.json"):
+    assert stat.S_IMODE((d / "tls").stat().st_mode) == 0o700  # the set's own folder
+    for name in ("tls/ca.pem", "tls/cluster.pem", "tls/cluster.key", "scheduler.json"):
         assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
 
 
@@ -183,8 +184,8 @@ def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, othe
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
-             "--host", "127.0.0.1", "--nthreads", "1", "--tls-ca-file", str(d / "ca.pem"),
-             "--tls-cert", str(d / "cluster.pem"), "--tls-key", str(d / "cluster.key")],
+             "--host", "127.0.0.1", "--nthreads", "1", "--tls-ca-file", str(d / "tls" / "ca.pem"),
+             "--tls-cert", str(d / "tls" / "cluster.pem"), "--tls-key", str(d / "tls" / "cluster.key")],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         assert proc.wait(60) is not None
@@ -209,8 +210,8 @@ def _plain_dask_worker(cluster, env, log: Path, port: int) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
              "--host", "127.0.0.1", "--worker-port", str(port), "--nthreads", "2",
-             "--no-dashboard", "--tls-ca-file", str(d / "ca.pem"),
-             "--tls-cert", str(d / "cluster.pem"), "--tls-key", str(d / "cluster.key")],
+             "--no-dashboard", "--tls-ca-file", str(d / "tls" / "ca.pem"),
+             "--tls-cert", str(d / "tls" / "cluster.pem"), "--tls-key", str(d / "tls" / "cluster.key")],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -265,7 +266,7 @@ _PLAIN_CLIENT = """
 import sys
 from distributed import Client
 from distributed.security import Security
-d = sys.argv[2]
+d = sys.argv[2] + "/tls"
 sec = Security(require_encryption=True, tls_ca_file=d + "/ca.pem", tls_client_cert=d + "/cluster.pem",
                tls_client_key=d + "/cluster.key")
 with Client(sys.argv[1], security=sec, timeout=20) as c:
@@ -302,19 +303,26 @@ def test_versions_names_a_mismatched_client(cluster, other_toolz):
 
 
 def test_scheduler_sigterm_ends_everything_cleanly(tmp_path):
+    """...and the cluster's folder goes with it; its certificates ended with the job anyway."""
+    from cryptography import x509
+
     path = tmp_path / "c" / "scheduler.json"
+    job_end = int(time.time()) + 600
     sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
-                   "--dashboard", "off"], tmp_path / "s.log")
+                   "--dashboard", "off", "--job-end", str(job_end)], tmp_path / "s.log")
     worker = start(["worker", "--scheduler-file", str(path), "--interface", "lo", "--nthreads", "1",
                     "--memory-limit", "512MiB"], tmp_path / "w.log")
     try:
         wait_workers(path, 1)
+        cert = x509.load_pem_x509_certificate((path.parent / "tls" / "cluster.pem").read_bytes())
+        assert cert.not_valid_after_utc.timestamp() == job_end + 3600  # + credentials-margin
         assert stop(sched) == 0
         assert worker.wait(30) == 0
     finally:
         stop(sched, signal.SIGKILL)
         stop(worker, signal.SIGKILL)
     assert not path.exists(), "the scheduler removes its own file on an orderly stop"
+    assert not path.parent.exists(), "and its credentials, and the folder it made"
     for log in ("s.log", "w.log"):
         assert "Traceback" not in (tmp_path / log).read_text(), log
 

@@ -27,7 +27,7 @@ from distributed import Client, Nanny, Scheduler
 from distributed.core import rpc
 from distributed.security import Security
 
-from hpcdask import config, memory, netif, schedfile, security, versions
+from hpcdask import config, memory, netif, schedfile, security, shutdown, versions
 from hpcdask.errors import BadInput, Refused
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler, NoHTTPWorker
@@ -63,10 +63,17 @@ def tunnel_hint(mode: str, port: int) -> str:
 
 
 async def _until_signalled(stop: asyncio.Event, finished) -> str:
+    """Wait for ``finished`` or SIGINT/SIGTERM (then distributed goes quiet: see shutdown.py)."""
     loop = asyncio.get_running_loop()
     got: list[str] = []
+
+    def on_signal(sig: int) -> None:
+        got.append(signal.Signals(sig).name)
+        shutdown.quiet()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (got.append(signal.Signals(s).name), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     waiter = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([waiter, asyncio.ensure_future(finished)],
                                  return_when=asyncio.FIRST_COMPLETED)
@@ -300,7 +307,7 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     extra = {"lifetime": life, "lifetime_restart": False} if life else {}
     nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                      local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
-                     death_timeout=timeout, **http, **extra)
+                     death_timeout=timeout, preload=["hpcdask.shutdown"], **http, **extra)
                for i in range(nworkers)]
     await asyncio.gather(*nannies)
     logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each", nworkers, host,
@@ -382,6 +389,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     mem = memory.parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
     kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                  preload=["hpcdask.shutdown"],
                                   silence_logs=logging.WARNING)
     if tls:
         kwargs.update(security=Security.temporary(), protocol="tls://")

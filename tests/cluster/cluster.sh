@@ -425,7 +425,10 @@ image_path() {
 }
 
 build_image() {
-    [ -z "${HPCDASK_IMAGE:-}" ] || return 0
+    if [ -n "${HPCDASK_IMAGE:-}" ]; then
+        echo "$HPCDASK_IMAGE" >"$STATE/image"
+        return 0
+    fi
     local img
     img=$(python3 "$here/image.py" build | tail -n 1) || die "building the test image failed (python3 $here/image.py build)"
     [ -d "$img" ] || [ -f "$img" ] || die "tests/cluster/image.py printed no image"

@@ -96,6 +96,7 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
         dhost = daddr.rsplit(":", 1)[0]
         if netif.port_or_any(dhost, dport) != dport:
             daddr = f"{dhost}:0"  # taken (another user's dashboard?): a free one, said below
+    made_folder = not Path(scheduler_file).expanduser().absolute().parent.exists()
     path, token = schedfile.claim(scheduler_file, tls)
     creds = None
     try:
@@ -111,11 +112,12 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
         asyncio.run(_serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec))
     finally:
         # Only this scheduler's own files: its claim, and the credentials it made under it;
-        # then the folder, when nothing else is in it.
+        # then the folder, if it made it and nothing else is in it.
         if schedfile.remove_if_ours(path, token) and creds is not None:
             security.remove(creds)
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()
+            if made_folder:
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
 
 
 async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec) -> None:

@@ -7,6 +7,7 @@ here too, once tests/integration/test_slurm_cluster_helper.py runs on the strict
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -33,24 +34,31 @@ print("HOLD done")
 """
 
 
-def listeners(slurm_cluster) -> dict[str, set[tuple[str, int]]]:
-    """(address, port) of every listening TCP socket, by node (and login), from the kernel."""
+# The batch system's own listeners (slurmd's port, srun's and slurmstepd's I/O ports): a site
+# has them with or without hpcdask.
+SLURM = frozenset({"slurmd", "slurmstepd", "srun", "slurmctld", "sbatch"})
+
+
+def listeners(slurm_cluster) -> dict[str, set[tuple[str, int, str]]]:
+    """(address, port, process name) of every listening TCP socket, by node (and login)."""
     out = {}
     for where in ["login", *slurm_cluster.nodes]:
         ns = slurm_cluster.netns(where)
-        text = subprocess.run(["ip", "netns", "exec", ns, "ss", "-H", "-ltn"], capture_output=True,
-                              text=True, check=True).stdout
+        text = subprocess.run(["ip", "netns", "exec", ns, "ss", "-H", "-ltnp"],
+                              capture_output=True, text=True, check=True).stdout
         out[where] = set()
         for line in text.splitlines():
-            local = line.split()[3]
-            host, port = local.rsplit(":", 1)
-            out[where].add((host.strip("[]"), int(port)))
+            fields = line.split()
+            host, port = fields[3].rsplit(":", 1)
+            m = re.search(r'users:\(\("([^"]+)"', line)
+            out[where].add((host.strip("[]"), int(port), m.group(1) if m else "?"))
     return out
 
 
-def exposed(found: dict[str, set[tuple[str, int]]]) -> set[tuple[str, int]]:
-    return {(h, p) for socks in found.values() for h, p in socks
-            if h not in ("127.0.0.1", "::1") and not h.startswith("127.")}
+def exposed(found: dict[str, set[tuple[str, int, str]]]) -> set[tuple[str, int]]:
+    """Every listener not on loopback, except the batch system's own."""
+    return {(h, p) for socks in found.values() for h, p, name in socks
+            if not h.startswith("127.") and h != "::1" and name not in SLURM}
 
 
 def _port(address: str) -> tuple[str, int]:
@@ -70,7 +78,9 @@ def held_cluster(slurm_cluster, udir: Path, start) -> tuple[set, set]:
             assert time.monotonic() < deadline, "the cluster did not come up"
             time.sleep(0.5)
         comms = {_port(a) for a in json.loads(comms_file.read_text())}
-        found = exposed(listeners(slurm_cluster))
+        table = listeners(slurm_cluster)
+        print("LISTENERS", json.dumps({k: sorted(v) for k, v in table.items()}))
+        found = exposed(table)
     finally:
         release.write_text("")
         finish()
@@ -94,8 +104,10 @@ def test_scheduler_job_and_worker_job_expose_only_tls_ports(slurm_cluster, job_e
     env = {**job_env, "HPCDASK_CLUSTER_DIR": str(cdir)}
 
     def start(comms_file, release):
+        # The scheduler on eth0, which the login node (no ib0) reaches; the workers on ib0.
         sched = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-scheduler.sbatch"), "--time=5",
-                                     "--mem=1000M", env=env, wait=False, workdir=udir)
+                                     "--mem=1000M", wait=False, workdir=udir,
+                                     env={**env, "HPCDASK_SCHEDULER_INTERFACE": "eth0"})
         workers = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-workers.sbatch"), "--time=5",
                                        "--mem=1000M", f"--dependency=after:{sched.job_id}",
                                        env=env, wait=False, workdir=udir)

@@ -25,6 +25,7 @@ import json, sys, time
 from pathlib import Path
 import distributed
 c = distributed.get_client()
+c.wait_for_workers(int(sys.argv[3]), timeout=200)
 info = c.scheduler_info(n_workers=-1)
 comms = [info["address"], *info["workers"], *(w["nanny"] for w in info["workers"].values() if w["nanny"])]
 Path(sys.argv[1]).write_text(json.dumps(comms))
@@ -90,7 +91,7 @@ def held_cluster(slurm_cluster, udir: Path, start) -> tuple[set, set]:
 def test_all_in_one_job_exposes_only_tls_ports(slurm_cluster, job_env, udir):
     def start(comms_file, release):
         res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
-                     ["-N2", "--time=5"], ["hold.py", str(comms_file), str(release)], job_env,
+                     ["-N2", "--time=5"], ["hold.py", str(comms_file), str(release), "2"], job_env,
                      udir, wait=False)
         return lambda: slurm_cluster.wait(res.job_id, timeout=240, workdir=udir)
 
@@ -114,7 +115,7 @@ def test_scheduler_job_and_worker_job_expose_only_tls_ports(slurm_cluster, job_e
         client = slurm_cluster.popen(
             ["apptainer", "exec", job_env["HPCDASK_IMAGE"], "hpcdask", "client",
              "--scheduler-file", str(cdir / "scheduler.json"), "--", "hold.py", str(comms_file),
-             str(release)], env=env, cwd=udir)
+             str(release), "1"], env=env, cwd=udir)
 
         def finish():
             client.wait(120)

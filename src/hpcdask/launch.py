@@ -146,13 +146,15 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
     deadline = loop.time() + timeout
     try:
         nannies = [ws.nanny for ws in s.workers.values() if ws.nanny]
+        plain = [addr for addr, ws in s.workers.items() if not ws.nanny]
         if nannies:
             # Fire and forget (reply=False): a nanny closes its comm as it terminates, which
             # distributed's broadcast() would log as an ERROR for every worker.
             await asyncio.wait_for(asyncio.gather(*[_terminate(s, n) for n in nannies]), timeout)
-        if s.workers:  # workers without a nanny close themselves
-            await asyncio.wait_for(s.retire_workers(close_workers=True, remove=False,
-                                                    stimulus_id="hpcdask-shutdown"), timeout)
+        if plain:  # workers without a nanny close themselves (only they: the others are closing)
+            await asyncio.wait_for(s.retire_workers(workers=plain, close_workers=True,
+                                                    remove=False, stimulus_id="hpcdask-shutdown"),
+                                   timeout)
         # Let each worker close its own stream, so nothing is cut mid-read.
         while s.workers and loop.time() < deadline:
             await asyncio.sleep(0.05)

@@ -200,7 +200,9 @@ hj_launch_workers() {
 hj_start_scheduler() {
     local file=$1
     HJ_FILE=$file
-    "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" &
+    local end
+    end=$(hj_job_end)  # the credentials expire soon after the job
+    "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" ${end:+--job-end "$end"} &
     HJ_SCHED=$!
     # Its readiness is the file itself (written once it listens); the loop only also notices
     # a scheduler that failed, so an error shows at once instead of after a timeout.
@@ -345,7 +347,7 @@ hj_cleanup() {
         rm -rf -- "$HJ_DIR"
     elif [ "$ours" = 1 ]; then
         # A kept folder (HPCDASK_CLUSTER_DIR) loses only this job's dead cluster's credentials.
-        rm -f -- "$HJ_DIR"/ca.pem "$HJ_DIR"/cluster.pem "$HJ_DIR"/cluster.key
+        rm -rf -- "$HJ_DIR"/tls "$HJ_DIR"/.tls-*
     fi
 }
 

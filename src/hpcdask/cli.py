@@ -175,10 +175,13 @@ class _terminate_cleanly:
               help="Port (default 0: a free one, published in the scheduler file).")
 @click.option("--dashboard", type=click.Choice(["loopback", "interface", "off"]), default=None,
               help="Where the dashboard listens (default: loopback).")
+@click.option("--job-end", type=float, default=None,
+              help="The job's end time (Unix seconds): the credentials expire soon after it "
+                   "(default $HPCDASK_JOB_END; none: 30 days).")
 @tls_option
-def scheduler(scheduler_file, interface, port, dashboard, tls) -> None:
+def scheduler(scheduler_file, interface, port, dashboard, job_end, tls) -> None:
     """Start a scheduler on INTERFACE and write the scheduler file."""
-    launch.run_scheduler(scheduler_file, interface, port, dashboard, tls)
+    launch.run_scheduler(scheduler_file, interface, port, dashboard, tls, job_end)
 
 
 @main.command(context_settings=CONTEXT)
@@ -193,14 +196,18 @@ def scheduler(scheduler_file, interface, port, dashboard, tls) -> None:
 @click.option("--lifetime", default=None, help="Retire after this long (e.g. 55m), or auto: before the job's end time.")
 @click.option("--job-end", type=float, default=None, help="The job's end time (Unix seconds), for --lifetime auto.")
 @click.option("--name", default=None, help="Worker name (default: host-pid).")
+@click.option("--dashboard", type=click.Choice(["loopback", "interface", "off"]), default=None,
+              help="The workers' HTTP endpoints: off (none), else on loopback (default: "
+                   "hpcdask.dashboard).")
 @tls_option
 def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_directory,
-           memory_preset, lifetime, job_end, name, tls) -> None:
+           memory_preset, lifetime, job_end, name, dashboard, tls) -> None:
     """Start worker process(es) on this node that join the cluster in SCHEDULER_FILE."""
     launch.run_worker(launch.WorkerSpec(
         scheduler_file=scheduler_file, interface=interface, nthreads=nthreads,
         nworkers=nworkers, memory_limit=memory_limit, local_directory=local_directory,
-        memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name, tls=tls))
+        memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name,
+        dashboard=dashboard, tls=tls))
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
@@ -214,9 +221,11 @@ def client(script, args, scheduler_file, tls) -> None:
     if not script.is_file():
         raise BadInput(f"script {script} does not exist; give the path of your Python script, "
                        f"e.g. hpcdask client ./my_analysis.py --scheduler-file F")
+    from hpcdask import compat
+
     with _terminate_cleanly(), launch.connect(scheduler_file, tls=tls) as c:
         sys.argv = [str(script), *args]
-        with c.as_current():
+        with c.as_current(), compat.session(c):  # dask-ml works in the script too
             runpy.run_path(str(script), run_name="__main__")
 
 
@@ -270,10 +279,15 @@ def versions_(scheduler_file, lock, show_all, tls) -> None:
         for name in versions.KEY_PACKAGES:
             click.echo(f"{name} {ident['packages'].get(name, '-')}")
         return
-    with launch.connect(scheduler_file, tls=tls, check=False) as c:
-        reports = launch.cluster_reports(c)
-    sched = reports.pop("scheduler")
-    rows = versions.differences(sched, reports)
+    sched = launch.scheduler_identity_of(scheduler_file, tls)
+    rows = versions.differences(sched, {"client": versions.report()})
+    if not rows:  # the scheduler refuses a differing client, so compare with it first
+        with launch.connect(scheduler_file, tls=tls, check=False) as c:
+            reports = launch.cluster_reports(c)
+        sched = reports.pop("scheduler")
+        rows = versions.differences(sched, reports)
+    else:
+        reports = {"client": versions.report()}
     if show_all or not rows:
         keys = ["python", "image", *versions.KEY_PACKAGES]
         shown = [(k, versions._flat(sched).get(k, "-"),
@@ -284,6 +298,42 @@ def versions_(scheduler_file, lock, show_all, tls) -> None:
         click.echo(versions.table(rows), err=True)
         raise click.exceptions.Exit(1)
     click.echo(f"all {len(reports) + 1} roles identical ({len(sched['packages'])} packages)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+def clean(folders, dry_run) -> None:
+    """Remove stale per-cluster folders (credentials, scheduler files) left by ended clusters.
+
+    Looks at every folder in hpcdask.shared-dir, or at the FOLDERS given; never touches
+    another user's folder or a live cluster's (refusing, exit 2, when one is named).
+    """
+    from hpcdask import clean as cleaning
+
+    if folders:
+        found = []
+        for f in folders:
+            if not f.is_dir():
+                raise BadInput(f"{f} is not a folder; give a cluster folder, e.g. "
+                               f"{config.get('shared-dir')}/JOBID")
+            found.append(cleaning.judge(f.expanduser().absolute()))
+        refused = [f for f in found if f.state != "stale"]
+        if refused:
+            f = refused[0]
+            raise BadInput(f"refusing to remove {f.path}: {f.state}, {f.why}")
+    else:
+        found = cleaning.survey(Path(config.get("shared-dir")).expanduser())
+    for f in found:
+        if f.state != "stale":
+            click.echo(f"kept {f.path}: {f.state}: {f.why}")
+        elif dry_run:
+            click.echo(f"stale {f.path}: {f.why} (not removed: --dry-run)")
+        else:
+            cleaning.remove(f)
+            click.echo(f"removed {f.path}: {f.why}")
+    if not found:
+        click.echo("no cluster folders")
 
 
 @main.command(context_settings=CONTEXT)

@@ -41,8 +41,10 @@ from typing import Any
 
 import dask.utils
 
-from hpcdask import config, memory, netif, security, sif, versions
+from hpcdask import clean, config, memory, netif, security, sif, versions
 from hpcdask.errors import BadInput
+from hpcdask.guard import IdentityGuard
+from hpcdask.servers import NoHTTPScheduler
 
 __all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
 
@@ -93,13 +95,6 @@ def _lifetime_args(walltime: str | None) -> list[str]:
     return ["--lifetime", f"{life:.0f}s", "--lifetime-stagger", f"{stagger:.0f}s"]
 
 
-def _free_or_any(host: str, port: int) -> int:
-    """``port`` if free on ``host``, else 0 (any): several clusters may share a login node."""
-    try:
-        netif.check_port_free(host, port, "--dashboard-port")
-    except BadInput:
-        return 0
-    return port
 
 
 def _preset_exports(name: str) -> list[str]:
@@ -163,12 +158,13 @@ def job_kwargs(
     cluster_id = uuid.uuid4().hex[:8]
     folder = Path(folder or Path(config.get("shared-dir")).expanduser() / f"jobqueue-{cluster_id}")
     creds = security.create(folder.absolute(), cluster_id)
+    clean.stamp(creds.folder)  # who made it, for `hpcdask clean`
     apptainer = os.environ.get("HPCDASK_APPTAINER", "apptainer")
     local = local_directory or config.get("local-directory") or "${TMPDIR:-/tmp}"
     # The worker's scratch and the credentials' folder must be visible inside the image.
     # A .sif is bound onto the image's placeholder too, so workers report its ID (hpcdask.sif).
     own = (f"--bind {shlex.quote(f'{image}:{sif.IMAGE_SIF}:ro')} " if os.path.isfile(image) else "")
-    python = (f"{apptainer} exec --bind {shlex.quote(str(creds.folder))} --bind \"{local}\" "
+    python = (f"{apptainer} exec --bind {shlex.quote(str(creds.files))} --bind \"{local}\" "
               f"{own}{shlex.quote(image)} python")
     # The workers' scratch: a private folder in the node-local one, removed when the job script
     # ends (distributed leaves its workspace's lock files; other jobs may share the parent).
@@ -177,13 +173,19 @@ def job_kwargs(
                 *_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
     dmode = config.get("dashboard", dashboard)
     options: dict[str, Any] = {"interface": sched_iface}
-    if dmode == "off":  # the HTTP server (metrics, health) still listens: on loopback, any port
-        options.update(dashboard=False, dashboard_address="127.0.0.1:0")
+    extra: dict[str, Any] = {}
+    if dmode == "off":  # no HTTP listener at all, on the scheduler or the workers
+        options["dashboard"] = False
+        extra["scheduler_cls"] = NoHTTPScheduler
+        worker_http = ["--no-dashboard", "--worker-class", "hpcdask.servers.NoHTTPWorker"]
     else:
         dhost = "127.0.0.1" if dmode == "loopback" else host
-        options["dashboard_address"] = f"{dhost}:{_free_or_any(dhost, config.get('dashboard-port'))}"
+        port = netif.port_or_any(dhost, config.get("dashboard-port"))
+        options["dashboard_address"] = f"{dhost}:{port}"
+        # dask worker binds its HTTP endpoints to every interface unless told otherwise
+        worker_http = ["--dashboard-address", "127.0.0.1:0"]
     if require_image:
-        options["plugins"] = [versions.IdentityGuard()]
+        options["plugins"] = [IdentityGuard()]
     options.update(scheduler_options or {})
     out = dict(
         python=python,
@@ -193,13 +195,37 @@ def job_kwargs(
         protocol="tls://",
         scheduler_options=options,
         job_script_prologue=prologue,
-        worker_extra_args=[*_lifetime_args(walltime), *(worker_extra_args or [])],
-        shared_temp_directory=str(creds.folder),
+        worker_extra_args=[*_lifetime_args(walltime), *worker_http, *(worker_extra_args or [])],
+        shared_temp_directory=str(creds.files),
+        **extra,
         **kwargs,
     )
     if walltime:
         out["walltime"] = walltime
     return out
+
+
+def _removing_credentials(cluster_cls: type, kwargs: dict[str, Any]) -> Any:
+    """``cluster_cls(**kwargs)`` whose credentials folder is removed when the cluster closes."""
+    creds = security.current(Path(kwargs["shared_temp_directory"]).parent)
+
+    class Cluster(cluster_cls):  # type: ignore[misc, valid-type]
+        async def _close(self, *args: Any, **kw: Any) -> None:
+            try:
+                await super()._close(*args, **kw)
+            finally:
+                if creds:
+                    security.remove(creds)
+                    clean.unstamp(creds.folder)
+
+    Cluster.__name__ = Cluster.__qualname__ = cluster_cls.__name__
+    try:
+        return Cluster(**kwargs)
+    except BaseException:
+        if creds:
+            security.remove(creds)
+            clean.unstamp(creds.folder)
+        raise
 
 
 def _with_prefix(job_cls: type, prefix: str | None) -> type:
@@ -222,7 +248,8 @@ def slurm_cluster(image: str | os.PathLike[str] | None = None, *,
     from dask_jobqueue import SLURMCluster
     from dask_jobqueue.slurm import SLURMJob
 
-    return SLURMCluster(job_cls=_with_prefix(SLURMJob, submit_prefix), **job_kwargs(image, **kwargs))
+    return _removing_credentials(SLURMCluster, dict(job_cls=_with_prefix(SLURMJob, submit_prefix),
+                                                    **job_kwargs(image, **kwargs)))
 
 
 def pbs_cluster(image: str | os.PathLike[str] | None = None, *,
@@ -251,5 +278,6 @@ def pbs_cluster(image: str | os.PathLike[str] | None = None, *,
     if ncpus or mem:
         kwargs.setdefault("job_directives_skip", ["select"])
     kwargs.setdefault("shebang", "#!/usr/bin/env bash")
-    return PBSCluster(job_cls=_with_prefix(PBSJob, submit_prefix), job_extra_directives=extra,
-                      **job_kwargs(image, **kwargs))
+    return _removing_credentials(PBSCluster, dict(job_cls=_with_prefix(PBSJob, submit_prefix),
+                                                  job_extra_directives=extra,
+                                                  **job_kwargs(image, **kwargs)))

@@ -1,10 +1,11 @@
 """Tested fixes that let dask-ml 2025.1.0 run on the Dask pinned in the lock.
 
-Call :func:`apply` once per process before any dask-ml use (client, scheduler,
-worker: it is idempotent, thread-safe and safe everywhere).  It decides from
+Wrap work on a client in :func:`session` (hpcdask does for ``hpcdask client`` and ``hpcdask
+run``), or call :func:`apply` once per process before any dask-ml use (it is idempotent,
+thread-safe and safe everywhere).  It decides from
 installed versions (``importlib.metadata``, no dask-ml import when they do not
 match) and, for the metric, from a graph-only probe; anything not needed is left
-alone.  It returns the ids of the patches that are active.
+alone.  It returns the ids of the fixes that are active.
 
 Patches (each one can be deleted on its own once upstream releases a fix):
 
@@ -25,14 +26,19 @@ Patches (each one can be deleted on its own once upstream releases a fix):
     behaviour ``dask.persist`` had before 2025.3.0.  Every other distributed call
     in ``_fit`` already awaits client methods, and ``dask.persist`` is the only
     top-level dask entry point it uses, so this is the whole fix.
-    Patch: inside ``dask_ml.model_selection._incremental`` only, the module-level
-    name ``dask`` is bound to a thin proxy of the real ``dask`` module whose
-    ``persist`` fills in ``scheduler=default_client().get`` (unless a scheduler is
-    given).  Nothing outside that module sees a change.  Without a distributed
-    Client it raises ``RuntimeError`` saying one is needed (dask-ml itself already
-    raises ``ValueError: No clients found`` in ``fit`` in that case).
+    Fix: no patch. :func:`session` names the client as Dask's scheduler
+    (``dask.config.set(scheduler=client.get)``) around the work done on it (the
+    script of ``hpcdask client``, the workloads of ``hpcdask run``): ``dask.persist``
+    then takes the client's ``get`` from the configuration instead of looking up
+    the default client, and hands the collections to ``Client.persist``. For a
+    script's own synchronous ``dask.compute`` calls that is what the default client
+    did anyway. Outside hpcdask, do the same around ``fit``::
+
+        with dask.config.set(scheduler=client.get):
+            search.fit(X, y)
+
     Applied when dask-ml == 2025.1.0 and dask >= 2025.3.0.  Upstream (dask-ml
-    main, May 2025) only skips its tests for this; drop the patch when a dask-ml
+    main, May 2025) only skips its tests for this; drop this when a dask-ml
     release fixes it (the version check then turns it off by itself).
 
 ``dask/dask-ml#1012`` -- ``dask_ml.metrics.r2_score`` raises
@@ -60,14 +66,16 @@ Patches (each one can be deleted on its own once upstream releases a fix):
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
 from packaging.version import Version
 
-__all__ = ["apply", "active", "PATCHES"]
+__all__ = ["apply", "active", "session", "PATCHES"]
 
 #: the only dask-ml release these patches are written for
 DASK_ML_VERSION = Version("2025.1.0")
@@ -79,8 +87,8 @@ R2_SCORE = "dask/dask-ml#1012"
 
 #: patch id -> one line for version reports
 PATCHES = {
-    INCREMENTAL_PERSIST: "dask_ml.model_selection._incremental: dask.persist uses the "
-    "active Client (Hyperband/Incremental/SuccessiveHalving/InverseDecay SearchCV)",
+    INCREMENTAL_PERSIST: "dask.config scheduler=client.get around the work, so dask.persist "
+    "uses the Client (Hyperband/Incremental/SuccessiveHalving/InverseDecay SearchCV)",
     R2_SCORE: "dask_ml.metrics.r2_score rewritten with da.where",
 }
 
@@ -97,51 +105,9 @@ def _installed(dist: str) -> Version | None:
 # --------------------------------------------------------------------------- #1016
 
 
-class _DaskWithClientPersist:
-    """Stands in for the ``dask`` module inside ``dask_ml.model_selection._incremental``.
-
-    Every attribute comes from the real module, except ``persist`` (dask/dask-ml#1016).
-    """
-
-    hpcdask_compat = INCREMENTAL_PERSIST
-
-    def __init__(self, dask_module: Any) -> None:
-        self._dask = dask_module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._dask, name)
-
-    def __repr__(self) -> str:
-        return f"<hpcdask.compat proxy of {self._dask!r} ({INCREMENTAL_PERSIST})>"
-
-    def persist(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("scheduler") is None:
-            from distributed import default_client
-
-            try:
-                client = default_client()
-            except ValueError as exc:
-                raise RuntimeError(
-                    "dask-ml's incremental searches (HyperbandSearchCV, IncrementalSearchCV, "
-                    "SuccessiveHalvingSearchCV, InverseDecaySearchCV) need a distributed "
-                    "Client: create one (e.g. `Client(LocalCluster())`) before calling fit"
-                ) from exc
-            # A bound Client.get makes dask.persist call Client.persist directly, which
-            # submits and returns futures without blocking the event loop.
-            kwargs["scheduler"] = client.get
-        return self._dask.persist(*args, **kwargs)
-
-
-def _apply_incremental_persist() -> bool:
+def _incremental_persist_needed() -> bool:
     dask_version = _installed("dask")
-    if dask_version is None or dask_version < DASK_ASYNC_REFUSAL:
-        return False
-    from dask_ml.model_selection import _incremental
-
-    current = _incremental.dask
-    if not isinstance(current, _DaskWithClientPersist):
-        _incremental.dask = _DaskWithClientPersist(current)
-    return True
+    return dask_version is not None and dask_version >= DASK_ASYNC_REFUSAL
 
 
 # --------------------------------------------------------------------------- #1012
@@ -241,7 +207,7 @@ def apply() -> tuple[str, ...]:
             return _active
         active: list[str] = []
         if _installed("dask-ml") == DASK_ML_VERSION:
-            if _apply_incremental_persist():
+            if _incremental_persist_needed():
                 active.append(INCREMENTAL_PERSIST)
             if _apply_r2_score():
                 active.append(R2_SCORE)
@@ -252,3 +218,16 @@ def apply() -> tuple[str, ...]:
 def active() -> tuple[str, ...]:
     """Ids of the patches applied in this process (empty before :func:`apply`)."""
     return _active or ()
+
+
+@contextlib.contextmanager
+def session(client: Any) -> Iterator[tuple[str, ...]]:
+    """Work on ``client`` with every fix this environment needs (see the module docstring)."""
+    import dask.config
+
+    active = apply()
+    if INCREMENTAL_PERSIST not in active:
+        yield active
+        return
+    with dask.config.set(scheduler=client.get):
+        yield active

@@ -29,6 +29,8 @@ from distributed.security import Security
 
 from hpcdask import config, memory, netif, schedfile, security, shutdown, versions
 from hpcdask.errors import BadInput, Refused
+from hpcdask.guard import IdentityGuard
+from hpcdask.servers import NoHTTPScheduler, NoHTTPWorker
 
 logger = logging.getLogger("hpcdask")
 
@@ -82,7 +84,7 @@ async def _until_signalled(stop: asyncio.Event, finished) -> str:
 # --- scheduler ---------------------------------------------------------------------------------
 
 def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
-                  dashboard: str | None, tls: bool) -> None:
+                  dashboard: str | None, tls: bool, job_end: float | None = None) -> None:
     iface = interface or config.get("scheduler-interface") or config.get("interface")
     host = netif.address_of(iface)
     port = config.get("scheduler-port", port)
@@ -91,34 +93,46 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
     dport = config.get("dashboard-port")
     daddr = dashboard_address(dmode, host, dport)
     if daddr:
-        netif.check_port_free(daddr.rsplit(":", 1)[0], dport, "--dashboard-port")
+        dhost = daddr.rsplit(":", 1)[0]
+        if netif.port_or_any(dhost, dport) != dport:
+            daddr = f"{dhost}:0"  # taken (another user's dashboard?): a free one, said below
+    made_folder = not Path(scheduler_file).expanduser().absolute().parent.exists()
     path, token = schedfile.claim(scheduler_file, tls)
     creds = None
     try:
         cluster_id = schedfile.job_id() or uuid.uuid4().hex[:8]
         if tls:
-            creds = security.create(path.parent, cluster_id)
+            end = job_end or float(os.environ.get("HPCDASK_JOB_END") or 0) or None
+            margin = dask.utils.parse_timedelta(config.get("credentials-margin"))
+            creds = security.create(path.parent, cluster_id, security.not_after(end, margin))
             sec = creds.security()
         else:
             warn_no_tls("the scheduler")
             sec = Security()
         asyncio.run(_serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec))
     finally:
-        # Only this scheduler's own files: its claim, and the credentials it made under it.
+        # Only this scheduler's own files: its claim, and the credentials it made under it;
+        # then the folder, if it made it and nothing else is in it.
         if schedfile.remove_if_ours(path, token) and creds is not None:
-            creds.remove()
+            security.remove(creds)
+            if made_folder:
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
 
 
 async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec) -> None:
-    guard = versions.IdentityGuard()
-    async with Scheduler(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
-                         dashboard=daddr is not None, dashboard_address=daddr,
-                         plugins=[guard]) as s:
+    guard = IdentityGuard()
+    cls = Scheduler if daddr else NoHTTPScheduler  # off: no HTTP listener at all
+    async with cls(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
+                   dashboard=daddr is not None, dashboard_address=daddr, plugins=[guard]) as s:
         schedfile.write(path, s.identity(), token, tls)
         logger.info("hpcdask scheduler at %s, scheduler file %s, image %s", s.address, path,
                     guard.identity["image"])
         if daddr:
-            logger.info(tunnel_hint(dmode, dport))
+            if dport and s.http_server.port != dport:
+                logger.info("hpcdask: dashboard port %s is taken (another cluster?); using %s",
+                            dport, s.http_server.port)
+            logger.info(tunnel_hint(dmode, s.http_server.port))
         why = await _until_signalled(asyncio.Event(), s.finished())
         if why != "finished":
             logger.info("hpcdask scheduler stopping (%s): retiring %d worker(s)", why,
@@ -173,6 +187,7 @@ class WorkerSpec:
     lifetime: str | None = None
     job_end: float | None = None
     name: str | None = None
+    dashboard: str | None = None
     tls: bool = True
 
 
@@ -215,6 +230,15 @@ async def scheduler_identity(address: str, sec: Security, role: str, path: Path 
         raise BadInput(f"{hint} ({type(e).__name__})") from None
 
 
+def scheduler_identity_of(scheduler_file: Path, tls: bool) -> dict[str, Any]:
+    """The identity of the scheduler in ``scheduler_file`` (asked without registering)."""
+    path = Path(scheduler_file).expanduser()
+    info = schedfile.wait(path, dask.utils.parse_timedelta(config.get("scheduler-file-timeout")))
+    sec = connection(info, path, tls, "client")
+    timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
+    return asyncio.run(scheduler_identity(info["address"], sec, "client", path, timeout))
+
+
 def refuse_if_different(reference: dict[str, Any], mine: dict[str, Any], me: str) -> None:
     rows = versions.differences(reference, {me: mine})
     if rows:
@@ -238,9 +262,19 @@ def run_worker(spec: WorkerSpec) -> None:
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
     info = schedfile.wait(path, timeout)
     sec = connection(info, path, spec.tls, "worker")
+    http = worker_http(config.get("dashboard", spec.dashboard))
     with dask.config.set(preset), scratch(local_dir) as d:
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
-                                   d, life, spec.name))
+                                   d, life, spec.name, http))
+
+
+def worker_http(mode: str) -> dict[str, Any]:
+    """Nanny arguments for the workers' HTTP endpoints: loopback only, or none at all (off).
+    Workers never serve them on the interface, whatever the scheduler's dashboard does."""
+    dashboard_address(mode, "", 0)  # refuses an unknown mode
+    if mode == "off":
+        return {"dashboard": False, "worker_class": NoHTTPWorker}
+    return {"dashboard_address": "127.0.0.1:0"}
 
 
 @contextlib.contextmanager
@@ -271,7 +305,7 @@ def _lifetime(spec: WorkerSpec) -> float | None:
 
 
 async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local_dir, life,
-                         name) -> None:
+                         name, http) -> None:
     timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
     me = f"worker {name or socket.gethostname()}"
     ref = await scheduler_identity(address, sec, "worker", path, timeout)
@@ -280,8 +314,7 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     extra = {"lifetime": life, "lifetime_restart": False} if life else {}
     nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                      local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
-                     dashboard_address="127.0.0.1:0", death_timeout=timeout,
-                     preload=["hpcdask.shutdown"], **extra)
+                     death_timeout=timeout, preload=["hpcdask.shutdown"], **http, **extra)
                for i in range(nworkers)]
     await asyncio.gather(*nannies)
     logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each, image %s", nworkers,
@@ -320,6 +353,8 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
     except (OSError, asyncio.TimeoutError) as e:
         hint = schedfile.stale_hint(path) if path else f"the scheduler at {address} does not answer"
         raise BadInput(f"{hint} ({type(e).__name__})") from None
+    except ImportError as e:  # how distributed's Client reports the guard's refusal
+        raise Refused(str(e).removeprefix("hpcdask: ")) from None
     if check:
         try:
             check_cluster(client)

@@ -48,3 +48,13 @@ def check_port_free(host: str, port: int, option: str) -> None:
                 f"port {port} on {host} is already in use; pick another with {option} PORT "
                 f"(or {option} 0 for a free one)"
             ) from None
+
+
+def port_or_any(host: str, port: int) -> int:
+    """``port`` if free on ``host``, else 0 (any free one): another user's dashboard may hold it
+    on a shared login or batch node."""
+    try:
+        check_port_free(host, port, "--dashboard-port")
+    except BadInput:
+        return 0
+    return port

@@ -5,13 +5,21 @@ scheduler file's folder, private to its owner (folder 0700, files 0600). Every o
 given the same scheduler file loads them from there, so only holders of that folder (the
 job's owner, on the shared filesystem) can talk to the cluster: mutual TLS, each side
 verifying the other against the cluster's CA. The CA key is never written to disk.
+
+The three files are one set: they are written into a new folder of their own
+(``.tls-<id>``), then the link ``tls`` is switched to it in one rename, and a reader resolves
+the link once, so no reader ever pairs a new certificate with an old key. The certificates
+expire shortly after the job (:func:`not_after`), and :func:`remove` deletes them when the
+cluster ends.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,28 +33,30 @@ from hpcdask.errors import BadInput
 from hpcdask.files import atomic_write, private_dir
 
 CA_FILE, CERT_FILE, KEY_FILE = "ca.pem", "cluster.pem", "cluster.key"
+LINK, SET_PREFIX = "tls", ".tls-"
+NO_END_DAYS = 30  # certificate lifetime when the job has no end time
 
 
 @dataclass(frozen=True)
 class Credentials:
-    folder: Path
+    folder: Path  # the cluster's folder
+    generation: str  # the set's own subfolder, where ``tls`` pointed when it was read
+
+    @property
+    def files(self) -> Path:
+        return self.folder / self.generation
 
     @property
     def ca(self) -> Path:
-        return self.folder / CA_FILE
+        return self.files / CA_FILE
 
     @property
     def cert(self) -> Path:
-        return self.folder / CERT_FILE
+        return self.files / CERT_FILE
 
     @property
     def key(self) -> Path:
-        return self.folder / KEY_FILE
-
-    def remove(self) -> None:
-        """Delete the three files (the folder stays: it may hold other things)."""
-        for path in (self.ca, self.cert, self.key):
-            path.unlink(missing_ok=True)
+        return self.files / KEY_FILE
 
     def security(self) -> Security:
         """A distributed ``Security`` for every role, encryption required."""
@@ -65,12 +75,23 @@ def _name(cn: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def create(folder: Path, cluster_id: str, days: int = 30) -> Credentials:
-    """Make a new CA and cluster certificate in ``folder`` (created private if missing)."""
+def not_after(job_end: float | None, margin: float, now: float | None = None
+              ) -> datetime.datetime:
+    """When a cluster's certificates expire: the job's end plus ``margin`` seconds, or
+    NO_END_DAYS from now when the job has no end time."""
+    now = time.time() if now is None else now
+    end = job_end + margin if job_end else now + NO_END_DAYS * 86400
+    return datetime.datetime.fromtimestamp(max(end, now + margin), datetime.timezone.utc)
+
+
+def create(folder: Path, cluster_id: str, expires: datetime.datetime | None = None
+           ) -> Credentials:
+    """Make a new CA and cluster certificate in ``folder`` (created private if missing), valid
+    until ``expires`` (default: NO_END_DAYS), and make them the folder's current set."""
     folder = private_dir(folder, what="credentials folder")
     now = datetime.datetime.now(datetime.timezone.utc)
     not_before = now - datetime.timedelta(minutes=5)  # tolerate small clock skew between nodes
-    not_after = now + datetime.timedelta(days=days)
+    not_after = expires or now + datetime.timedelta(days=NO_END_DAYS)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name(f"hpcdask CA {cluster_id}")
@@ -104,11 +125,42 @@ def create(folder: Path, cluster_id: str, days: int = 30) -> Credentials:
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    atomic_write(folder / CA_FILE, ca_cert.public_bytes(pem))
-    atomic_write(folder / CERT_FILE, cert.public_bytes(pem))
-    atomic_write(folder / KEY_FILE, key.private_bytes(
+    generation = f"{SET_PREFIX}{cluster_id}-{os.urandom(4).hex()}"
+    (folder / generation).mkdir(mode=0o700)
+    creds = Credentials(folder, generation)
+    atomic_write(creds.ca, ca_cert.public_bytes(pem))
+    atomic_write(creds.cert, cert.public_bytes(pem))
+    atomic_write(creds.key, key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return Credentials(folder)
+    link = folder / f".{LINK}.{generation}.tmp"
+    link.symlink_to(generation)
+    os.replace(link, folder / LINK)  # the switch: one rename
+    for old in folder.glob(f"{SET_PREFIX}*"):  # earlier clusters' sets
+        if old.name != generation:
+            shutil.rmtree(old, ignore_errors=True)
+    return creds
+
+
+def remove(creds: Credentials) -> None:
+    """Delete a cluster's credentials when it ends (unless another set has replaced them)."""
+    link = creds.folder / LINK
+    try:
+        if os.readlink(link) == creds.generation:
+            link.unlink()
+    except OSError:
+        pass
+    shutil.rmtree(creds.files, ignore_errors=True)
+
+
+def current(folder: Path) -> Credentials | None:
+    """The folder's current set (``tls`` resolved once), or None when it has none."""
+    try:
+        generation = os.readlink(Path(folder) / LINK)
+    except OSError:
+        return None
+    if "/" in generation or not generation.startswith(SET_PREFIX):
+        return None
+    return Credentials(Path(folder), generation)
 
 
 def _check_private(path: Path, kind: str, fix_mode: str) -> None:
@@ -124,11 +176,16 @@ def _check_private(path: Path, kind: str, fix_mode: str) -> None:
 def load(folder: Path) -> Credentials:
     """The credentials in ``folder``, after checking they are private and really PEM."""
     folder = Path(folder)
-    creds = Credentials(folder)
     if not folder.is_dir():
         raise BadInput(f"credentials folder {folder} does not exist; start the scheduler with "
                        f"the same --scheduler-file first (it creates the credentials)")
     _check_private(folder, "credentials folder", "700")
+    creds = current(folder)
+    if creds is None:
+        raise BadInput(f"credentials folder {folder} holds no credentials ({LINK} is missing); "
+                       f"the scheduler has ended or not started: restart it, or pass --no-tls "
+                       f"to every role")
+    _check_private(creds.files, "credentials folder", "700")
     for path in (creds.ca, creds.cert, creds.key):
         if not path.exists():
             raise BadInput(f"TLS file {path} is missing; restart the scheduler to recreate the "

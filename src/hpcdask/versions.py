@@ -1,4 +1,4 @@
-"""The identity of a role, and the refusal of any role that differs from the scheduler's.
+"""The identity of a role (one function, used by every check and report), and its tables.
 
 Distributed's own check (``distributed.versions``) compares a handful of packages and only
 warns. hpcdask compares the whole environment: the Python version, every installed
@@ -7,7 +7,6 @@ distribution and its version, and the image's lock label, and refuses on any dif
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -19,8 +18,6 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-from distributed.diagnostics.plugin import SchedulerPlugin
 
 from hpcdask import sif
 
@@ -88,13 +85,34 @@ def _flat(ident: Mapping[str, Any]) -> dict[str, str]:
     return flat
 
 
-def differences(reference: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]
-                ) -> list[tuple[str, str, dict[str, str]]]:
-    """Rows (item, reference value, {role: value}) for every item any role has differently."""
+def from_distributed(sent: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of an identity that distributed's ``get_versions()`` carries (what every worker
+    and client sends the scheduler when it registers): Python and about ten packages."""
+    python = str(sent.get("host", {}).get("python", "?"))
+    packages = {canonical(k): "-" if v is None else str(v)
+                for k, v in sent.get("packages", {}).items() if k != "python"}
+    return {"python": ".".join(python.split(".")[:3]), "packages": packages}
+
+
+def _given(ident: Mapping[str, Any]) -> set[str]:
+    return {k for k in ("python", "image") if k in ident} | set(ident.get("packages", {}))
+
+
+def differences(reference: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]],
+                only_theirs: bool = False) -> list[tuple[str, str, dict[str, str]]]:
+    """Rows (item, reference value, {role: value}) for every item any role has differently.
+
+    ``only_theirs``: compare only the items the others report (a partial identity such as
+    :func:`from_distributed`'s)."""
     ref = _flat(reference)
     flats = {role: _flat(ident) for role, ident in others.items()}
-    items = sorted(set(ref).union(*[set(f) for f in flats.values()]),
-                   key=lambda k: (k not in ("python", "image"), k))
+    if only_theirs:
+        flats = {role: {k: v for k, v in f.items() if k in _given(others[role])}
+                 for role, f in flats.items()}
+        names = set().union(*[set(f) for f in flats.values()])
+    else:
+        names = set(ref).union(*[set(f) for f in flats.values()])
+    items = sorted(names, key=lambda k: (k not in ("python", "image"), k))
     rows = []
     for item in items:
         values = {role: f.get(item, "-") for role, f in flats.items()}
@@ -154,87 +172,3 @@ def lock_differences(lock: Path, have: Mapping[str, str] | None = None,
     for name in sorted(set(have) - set(pins) - extra_ok):
         out.append(f"{name}: installed {have[name]}, not in the lock")
     return out
-
-
-# --- refusal on the scheduler ----------------------------------------------------------------
-
-class IdentityGuard(SchedulerPlugin):
-    """Scheduler plugin: answers ``hpcdask_identity`` and removes any worker that differs.
-
-    hpcdask workers check themselves before joining (and exit with the table); this guard
-    also catches a worker started some other way (``dask worker``) from another environment.
-    """
-
-    name = "hpcdask-identity-guard"
-
-    def __init__(self) -> None:
-        self.identity = identity()
-        self.refused: dict[str, str] = {}
-
-    async def start(self, scheduler) -> None:
-        scheduler.handlers["hpcdask_identity"] = self._handler
-
-    def _handler(self, comm=None) -> dict[str, Any]:
-        return self.identity
-
-    def add_worker(self, scheduler, worker: str) -> None:
-        # The worker answers no RPC until its registration (this hook) returns, so the fast
-        # check uses what it sent (distributed's package set) and the full one runs after.
-        ws = scheduler.workers.get(worker)
-        sent = getattr(ws, "versions", None) or {}
-        mine = version_module_versions()
-        diff = {k: (mine["packages"].get(k), v) for k, v in sent.get("packages", {}).items()
-                if mine["packages"].get(k) != v}
-        if sent.get("host", {}).get("python") != mine["host"]["python"]:
-            diff["python"] = (mine["host"]["python"], sent.get("host", {}).get("python"))
-        if diff:
-            why = "; ".join(f"{k} {a} != {b}" for k, (a, b) in sorted(diff.items()))
-            self._refuse(scheduler, worker, why)
-        else:
-            asyncio.ensure_future(self._vet(scheduler, worker))
-
-    async def _vet(self, scheduler, worker: str) -> None:
-        from distributed.protocol.serialize import Serialized, deserialize
-        from distributed.protocol.pickle import dumps
-
-        await asyncio.sleep(0)  # let the registration reply go out first
-        try:
-            resp = await asyncio.wait_for(
-                scheduler.broadcast(msg={"op": "run", "function": dumps(identity),
-                                         "args": dumps(()), "kwargs": dumps({})},
-                                    workers=[worker]),
-                timeout=30)
-            result = resp[worker]
-            if result.get("status") != "OK":
-                raise RuntimeError(result.get("exception_text") or "no identity")
-            theirs = result["result"]  # the scheduler does not deserialize what it relays
-            if isinstance(theirs, Serialized):
-                theirs = deserialize(theirs.header, theirs.frames)
-            rows = differences(self.identity, {worker: theirs})
-            why = summary(rows) if rows else None
-        except Exception as e:  # noqa: BLE001 - any failure to prove identity is a refusal
-            if worker not in scheduler.workers:
-                return  # it left on its own
-            why = f"could not report its identity ({type(e).__name__}: {e}); is it an hpcdask worker?"
-        if why:
-            self._refuse(scheduler, worker, why)
-
-    def _refuse(self, scheduler, worker: str, why: str) -> None:
-        self.refused[worker] = why
-        logger.error("hpcdask: refused worker %s: %s", worker, why)
-
-        async def remove() -> None:
-            for _ in range(100):  # until its registration has completed
-                if worker in scheduler.workers and worker in scheduler.stream_comms:
-                    break
-                await asyncio.sleep(0.05)
-            await scheduler.remove_worker(worker, stimulus_id="hpcdask-identity-mismatch",
-                                          close=True)
-
-        asyncio.ensure_future(remove())
-
-
-def version_module_versions() -> dict[str, Any]:
-    from distributed.versions import get_versions
-
-    return get_versions()

@@ -77,6 +77,15 @@ def other_toolz(tmp_path_factory):
     return target
 
 
+@pytest.fixture(scope="module")
+def other_threadpoolctl(tmp_path_factory):
+    """Another release of a package distributed does not report (only the full identity shows it)."""
+    target = tmp_path_factory.mktemp("threadpoolctl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(target), "threadpoolctl==3.5.0"], check=True)
+    return target
+
+
 def test_cluster_client_runs_work(cluster):
     with launch.connect(cluster["path"]) as c:
         assert c.submit(sum, [1, 2, 3]).result() == 6
@@ -156,7 +165,8 @@ def test_client_without_certificate_is_refused(cluster):
 def test_credentials_and_scheduler_file_are_private(cluster):
     d = cluster["dir"]
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    for name in ("ca.pem", "cluster.pem", "cluster.key", "scheduler.json"):
+    assert stat.S_IMODE((d / "tls").stat().st_mode) == 0o700  # the set's own folder
+    for name in ("tls/ca.pem", "tls/cluster.pem", "tls/cluster.key", "scheduler.json"):
         assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
 
 
@@ -191,8 +201,8 @@ def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, othe
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
-             "--host", "127.0.0.1", "--nthreads", "1", "--tls-ca-file", str(d / "ca.pem"),
-             "--tls-cert", str(d / "cluster.pem"), "--tls-key", str(d / "cluster.key")],
+             "--host", "127.0.0.1", "--nthreads", "1", "--tls-ca-file", str(d / "tls" / "ca.pem"),
+             "--tls-cert", str(d / "tls" / "cluster.pem"), "--tls-key", str(d / "tls" / "cluster.key")],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         assert proc.wait(60) is not None
@@ -204,6 +214,103 @@ def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, othe
         assert len(c.scheduler_info()["workers"]) == 2
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plain_dask_worker(cluster, env, log: Path, port: int) -> subprocess.Popen:
+    d = cluster["dir"]
+    address = json.loads(cluster["path"].read_text())["address"]
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
+             "--host", "127.0.0.1", "--worker-port", str(port), "--nthreads", "2",
+             "--no-dashboard", "--tls-ca-file", str(d / "tls" / "ca.pem"),
+             "--tls-cert", str(d / "tls" / "cluster.pem"), "--tls-key", str(d / "tls" / "cluster.key")],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@pytest.mark.parametrize("foreign", ["other_toolz", "other_threadpoolctl"])
+def test_mismatched_worker_runs_no_task(cluster, foreign, request, tmp_path):
+    """A plain ``dask worker`` from another environment joins while a long map runs: every
+    task leaves a mark named by the process that ran it, and none is the foreign worker's.
+    toolz is among what distributed reports at registration; threadpoolctl only shows in the
+    full identity, proven after registration while the worker is held out of scheduling."""
+    package = foreign.removeprefix("other_")
+    env = dict(os.environ, PYTHONPATH=str(request.getfixturevalue(foreign)))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def work(i):
+        import os
+        import time
+        from pathlib import Path
+        Path(marks, f"{os.getpid()}-{i}").touch()
+        time.sleep(0.05)
+        return i * i
+
+    port = _free_port()
+    log = cluster["logs"] / "scheduler.log"
+    n = 300  # ~7.5 s on the cluster's two single-threaded workers
+    with launch.connect(cluster["path"]) as c:
+        futures = c.map(work, range(n))
+        proc = _plain_dask_worker(cluster, env, tmp_path / "foreign.log", port)
+        try:
+            deadline = time.time() + 60
+            while f"refused worker tls://127.0.0.1:{port}" not in log.read_text():
+                assert time.time() < deadline, (tmp_path / "foreign.log").read_text()
+                time.sleep(0.05)
+            done_at_refusal = sum(f.done() for f in futures)
+            assert c.gather(futures) == [i * i for i in range(n)]
+            assert proc.wait(60) is not None  # removed, it ends
+        finally:
+            stop(proc, signal.SIGKILL)
+        assert done_at_refusal < n, "the foreign worker joined after the map ended: no test"
+        assert len(c.scheduler_info()["workers"]) == 2
+    ran = {p.name.split("-")[0] for p in marks.iterdir()}
+    assert len(list(marks.iterdir())) >= n
+    assert str(proc.pid) not in ran, f"the foreign worker ran tasks: {sorted(ran)}"
+    text = log.read_text()
+    line = next(x for x in text.splitlines() if f"refused worker tls://127.0.0.1:{port}" in x)
+    assert package in line
+    table_head = text[text.index(line):].splitlines()[1]
+    assert table_head.split()[:2] == ["package", "scheduler"], text[text.index(line):][:500]
+
+
+_PLAIN_CLIENT = """
+import sys
+from distributed import Client
+from distributed.security import Security
+d = sys.argv[2] + "/tls"
+sec = Security(require_encryption=True, tls_ca_file=d + "/ca.pem", tls_client_cert=d + "/cluster.pem",
+               tls_client_key=d + "/cluster.key")
+with Client(sys.argv[1], security=sec, timeout=20) as c:
+    print("result", c.submit(sum, [1, 2, 3]).result())
+"""
+
+
+def _plain_client(cluster, env) -> subprocess.CompletedProcess:
+    address = json.loads(cluster["path"].read_text())["address"]
+    return subprocess.run([sys.executable, "-c", _PLAIN_CLIENT, address, str(cluster["dir"])],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_plain_client_from_another_environment_is_refused(cluster, other_toolz):
+    proc = _plain_client(cluster, dict(os.environ, PYTHONPATH=str(other_toolz)))
+    assert proc.returncode != 0 and "result" not in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "refused by the scheduler" in last and "toolz 1.2.0 != 1.0.0" in last, proc.stderr
+    assert "refused client" in (cluster["logs"] / "scheduler.log").read_text()
+
+
+def test_plain_identical_client_works(cluster):
+    proc = _plain_client(cluster, os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    assert "result 6" in proc.stdout
+
+
 def test_versions_names_a_mismatched_client(cluster, other_toolz):
     env = dict(os.environ, PYTHONPATH=str(other_toolz))
     proc = subprocess.run([*HPCDASK, "versions", "--scheduler-file", str(cluster["path"])],
@@ -213,21 +320,27 @@ def test_versions_names_a_mismatched_client(cluster, other_toolz):
 
 
 def test_scheduler_sigterm_ends_everything_cleanly(tmp_path):
+    """...and the cluster's folder goes with it; its certificates ended with the job anyway."""
+    from cryptography import x509
+
     path = tmp_path / "c" / "scheduler.json"
+    job_end = int(time.time()) + 600
     sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
-                   "--dashboard", "off"], tmp_path / "s.log")
+                   "--dashboard", "off", "--job-end", str(job_end)], tmp_path / "s.log")
     worker = start(["worker", "--scheduler-file", str(path), "--interface", "lo", "--nthreads", "1",
                     "--memory-limit", "512MiB"], tmp_path / "w.log")
     try:
         wait_workers(path, 1)
+        cert = x509.load_pem_x509_certificate((path.parent / "tls" / "cluster.pem").read_bytes())
+        assert cert.not_valid_after_utc.timestamp() == job_end + 3600  # + credentials-margin
         assert stop(sched) == 0
         assert worker.wait(30) == 0
     finally:
         stop(sched, signal.SIGKILL)
         stop(worker, signal.SIGKILL)
     assert not path.exists(), "the scheduler removes its own file on an orderly stop"
-    # ... and the credentials it made; no role logs an ERROR or a traceback.
-    assert list(path.parent.iterdir()) == []
+    # ... and the credentials and the folder it made; no role logs an ERROR or a traceback.
+    assert not path.parent.exists()
     for log in ("s.log", "w.log"):
         text = (tmp_path / log).read_text()
         assert "Traceback" not in text and " - ERROR - " not in text, (log, text)
@@ -249,3 +362,96 @@ def test_killed_scheduler_workers_end_within_bounded_time(tmp_path):
         assert code is not None
     finally:
         stop(worker, signal.SIGKILL)
+
+
+_HYPERBAND_SCRIPT = """
+import json
+import numpy as np
+from dask_ml.datasets import make_classification
+from dask_ml.model_selection import HyperbandSearchCV
+from sklearn.linear_model import SGDClassifier
+
+X, y = make_classification(n_samples=400, n_features=6, n_informative=3, chunks=100,
+                           random_state=0)
+grid = {"alpha": np.logspace(-5, 1, 13).tolist(), "penalty": ["l2", "l1"]}
+search = HyperbandSearchCV(SGDClassifier(tol=None, random_state=0), grid, max_iter=9,
+                           random_state=0).fit(X, y, classes=[0, 1])
+print(json.dumps({"best": search.best_params_, "score": search.best_score_}))
+"""
+
+
+def test_hyperband_in_a_client_script(cluster, tmp_path):
+    """dask/dask-ml#1016 is fixed for user scripts under `hpcdask client` (the all-in-one job's
+    path) too: the same best parameters as on the stack without the bug (tests/unit/test_compat)."""
+    script = tmp_path / "search.py"
+    script.write_text(_HYPERBAND_SCRIPT)
+    proc = subprocess.run([*HPCDASK, "client", str(script), "--scheduler-file", str(cluster["path"])],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["best"] == {"penalty": "l1", "alpha": 0.01}
+    assert out["score"] == pytest.approx(0.775, abs=1e-12)
+
+
+def _listening(*procs: subprocess.Popen) -> set[tuple[str, int]]:
+    pids = set()
+    for proc in procs:
+        p = psutil.Process(proc.pid)
+        pids |= {p.pid, *(c.pid for c in p.children(recursive=True))}
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
+def _port(address: str) -> tuple[str, int]:
+    host, port = address.split("://", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_dashboard_off_means_no_http_listener(tmp_path):
+    """--dashboard off: the only listeners are the TLS comm ports of scheduler, nanny, worker
+    (distributed would otherwise still serve its info/JSON/Prometheus routes)."""
+    path = tmp_path / "c" / "scheduler.json"
+    sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
+                   "--dashboard", "off"], tmp_path / "s.log")
+    worker = start(["worker", "--scheduler-file", str(path), "--interface", "lo", "--nthreads", "1",
+                    "--memory-limit", "512MiB", "--dashboard", "off"], tmp_path / "w.log")
+    try:
+        wait_workers(path, 1)
+        with launch.connect(path) as c:
+            info = c.scheduler_info()
+            ((addr, ws),) = info["workers"].items()
+            comms = {_port(info["address"]), _port(addr), _port(ws["nanny"])}
+        assert _listening(sched, worker) == comms
+        assert "http://" not in (tmp_path / "s.log").read_text()
+    finally:
+        stop(worker)
+        stop(sched)
+
+
+def test_taken_dashboard_port_falls_back_with_the_right_tunnel(tmp_path):
+    import urllib.request
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        path = tmp_path / "c" / "scheduler.json"
+        env = dict(os.environ, HPCDASK_DASHBOARD_PORT=str(busy))
+        sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo"],
+                      tmp_path / "s.log", env=env)
+        try:
+            deadline = time.time() + 60
+            while "ssh -N -L" not in (tmp_path / "s.log").read_text():
+                assert sched.poll() is None, (tmp_path / "s.log").read_text()
+                assert time.time() < deadline
+                time.sleep(0.1)
+            log = (tmp_path / "s.log").read_text()
+            port = int(log.split("ssh -N -L ", 1)[1].split(":", 1)[0])
+            assert port != busy
+            assert f"ssh -N -L {port}:127.0.0.1:{port} " in log
+            assert ("127.0.0.1", port) in _listening(sched)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+                assert r.read() == b"ok"
+            assert "Traceback" not in log and "already in use" not in log
+        finally:
+            assert stop(sched) == 0

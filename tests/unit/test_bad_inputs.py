@@ -109,24 +109,40 @@ def case_credentials_folder_open(tmp_path):
         f"credentials folder {d} has mode 0755, readable by others; make it private: chmod 700 {d}"
 
 
+def tls_set(d):
+    """A credentials set as the scheduler lays it out: tls -> .tls-x/ (private)."""
+    (d / ".tls-x").mkdir(mode=0o700)
+    (d / "tls").symlink_to(".tls-x")
+    return d / ".tls-x"
+
+
+def case_tls_missing_after_the_cluster_ended(tmp_path):
+    d = private(tmp_path)
+    (d / "s.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
+        f"credentials folder {d} holds no credentials (tls is missing)"
+
+
 def case_tls_file_not_certificate(tmp_path):
     d = private(tmp_path)
     (d / "s.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    tls = tls_set(d)
     for name in ("ca.pem", "cluster.pem", "cluster.key"):
-        (d / name).write_text("not a certificate\n")
-        os.chmod(d / name, 0o600)
+        (tls / name).write_text("not a certificate\n")
+        os.chmod(tls / name, 0o600)
     return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
-        f"TLS file {d / 'ca.pem'} is not a PEM certificate"
+        f"TLS file {tls / 'ca.pem'} is not a PEM certificate"
 
 
 def case_tls_file_readable_by_others(tmp_path):
     d = private(tmp_path)
     (d / "s.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    tls = tls_set(d)
     for name in ("ca.pem", "cluster.pem", "cluster.key"):
-        (d / name).write_text("x\n")
-        os.chmod(d / name, 0o644)
+        (tls / name).write_text("x\n")
+        os.chmod(tls / name, 0o644)
     return ["worker", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
-        f"TLS file {d / 'ca.pem'} has mode 0644, readable by others; make it private: chmod 600"
+        f"TLS file {tls / 'ca.pem'} has mode 0644, readable by others; make it private: chmod 600"
 
 
 def case_plain_scheduler_refused(tmp_path):

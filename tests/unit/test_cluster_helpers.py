@@ -27,10 +27,14 @@ def test_slurm_job_script_runs_the_worker_in_the_image_over_tls(shared):
                                scheduler_interface="lo", interface="ib0", require_image=False,
                                dashboard="off") as c:
         script = c.job_script()
-        folder = next(shared.iterdir())
-        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        (top,) = shared.iterdir()
+        assert top.name.startswith("jobqueue-") and stat.S_IMODE(top.stat().st_mode) == 0o700
+        assert sorted(p.name for p in top.iterdir() if not p.name.startswith(".tls-")) == [
+            "owner.json", "tls"]
+        folder = (top / "tls").resolve()  # the credentials set the job script names
         assert sorted(p.name for p in folder.iterdir()) == ["ca.pem", "cluster.key", "cluster.pem"]
         assert c.scheduler_address.startswith("tls://127.0.0.1:")
+    assert not top.exists(), "the cluster's folder goes with the cluster"
     lines = script.splitlines()
     assert "#SBATCH -t 00:10:00" in lines and "#SBATCH --mem=4G" in lines
     # Scratch: a private folder in the node-local $TMPDIR, removed when the job script ends.
@@ -114,6 +118,35 @@ def test_walltime_too_short_for_the_margin(shared):
     with pytest.raises(BadInput, match="leaves no time"):
         cluster.job_kwargs("/img", walltime="00:02:00", scheduler_interface="lo",
                            require_image=False)
+
+
+def _listening_ports_of_this_process() -> set[tuple[str, int]]:
+    import os
+
+    import psutil
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(os.getpid()).net_connections("inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.mark.parametrize("mode", ["off", "loopback"])
+def test_dashboard_modes(shared, mode):
+    """off: the scheduler listens only on its TLS port and workers get no HTTP server at all;
+    loopback: the scheduler's dashboard and the workers' HTTP endpoints on 127.0.0.1 only."""
+    before = _listening_ports_of_this_process()
+    with cluster.slurm_cluster("/img", cores=1, memory="1GiB", scheduler_interface="lo",
+                               require_image=False, dashboard=mode) as c:
+        script = c.job_script()
+        ports = _listening_ports_of_this_process() - before
+        sched = ("127.0.0.1", int(c.scheduler_address.rsplit(":", 1)[1]))
+        if mode == "off":
+            assert ports == {sched}
+        else:
+            assert sched in ports and len(ports) == 2
+            assert all(ip == "127.0.0.1" for ip, _ in ports)
+    if mode == "off":
+        assert "--no-dashboard --worker-class hpcdask.servers.NoHTTPWorker" in script
+    else:
+        assert "--dashboard-address 127.0.0.1:0" in script
 
 
 @pytest.mark.parametrize("text, seconds", [

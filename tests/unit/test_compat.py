@@ -79,7 +79,7 @@ def patched():
 def client():
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=False, dashboard_address=DASHBOARD
-    ) as c, Client(c) as client:
+    ) as c, Client(c) as client, compat.session(client):
         yield client
 
 
@@ -157,10 +157,6 @@ def test_apply_reports_both_patches_and_is_idempotent(patched):
     import dask_ml.linear_model.glm
     import dask_ml.metrics
     from dask_ml.metrics import regression, scorer
-    from dask_ml.model_selection import _incremental
-
-    assert isinstance(_incremental.dask, compat._DaskWithClientPersist)
-    assert not isinstance(_incremental.dask._dask, compat._DaskWithClientPersist)
     for fn in (
         regression.r2_score,
         dask_ml.metrics.r2_score,
@@ -169,9 +165,18 @@ def test_apply_reports_both_patches_and_is_idempotent(patched):
         scorer.r2_scorer[0],
     ):
         assert fn is compat.r2_score
-    # a second application from scratch does not wrap the proxy twice
-    assert compat._apply_incremental_persist() and compat._apply_r2_score()
-    assert not isinstance(_incremental.dask._dask, compat._DaskWithClientPersist)
+    assert compat._apply_r2_score()  # a second application from scratch changes nothing
+    assert scorer.SCORERS["r2"][0] is compat.r2_score
+
+
+def test_session_names_the_client_as_scheduler_only_inside(client):
+    import dask
+    import dask.base
+
+    with compat.session(client) as active:
+        assert compat.INCREMENTAL_PERSIST in active
+        assert dask.base.get_scheduler() == client.get
+    assert dask.config.get("scheduler", None) == client.get  # the fixture's own session
 
 
 def test_apply_is_noop_when_versions_do_not_match():
@@ -190,7 +195,7 @@ def test_apply_is_noop_when_versions_do_not_match():
         compat._installed = lambda d: Version("2025.2.0") if d == "dask" else real(d)
         res["old dask"] = list(compat.apply())
         from dask_ml.model_selection import _incremental
-        res["proxy"] = type(_incremental.dask).__name__
+        res["dask in _incremental"] = type(_incremental.dask).__name__
         print(json.dumps(res))
         """
     )
@@ -198,7 +203,7 @@ def test_apply_is_noop_when_versions_do_not_match():
         "other dask-ml": [],
         "dask_ml imported": False,
         "old dask": [compat.R2_SCORE],
-        "proxy": "module",
+        "dask in _incremental": "module",  # never replaced
     }
 
 
@@ -244,9 +249,10 @@ def test_hyperband_with_asynchronous_client():
         async with LocalCluster(
             n_workers=2, threads_per_worker=1, processes=False, dashboard_address=DASHBOARD,
             asynchronous=True,
-        ) as c, Client(c, asynchronous=True):  # fmt: skip
+        ) as c, Client(c, asynchronous=True) as client:  # fmt: skip
             X, y = _classification()
-            return await _hyperband().fit(X, y, classes=[0, 1])
+            with compat.session(client):
+                return await _hyperband().fit(X, y, classes=[0, 1])
 
     _assert_known_good(asyncio.run(main()))
 
@@ -260,18 +266,18 @@ def test_hyperband_over_tls_with_worker_processes():
     ) as c, Client(c.scheduler_address, security=sec) as client:  # fmt: skip
         assert client.scheduler.address.startswith("tls://")
         X, y = _classification()
-        _assert_known_good(_hyperband().fit(X, y, classes=[0, 1]))
+        with compat.session(client):
+            _assert_known_good(_hyperband().fit(X, y, classes=[0, 1]))
 
 
 def test_without_client_fails_clearly():
     out = _run(
         """
         import json
-        from dask import delayed
         from hpcdask import compat
         compat.apply()
         from dask_ml.datasets import make_classification
-        from dask_ml.model_selection import HyperbandSearchCV, _incremental
+        from dask_ml.model_selection import HyperbandSearchCV
         from sklearn.linear_model import SGDClassifier
         res = {}
         X, y = make_classification(n_samples=40, n_features=2, chunks=20, random_state=0)
@@ -279,19 +285,10 @@ def test_without_client_fails_clearly():
             HyperbandSearchCV(SGDClassifier(), {"alpha": [0.1, 1.0]}, max_iter=3).fit(X, y)
         except Exception as exc:
             res["fit"] = f"{type(exc).__name__}: {exc}"
-        try:
-            _incremental.dask.persist(delayed(sum)([1, 2]))
-        except Exception as exc:
-            res["persist"] = f"{type(exc).__name__}: {exc}"
-        (out,) = _incremental.dask.persist(delayed(sum)([1, 2]), scheduler="sync")
-        res["explicit scheduler"] = out.compute(scheduler="sync")
         print(json.dumps(res))
         """
     )
     assert out["fit"].startswith("ValueError: No clients found"), out  # dask-ml's own check
-    assert out["persist"].startswith("RuntimeError: dask-ml's incremental searches"), out
-    assert "need a distributed Client" in out["persist"]
-    assert out["explicit scheduler"] == 3  # an explicit scheduler is left alone
 
 
 # --------------------------------------------------------------------------- #1012

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,57 @@ def test_lock_differences(tmp_path):
     assert versions.lock_differences(lock, {"dask": "1.1", "numpy": "2.0", "toolz": "1"}) == [
         "dask: locked 1.0, installed 1.1", "toolz: installed 1, not in the lock"]
     assert versions.lock_differences(lock, {"dask": "1.0"}) == ["numpy: locked 2.0, not installed"]
+
+
+def test_certificates_end_with_the_job(tmp_path):
+    now = 1_800_000_000.0
+    assert security.not_after(now + 3600, 600, now=now).timestamp() == now + 4200
+    assert security.not_after(None, 600, now=now).timestamp() == now + 30 * 86400
+    end = security.not_after(time.time() + 3600, 600)
+    creds = security.create(tmp_path / "c", "1", end)
+    cert = x509.load_pem_x509_certificate(creds.cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(creds.ca.read_bytes())
+    assert cert.not_valid_after_utc == ca.not_valid_after_utc == end.replace(microsecond=0)
+
+
+def test_credentials_are_replaced_as_one_set(tmp_path):
+    """A reader loading while the set is replaced again and again always gets a matching
+    CA, certificate and key (each set is its own folder; the tls link switches in one rename)."""
+    import threading
+
+    from cryptography.hazmat.primitives import serialization
+
+    folder = tmp_path / "c"
+    security.create(folder, "0")
+    stop = threading.Event()
+    seen, bad = [], []
+
+    def read():
+        while not stop.is_set():
+            try:
+                creds = security.load(folder)
+                ca = x509.load_pem_x509_certificate(creds.ca.read_bytes())
+                cert = x509.load_pem_x509_certificate(creds.cert.read_bytes())
+                key = serialization.load_pem_private_key(creds.key.read_bytes(), None)
+            except (BadInput, FileNotFoundError):
+                continue  # an old set removed under the reader: it reads again, never mixes
+            seen.append(creds.generation)
+            try:
+                cert.verify_directly_issued_by(ca)
+                assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+            except Exception as e:  # noqa: BLE001
+                bad.append(f"{creds.generation}: {e!r}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(1, 60):
+            security.create(folder, str(i))
+    finally:
+        stop.set()
+        reader.join()
+    assert not bad, bad[:3]
+    assert len(set(seen)) > 5  # the reader really crossed many replacements
+    assert len(list(folder.glob(".tls-*"))) == 1  # earlier sets are gone
+    security.remove(security.current(folder))
+    assert sorted(p.name for p in folder.iterdir()) == []

@@ -118,8 +118,9 @@ def test_hyperband_search_cv(client):
     _, _, dX, dy = _data(n=800, chunks=200)
     X_train, X_test, y_train, y_test = train_test_split(dX, dy, test_size=0.25, random_state=0)
     grid = {"alpha": np.logspace(-5, 1, 20).tolist()}  # > any bracket size: no sampler warning
-    search = HyperbandSearchCV(SGDClassifier(tol=None, random_state=0), grid, max_iter=9,
-                               random_state=0).fit(X_train, y_train, classes=[0, 1])  # fmt: skip
+    with compat.session(client):  # dask/dask-ml#1016
+        search = HyperbandSearchCV(SGDClassifier(tol=None, random_state=0), grid, max_iter=9,
+                                   random_state=0).fit(X_train, y_train, classes=[0, 1])
     assert search.best_params_["alpha"] in grid["alpha"]
     assert search.metadata_["n_models"] == search.metadata["n_models"]
     # the search's dask-side scoring agrees with scikit-learn on its best estimator

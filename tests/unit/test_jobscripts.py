@@ -109,7 +109,10 @@ def test_library_key_lines():
     # Every role: apptainer exec IMAGE hpcdask ROLE.
     assert 'HJ_EXEC=("$HJ_APPTAINER" exec --bind "$HJ_DIR")' in text
     assert 'HJ_EXEC+=("$HPCDASK_IMAGE")' in text
-    assert '"${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" &' in text
+    # The scheduler's credentials expire soon after the job's end (30 days when it has none).
+    assert ('"${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" ${end:+--job-end "$end"} &'
+            in text)
+    assert 'rm -rf -- "$HJ_DIR"/tls "$HJ_DIR"/.tls-*' in text
     # Readiness is real: hpcdask wait for N registered workers.
     assert ('"${HJ_EXEC[@]}" hpcdask wait --scheduler-file "$file" --workers "$n" '
             '--timeout "$HJ_READY_TIMEOUT" &') in text

@@ -94,7 +94,6 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
     if size not in SIZES:
         raise BadInput(f"--size {size!r} is not one of {', '.join(SIZES)}; e.g. --size small")
     module = importlib.import_module(f"hpcdask.workloads.{WORKLOADS[resolve(name)]}")
-    compat.apply()
     # Absolute: the workers write some outputs themselves (ETL's Parquet), from their own cwd.
     output = Path(output).absolute()
     output.mkdir(parents=True, exist_ok=True)
@@ -107,7 +106,8 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
         t0 = time.perf_counter()
         # mode="inline": Bokeh's JavaScript in the file, so the report opens offline (compute
         # nodes, and many browsers on a cluster, have no internet).
-        with performance_report(filename=str(stage / "dask-report.html"), mode="inline"):
+        with performance_report(filename=str(stage / "dask-report.html"), mode="inline"), \
+                compat.session(client):
             result = module.run(ctx)
         total = time.perf_counter() - t0
         metrics = {

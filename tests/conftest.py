@@ -65,7 +65,7 @@ REQUIRED = {
     "compose": ("tests/integration/test_compose.py::test_compose_cluster",),  # its client's work
     "slurm": (
         "tests/integration/test_slurm_jobs.py::test_user_script_gets_a_connected_client",
-        "tests/integration/test_slurm_jobs.py::test_all_in_one_runs_the_default_workload_on_three_nodes",
+        "tests/integration/test_slurm_jobs.py::test_all_in_one_runs_the_default_workload_medium_on_three_nodes",
         "tests/integration/test_slurm_jobs.py::test_scheduler_job_and_short_worker_jobs",
         "tests/integration/test_slurm_cluster_helper.py::test_slurm_cluster_scales_on_the_test_cluster",
     ),

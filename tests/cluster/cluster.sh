@@ -20,6 +20,8 @@
 #             $STATE/nodes/nodeI/ bound there). Only /home and the rest of the host's filesystem are
 #             shared; the checkout is bound read-only at $STATE/src (hpcuser cannot reach the
 #             original: it may sit in root's private /tmp).
+#   devices   each machine gets a /dev/fuse every user may open (a node of its own bound over
+#             the host's 0600 one), so the runner mounts .sif files with squashfuse as users do.
 #   login     a `login` namespace with eth0 only (no ib0), its own hostname and /tmp: where users
 #             run sbatch, clients and dask-jobqueue.
 #   $TMPDIR   a Prolog makes $STATE/local/job-<id> (0700, the job's user) on every node of a job,
@@ -43,7 +45,8 @@
 #   HPCDASK_CLUSTER_ETH_SUBNET  ... of the eth0 /24 (default 10.253.72+2N)
 #   HPCDASK_CLUSTER_CPUS      CPUs per node (default 2)      HPCDASK_CLUSTER_MEMORY  MiB per node (default 4000)
 #   HPCDASK_CLUSTER_PORT      slurmctld port (default 6817+10N)
-#   HPCDASK_IMAGE             the image for `env` (default: the test image, built by `up` when missing)
+#   HPCDASK_IMAGE             the image for `env` (default: the test image as a SIF, dask-<key>.sif,
+#                             built by `up` when missing: tests/cluster/sif.py)
 # Needs root, iproute2, util-linux (nsenter, unshare, setpriv, flock), slurm-wlm and munge.
 set -euo pipefail
 
@@ -155,6 +158,10 @@ start_holder() {
             mount --bind "$2/local" "$3"
             mount --bind "$4" "$5"
             mount -o remount,bind,ro "$5"
+            # /dev/fuse usable by every user, as on a normal host (here it is 0600): a device
+            # node of our own bound over it, in this machine only.
+            mknod -m 0666 "$2/fuse" c 10 229
+            mount --bind "$2/fuse" /dev/fuse
             echo $$ >"$6.pid"
             touch "$6.ready"
             exec sleep infinity' sh "$machine" "$dir" "$LOCAL" "$repo" "$SRC" "$STATE/run/holder-$machine" \
@@ -431,8 +438,8 @@ build_image() {
         return 0
     fi
     local img
-    img=$(python3 "$here/image.py" build | tail -n 1) || die "building the test image failed (python3 $here/image.py build)"
-    [ -d "$img" ] || [ -f "$img" ] || die "tests/cluster/image.py printed no image"
+    img=$(python3 "$here/sif.py" build | tail -n 1) || die "building the test image failed (python3 $here/sif.py build)"
+    [ -f "$img" ] || die "tests/cluster/sif.py printed no image"
     echo "$img" >"$STATE/image"
 }
 

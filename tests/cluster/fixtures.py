@@ -379,12 +379,12 @@ def _userenv(user: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(image: Path) -> Iterator[SlurmCluster]:
+def slurm_cluster(sif: Path) -> Iterator[SlurmCluster]:
     """The running Slurm test cluster (started once per session, stopped at its end), whose
-    users get the session's test image as HPCDASK_IMAGE."""
+    users get the session's test image, as a SIF file, as HPCDASK_IMAGE."""
     was_up = _cluster_sh("status", check=False).returncode == 0
     try:
-        up = _cluster_sh("up", image=image)
+        up = _cluster_sh("up", image=sif)
     except (ClusterError, subprocess.TimeoutExpired, OSError) as exc:
         _cluster_sh("down", check=False)
         pytest.fail(f"the Slurm test cluster did not start:\n{exc}", pytrace=False)
@@ -406,8 +406,8 @@ def udir(slurm_cluster) -> Path:
 
 
 @pytest.fixture
-def job_env(slurm_cluster, image) -> dict[str, str]:
-    """What every test job adds to hpcuser's login environment: the image, and a private shared
-    folder of its own for the cluster folders (so a test can check it is left empty)."""
-    return {"HPCDASK_IMAGE": str(image),
+def job_env(slurm_cluster, sif) -> dict[str, str]:
+    """What every test job adds to hpcuser's login environment: the image (the SIF), and a private
+    shared folder of its own for the cluster folders (so a test can check it is left empty)."""
+    return {"HPCDASK_IMAGE": str(sif),
             "HPCDASK_SHARED_DIR": str(slurm_cluster.mkdtemp("clusters-"))}

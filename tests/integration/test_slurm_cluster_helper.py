@@ -109,7 +109,8 @@ def cancel_leftovers(slurm_cluster, workdir: Path) -> list[str]:
     return left
 
 
-def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, image, udir):
+def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
+    image = sif
     shared = slurm_cluster.mkdtemp("clusters-")
     binds, prefix = host_slurm_in_image(slurm_cluster, udir / "mnt")
     slurm_cluster.give(udir / "mnt")

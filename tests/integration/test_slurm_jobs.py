@@ -28,6 +28,12 @@ MEASURE = Path(os.environ.get("HPCDASK_MEASUREMENTS", "/tmp/hpcdask-measurements
 MiB = 2**20
 
 
+def sif_id(path: str) -> str:
+    from hpcdask import sif
+
+    return sif.read_header(path).id
+
+
 def jobscript(slurm_cluster, name: str) -> Path:
     """A jobscript as users on the cluster see it (the checkout, read-only, at its shared path)."""
     return slurm_cluster.src / "jobscripts" / "slurm" / name
@@ -123,7 +129,8 @@ def test_all_in_one_runs_the_default_workload_medium_on_three_nodes(slurm_cluste
     for role in ("scheduler", "client", *workers):
         rep = metrics["roles"][role]
         assert rep["container"] == str(Path(job_env["HPCDASK_IMAGE"]).resolve()), (role, rep)
-        assert rep["image"] == LOCK_LABEL, (role, rep)
+        # The lock, and the ID in the SIF's header: every role runs from this very file.
+        assert rep["image"] == f"{LOCK_LABEL} sif:{sif_id(job_env['HPCDASK_IMAGE'])}", (role, rep)
     assert metrics["score"] == metrics["baseline_score"], metrics
     assert metrics["cluster"]["workers"] == 3
     # Memory: the workers leave their nannies' share, and on the batch node the scheduler's and

@@ -23,7 +23,7 @@ from distributed import Client, Nanny, Scheduler
 from distributed.core import rpc
 from distributed.security import Security
 
-from hpcdask import config, memory, netif, schedfile, security, versions
+from hpcdask import config, gpu, memory, netif, schedfile, security, versions
 from hpcdask.errors import BadInput, Refused
 
 logger = logging.getLogger("hpcdask")
@@ -145,6 +145,7 @@ class WorkerSpec:
     job_end: float | None = None
     name: str | None = None
     tls: bool = True
+    gpus: bool | None = None
 
 
 def local_directory(given: str | None) -> str:
@@ -199,6 +200,9 @@ def run_worker(spec: WorkerSpec) -> None:
     iface = config.get("interface", spec.interface)
     host = netif.address_of(iface)
     nworkers = config.get("nworkers", spec.nworkers)
+    gpus = gpu.devices() if config.get("gpu", spec.gpus) else []
+    if gpus:
+        nworkers = len(gpus)  # one worker process per GPU
     threads, mem = memory.worker_sizing(nworkers, config.get("nthreads", spec.nthreads),
                                         config.get("memory-limit", spec.memory_limit))
     preset = memory.preset(config.get("memory-preset", spec.memory_preset))
@@ -210,7 +214,7 @@ def run_worker(spec: WorkerSpec) -> None:
     sec = connection(info, path, spec.tls, "worker")
     with dask.config.set(preset):
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
-                                   local_dir, life, spec.name))
+                                   local_dir, life, spec.name, gpus))
 
 
 def _lifetime(spec: WorkerSpec) -> float | None:
@@ -229,18 +233,29 @@ def _lifetime(spec: WorkerSpec) -> float | None:
 
 
 async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local_dir, life,
-                         name) -> None:
+                         name, gpus=()) -> None:
     timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
     me = f"worker {name or socket.gethostname()}"
     ref = await scheduler_identity(address, sec, "worker", path, timeout)
     refuse_if_different(ref, versions.identity(), me)
     base = name or f"{socket.gethostname()}-{os.getpid()}"
     extra = {"lifetime": life, "lifetime_restart": False} if life else {}
-    nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
-                     local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
-                     dashboard_address="127.0.0.1:0", death_timeout=timeout, **extra)
-               for i in range(nworkers)]
-    await asyncio.gather(*nannies)
+    if gpus and gpu.has_dask_cuda():
+        from dask_cuda import CUDAWorker  # one nanny per GPU, CUDA_VISIBLE_DEVICES rotated
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        cuda = CUDAWorker(address, host=host, nthreads=threads, name=base, memory_limit=mem,
+                          security=sec, local_directory=local_dir,
+                          dashboard_address="127.0.0.1:0", death_timeout=timeout, **extra)
+        await cuda
+        nannies = list(cuda.nannies)
+    else:
+        nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
+                         local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
+                         dashboard_address="127.0.0.1:0", death_timeout=timeout,
+                         **_gpu_kwargs(i, gpus), **extra)
+                   for i in range(nworkers)]
+        await asyncio.gather(*nannies)
     logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each", nworkers, host,
                 address, threads, dask.utils.format_bytes(mem))
     finished = asyncio.gather(*[n.finished() for n in nannies])
@@ -248,6 +263,14 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     if why != "finished":
         logger.info("hpcdask: worker(s) on %s stopping (%s)", host, why)
         await asyncio.gather(*[n.close(timeout=20) for n in nannies], return_exceptions=True)
+
+
+def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:
+    """Worker ``i`` of a GPU node: its own CUDA_VISIBLE_DEVICES order and a GPU resource."""
+    if not gpus:
+        return {}
+    return {"env": {"CUDA_VISIBLE_DEVICES": gpu.visible_for(i, list(gpus))},
+            "resources": {"GPU": 1}}
 
 
 # --- client ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dask.utils
 
-from hpcdask import config, launch, netif, schedfile, security
+from hpcdask import config, netif, schedfile, security
 from hpcdask.files import atomic_write
 
 logger = logging.getLogger("hpcdask")
@@ -58,9 +58,13 @@ def serve(scheduler_file: Path, port: int | None, root_dir: Path | None) -> None
     os.environ["JUPYTER_TOKEN"] = token
     for line in tunnel_lines(port, token_file):
         logger.info(line)
-    logger.info(launch.tunnel_hint("loopback", config.get("dashboard-port")))
     argv = ["--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
-            f"--ServerApp.root_dir={root_dir or Path.cwd()}"]
+            f"--ServerApp.root_dir={root_dir or Path.cwd()}",
+            # Compute nodes have no internet: no news, update checks or PyPI extension search.
+            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly"]
+    if os.geteuid() == 0:  # test machines and containers; never needed as a cluster's user
+        argv.append("--allow-root")
     try:
         LabApp.launch_instance(argv=argv)
     finally:

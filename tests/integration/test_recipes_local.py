@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 def scheduler(d: Path, env=None) -> tuple[subprocess.Popen, Path]:
     path = d / "scheduler.json"
-    proc = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo"],
+    proc = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
+                  "--dashboard", "off"],
                  d.parent / f"{d.name}-scheduler.log", env)
     deadline = time.time() + 60
     while not path.exists():
@@ -232,3 +233,196 @@ def test_gpu_worker_hands_over_to_dask_cuda_when_installed(cluster, tmp_path):
     address = json.loads(cluster["path"].read_text())["address"]
     assert got == {"scheduler": address, "cvd": "0,1", "tls": True, "ca": True,
                    "host": "127.0.0.1", "nthreads": 2, "memory_limit": 2**30}
+
+
+# --- provenance: bad files --------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, says", [
+    ("{not json", "is not JSON"),
+    ('{"address": "tls://1.2.3.4:8786"}', "is not an hpcdask provenance record"),
+    ('["a"]', "is not an hpcdask provenance record"),
+    ('{"kind": "hpcdask-provenance", "format": 99}', "has provenance format 99"),
+    ('{"kind": "hpcdask-provenance", "format": 1, "roles": {"x": {"python": 3}}}',
+     'has no valid "roles"'),
+])
+def test_versions_against_a_malformed_or_foreign_file_is_one_line_exit_2(tmp_path, content, says):
+    f = tmp_path / "provenance.json"
+    f.write_text(content)
+    proc = hpcdask("versions", "--against", str(f), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_versions_against_a_missing_file_is_one_line_exit_2(tmp_path):
+    proc = hpcdask("versions", "--against", str(tmp_path / "nope.json"), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "cannot read" in proc.stderr
+
+
+# --- Jupyter next to the cluster --------------------------------------------------------------
+
+def http(url: str, token: str | None = None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        return opener.open(req, timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+@pytest.fixture(scope="module")
+def lab(cluster):
+    log = cluster["logs"] / "jupyter.log"
+    root = cluster["logs"] / "notebooks"
+    root.mkdir()
+    proc = start(["jupyter", "--scheduler-file", str(cluster["path"]), "--port", "0",
+                  "--root-dir", str(root)], log)
+    token_file = cluster["dir"] / "jupyter-token"
+    deadline = time.time() + 120
+    port = None
+    while True:
+        assert proc.poll() is None, log.read_text()
+        assert time.time() < deadline, log.read_text()
+        text = log.read_text()
+        if port is None and "ssh -N -L " in text:
+            port = int(text.split("ssh -N -L ", 1)[1].split(":", 1)[0])
+        if port and token_file.exists() and "is running at" in text:
+            break
+        time.sleep(0.2)
+    try:
+        yield {"port": port, "token": token_file.read_text().strip(), "token_file": token_file,
+               "proc": proc, "log": log, "root": root, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        assert stop(proc) == 0, log.read_text()
+        assert not token_file.exists()  # removed when the lab ends
+
+
+def test_lab_token_is_private_and_never_shown(lab):
+    assert stat_mode(lab["token_file"]) == 0o600
+    assert len(lab["token"]) >= 40
+    assert lab["token"] not in lab["log"].read_text()
+    assert not any(lab["token"] in " ".join(p.cmdline()) for p in family(lab["proc"].pid))
+    text = lab["log"].read_text()
+    assert f"ssh -N -L {lab['port']}:127.0.0.1:{lab['port']} -J LOGIN " in text
+    assert f"http://localhost:{lab['port']}/lab?token=TOKEN" in text
+    assert f"cat {lab['token_file']}" in text
+
+
+def stat_mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+def family(pid: int) -> list[psutil.Process]:
+    p = psutil.Process(pid)
+    return [p, *p.children(recursive=True)]
+
+
+def test_lab_answers_200_with_the_token_and_403_without(lab):
+    assert http(f"{lab['url']}/lab?token={lab['token']}") == 200
+    assert http(f"{lab['url']}/api/status", lab["token"]) == 200
+    assert http(f"{lab['url']}/api/status") == 403
+    assert http(f"{lab['url']}/api/status", "wrong-token") == 403
+    assert http(f"{lab['url']}/api/contents") == 403
+    assert http(f"{lab['url']}/lab") == 302  # to the login page, nothing of the lab
+
+
+def test_nothing_of_the_lab_listens_off_loopback(lab):
+    # A kernel too: started through the lab's API, so its sockets are the lab's children's.
+    req = urllib.request.Request(f"{lab['url']}/api/kernels", data=b"{}", method="POST",
+                                 headers={"Authorization": f"token {lab['token']}"})
+    kernel = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    try:
+        deadline = time.time() + 60
+        while len(family(lab["proc"].pid)) < 2:
+            assert time.time() < deadline, "no kernel process"
+            time.sleep(0.2)
+        time.sleep(2)
+        listening = [(p.pid, c.laddr) for p in family(lab["proc"].pid)
+                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert len(listening) >= 2  # the lab and the kernel's ZMQ ports
+        assert all(addr.ip == "127.0.0.1" for _, addr in listening), listening
+    finally:
+        req = urllib.request.Request(f"{lab['url']}/api/kernels/{kernel['id']}", method="DELETE",
+                                     headers={"Authorization": f"token {lab['token']}"})
+        urllib.request.urlopen(req, timeout=30)
+
+
+NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": [
+            "import dask.array as da\n", "import hpcdask\n",
+            "from distributed import get_client\n",
+            "client = hpcdask.client()\n",
+            "print('same client:', get_client() is client)\n",
+            "print('scheduler:', client.scheduler.address)\n"]},
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": [
+            "x = da.arange(1_000_000, chunks=100_000)\n",
+            "print('sum:', int(x.sum().compute()))\n",
+            "print('workers:', sorted(client.scheduler_info()['workers']))\n"]},
+    ],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def test_notebook_sums_a_dask_array_on_the_cluster_headless(cluster, lab, tmp_path):
+    nb = tmp_path / "sum.ipynb"
+    nb.write_text(json.dumps(NOTEBOOK))
+    env = {**os.environ, "HPCDASK_SCHEDULER_FILE": str(cluster["path"])}  # as the lab's kernels get
+    jupyter = Path(sys.executable).with_name("jupyter")
+    proc = subprocess.run([str(jupyter), "nbconvert", "--to", "notebook", "--execute",
+                           "--output", "done.ipynb", str(nb)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads((tmp_path / "done.ipynb").read_text())
+    texts = [o.get("text", "") for c in done["cells"] for o in c["outputs"]]
+    out = "".join("".join(t) if isinstance(t, list) else t for t in texts)
+    address = json.loads(cluster["path"].read_text())["address"]
+    assert "same client: True\n" in out
+    assert f"scheduler: {address}\n" in out and address.startswith("tls://127.0.0.1:")
+    assert "sum: 499999500000\n" in out
+    assert "workers: ['tls://127.0.0.1:" in out
+    assert not [o for c in done["cells"] for o in c["outputs"] if o["output_type"] == "error"]
+
+
+def test_notebook_without_a_cluster_is_told_how(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HPCDASK_SCHEDULER_FILE"}
+    proc = subprocess.run([sys.executable, "-c", "import hpcdask; hpcdask.client()"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1
+    assert "no cluster named: pass hpcdask.client('/path/to/scheduler.json')" in proc.stderr
+
+
+def test_real_chromium_shows_the_lab(lab):
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: apt-get install chromium (tests/setup-host.sh)"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "jupyterlab.png"
+    shot.unlink(missing_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--window-size=1280,800", "--virtual-time-budget=20000"]
+    url = f"{lab['url']}/lab?token={lab['token']}"
+    profile = lab["root"].parent / "chromium-profile"
+
+    def browse(*what: str) -> subprocess.CompletedProcess:
+        shutil.rmtree(profile, ignore_errors=True)
+        return subprocess.run([chromium, *flags, f"--user-data-dir={profile}", *what, url],
+                              capture_output=True, text=True, timeout=180)
+
+    dom = browse("--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # The lab's own shell rendered by its JavaScript, not a login or error page.
+    assert 'id="jp-main-dock-panel"' in dom.stdout or "jp-LabShell" in dom.stdout, dom.stdout[:2000]
+    title = dom.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    assert title.startswith("JupyterLab"), title  # not "403: Forbidden" or the login page
+    png = browse(f"--screenshot={shot}")
+    assert png.returncode == 0, png.stderr[-2000:]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

@@ -88,3 +88,32 @@ def test_walltime_too_short_for_the_margin(shared):
     with pytest.raises(BadInput, match="leaves no time"):
         cluster.job_kwargs("/img", walltime="00:02:00", scheduler_interface="lo",
                            require_image=False)
+
+
+def test_slurm_gpu_job_script_one_gpu_per_worker_job(shared):
+    """No GPU here: the job script as text (dask-jobqueue's job_script())."""
+    with cluster.slurm_cluster("/img/hpcdask.sif", cores=4, memory="8GiB", gpus=1,
+                               scheduler_interface="lo", require_image=False,
+                               dashboard="off") as c:
+        script = c.job_script()
+    lines = script.splitlines()
+    assert "#SBATCH --gres=gpu:1" in lines
+    cmd = lines[-1]
+    assert cmd.startswith("apptainer exec --nv --bind ")
+    assert "--resources GPU=1" in cmd and "--nworkers" not in cmd  # one worker process
+
+
+def test_slurm_cpu_job_script_has_no_gpu_parts(shared):
+    with cluster.slurm_cluster("/img/hpcdask.sif", cores=1, memory="1GiB",
+                               scheduler_interface="lo", require_image=False,
+                               dashboard="off") as c:
+        script = c.job_script()
+    assert "--gres" not in script and "--nv" not in script and "GPU=1" not in script
+
+
+@pytest.mark.parametrize("kwargs", [{"gpus": 2}, {"gpus": 1, "processes": 2}])
+def test_slurm_gpu_more_than_one_per_job_is_one_line(shared, kwargs):
+    with pytest.raises(BadInput, match=r"use gpus=1 and cluster.scale\(jobs=N\)"):
+        cluster.slurm_cluster("/img/hpcdask.sif", cores=2, memory="1GiB",
+                              scheduler_interface="lo", require_image=False, dashboard="off",
+                              **kwargs)

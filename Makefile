@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .PHONY: help run test test-unit lock venv sif docker image compose-test cluster-up cluster-down \
-        cluster-env cluster-deps host-deps bench clean
+        cluster-env cluster-login cluster-deps host-deps bench clean
 
 help:
-	@echo "make run | test | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
+	@echo "make run | test | lock | sif | docker | image | compose-test | cluster-up | cluster-login | cluster-down | cluster-env | bench | clean"
 
 # --- environments -----------------------------------------------------------------------------
 # .venv is exactly the lock (+ hpcdask itself): what `make run` uses and what the lock test checks.
@@ -75,7 +75,7 @@ compose-test: host-deps $(TVENV)/.done
 cluster-deps:
 	bash tests/cluster/cluster.sh deps
 
-cluster-up:
+cluster-up: host-deps
 	bash tests/cluster/cluster.sh up
 
 cluster-down:
@@ -83,6 +83,9 @@ cluster-down:
 
 cluster-env:
 	@bash tests/cluster/cluster.sh env
+
+cluster-login:
+	bash tests/cluster/cluster.sh login
 
 # --- benchmarks -------------------------------------------------------------------------------
 bench: host-deps $(VENV)/.done

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from cluster.fixtures import slurm_cluster  # noqa: E402, F401
+from cluster.fixtures import job_env, slurm_cluster, udir  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")

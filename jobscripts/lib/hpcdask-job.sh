@@ -17,12 +17,17 @@
 #   HPCDASK_CLUSTER_DIR    the cluster folder of the scheduler job + worker jobs pattern
 #   HPCDASK_READY_TIMEOUT  how long to wait for every worker to join (default 300s)
 #   HPCDASK_STOP_TIMEOUT   seconds the workers get to retire once the client is done (default 60)
+#   HPCDASK_KILL_GRACE     seconds the roles get to end on SIGTERM/exit before SIGKILL (default 4:
+#                          inside Slurm's KillWait, which is 30 s on most sites)
+# The interface is hpcdask's setting (hpcdask.yaml: ib0), so ~/.config/dask/*.yaml,
+# DASK_HPCDASK__INTERFACE and HPCDASK_INTERFACE all reach the roles unchanged.
+# Node-local scratch: $TMPDIR (Slurm/PBS make it per job on each node) is bound into the image
+# and is the workers' local directory; nothing of the job is written to /tmp.
 
-# Defaults that the scripts' readers should see here, not only in hpcdask.yaml.
-export HPCDASK_INTERFACE=${HPCDASK_INTERFACE:-ib0}
 HJ_APPTAINER=${HPCDASK_APPTAINER:-apptainer}
 HJ_READY_TIMEOUT=${HPCDASK_READY_TIMEOUT:-300s}
 HJ_STOP_TIMEOUT=${HPCDASK_STOP_TIMEOUT:-60}
+HJ_KILL_GRACE=${HPCDASK_KILL_GRACE:-4}
 
 HJ_EXEC=()        # apptainer exec [--bind ...] IMAGE: the prefix of every role
 HJ_DIR=''         # this cluster's folder (scheduler file + credentials)
@@ -55,14 +60,47 @@ hj_require() {
         hj_die 2 "'$HJ_APPTAINER' not found on PATH of $(hostname); module load apptainer, or set HPCDASK_APPTAINER=/path/to/apptainer"
 }
 
-# The per-cluster folder on the shared filesystem, private (0700); sets HJ_DIR and HJ_EXEC.
+# The shared parent of the cluster folders: created private when missing.
+hj_shared_dir() {
+    local d=${HPCDASK_SHARED_DIR:-$HOME/.hpcdask/clusters}
+    (umask 077 && mkdir -p "$d") 2>/dev/null ||
+        hj_die 2 "cannot create $d; set HPCDASK_SHARED_DIR to a folder you can write on the shared filesystem"
+    echo "$d"
+}
+
+# A new cluster folder of this job under the shared folder, made exclusively (mktemp -d: 0700, a
+# name no other job or user has): two jobs never share, overwrite or delete each other's files.
+hj_new_cluster_dir() {
+    local parent
+    parent=$(hj_shared_dir) || exit $?
+    HJ_DIR=$(mktemp -d "$parent/job-$1.XXXXXX") ||
+        hj_die 2 "cannot create a cluster folder in $parent; set HPCDASK_SHARED_DIR to a folder you can write"
+    HJ_OWN_DIR=1
+    hj_exec_prefix
+}
+
+# The named cluster folder DIR (scheduler job + worker jobs). MAKE=1 (the scheduler job): create it
+# exclusively when missing, and then it is this job's to remove; an existing one is only used
+# (hpcdask scheduler refuses one that holds a live cluster's scheduler file).
 hj_cluster_dir() {
     HJ_DIR=$1
-    (umask 077 && mkdir -p "$HJ_DIR") 2>/dev/null ||
-        hj_die 2 "cannot create the cluster folder $HJ_DIR; set HPCDASK_SHARED_DIR to a folder you can write on the shared filesystem"
-    chmod 700 "$HJ_DIR"
+    if [ "${2:-0}" = 1 ] && [ ! -e "$HJ_DIR" ]; then
+        (umask 077 && mkdir -p "$(dirname "$HJ_DIR")" && mkdir "$HJ_DIR") 2>/dev/null ||
+            hj_die 2 "cannot create the cluster folder $HJ_DIR; set HPCDASK_CLUSTER_DIR to a new folder you can write on the shared filesystem"
+        HJ_OWN_DIR=1
+    fi
+    [ -d "$HJ_DIR" ] || hj_die 2 "cluster folder $HJ_DIR does not exist; submit the scheduler job first (sbatch dask-scheduler.sbatch) with the same HPCDASK_CLUSTER_DIR"
+    hj_exec_prefix
+}
+
+# HJ_EXEC: apptainer exec with the cluster folder, node-local scratch and HPCDASK_BIND bound.
+hj_exec_prefix() {
     HJ_EXEC=("$HJ_APPTAINER" exec --bind "$HJ_DIR")
-    local b
+    local b spec
+    # $TMPDIR is per job and node-local (the batch system makes it); Apptainer binds /tmp but not it.
+    if [ -n "${TMPDIR:-}" ] && [ -d "$TMPDIR" ]; then
+        case $TMPDIR in /tmp | /var/tmp) ;; *) HJ_EXEC+=(--bind "$TMPDIR") ;; esac
+    fi
     if [ -n "${HPCDASK_BIND:-}" ]; then
         IFS=, read -ra b <<<"$HPCDASK_BIND"
         for spec in "${b[@]}"; do HJ_EXEC+=(--bind "$spec"); done
@@ -157,17 +195,17 @@ hj_launch_workers() {
     fi
 }
 
-# Start the scheduler (FILE) in the background and wait until it has written FILE.
+# Start the scheduler (FILE) in the background and wait until it has published its address in
+# FILE. An existing FILE is never removed here: hpcdask scheduler refuses it, naming its owner.
 hj_start_scheduler() {
     local file=$1
-    rm -f "$file"
     HJ_FILE=$file
     "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" &
     HJ_SCHED=$!
     # Its readiness is the file itself (written once it listens); the loop only also notices
     # a scheduler that failed, so an error shows at once instead of after a timeout.
     local limit=$((SECONDS + 120))
-    until [ -s "$file" ]; do
+    until grep -qs '"address"' "$file"; do
         if ! kill -0 "$HJ_SCHED" 2>/dev/null; then
             local rc=0
             wait "$HJ_SCHED" || rc=$?
@@ -282,12 +320,14 @@ hj_shutdown() {
     fi
 }
 
-# Trap on any exit: end what still runs (TERM, then KILL after 10 s), remove the job's folder.
+# Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:
+# inside Slurm's KillWait), then remove what this job made, and nothing else.
 hj_cleanup() {
-    local pids=() p
+    local pids=() p ours=0
     # First, so no worker or client finds a cluster that is going away (the scheduler removes
     # it too, but Slurm's KillWait may SIGKILL it before it gets there).
     if [ -n "$HJ_FILE" ] && hj_ours "$HJ_FILE"; then
+        ours=1
         rm -f -- "$HJ_FILE"
     fi
     for p in "$HJ_CLIENT" "$HJ_WAITER" "$HJ_SCHED" "$HJ_WORKERS"; do
@@ -295,13 +335,21 @@ hj_cleanup() {
     done
     if [ ${#pids[@]} -gt 0 ]; then
         kill -TERM "${pids[@]}" 2>/dev/null || true
-        for p in "${pids[@]}"; do hj_wait_pid "$p" 10 || kill -KILL "$p" 2>/dev/null || true; done
+        local limit=$((SECONDS + HJ_KILL_GRACE)) left
+        while :; do
+            left=()
+            for p in "${pids[@]}"; do hj_alive "$p" && left+=("$p"); done
+            if [ ${#left[@]} -eq 0 ] || [ "$SECONDS" -ge "$limit" ]; then break; fi
+            sleep 0.1
+        done
+        [ ${#left[@]} -eq 0 ] || kill -KILL "${left[@]}" 2>/dev/null || true
+        wait 2>/dev/null || true
     fi
     if [ "$HJ_OWN_DIR" = 1 ] && [ -n "$HJ_DIR" ]; then
         rm -rf -- "$HJ_DIR"
-    else
-        # A kept folder (HPCDASK_CLUSTER_DIR) loses only the dead cluster's credentials.
-        [ -z "$HJ_DIR" ] || rm -f -- "$HJ_DIR"/ca.pem "$HJ_DIR"/cluster.pem "$HJ_DIR"/cluster.key
+    elif [ "$ours" = 1 ]; then
+        # A kept folder (HPCDASK_CLUSTER_DIR) loses only this job's dead cluster's credentials.
+        rm -f -- "$HJ_DIR"/ca.pem "$HJ_DIR"/cluster.pem "$HJ_DIR"/cluster.key
     fi
 }
 
@@ -320,12 +368,17 @@ hj_traps() {
 
 # The all-in-one job: scheduler on this node, NODES x NWORKERS workers, the client here; exits
 # with the client's exit code. FILE, NODES, then the client's arguments.
+# The workers live as long as the job (no --lifetime: there is no longer-lived scheduler to hand
+# their results to); those on this node leave memory to the scheduler and the client
+# (HPCDASK_BATCH_HOST: hpcdask.memory's batch-node reserve).
 hj_all_in_one() {
     local file=$1 nodes=$2
     shift 2
     local n=$((nodes * ${HPCDASK_NWORKERS:-1}))
+    export HPCDASK_BATCH_HOST
+    HPCDASK_BATCH_HOST=$(hostname)
     hj_start_scheduler "$file"
-    hj_launch_workers "$file" "$(hj_job_end)" "$nodes"
+    hj_launch_workers "$file" "" "$nodes"
     hj_wait_ready "$file" "$n"
     hj_start_client "$file" "$@"
     hj_wait_client

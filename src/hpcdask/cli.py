@@ -63,6 +63,20 @@ def main() -> None:
     DASK_HPCDASK__KEY or HPCDASK_KEY environment variables.
     """
     _logging()
+    _private_scratch()
+
+
+def _private_scratch() -> None:
+    """Every distributed server of this process (the scheduler's too) keeps its workspace in a
+    private folder of node-local scratch ($TMPDIR, else /tmp), removed when the command ends:
+    distributed's own default leaves lock files behind in a folder that jobs and users share."""
+    import dask.config
+
+    ctx = click.get_current_context()
+    if ctx.resilient_parsing or "--help" in sys.argv or "-h" in sys.argv:
+        return
+    d = ctx.with_resource(launch.scratch(launch.local_directory(None)))
+    dask.config.set({"temporary-directory": d})
 
 
 @main.command(context_settings=CONTEXT)
@@ -330,7 +344,8 @@ def preflight(interface, scheduler_file, memory_limit, nworkers, local_directory
         click.echo(f"ok scheduler file folder {folder}: private and writable")
     alloc = memory.allocation()
     threads, mem = memory.worker_sizing(config.get("nworkers", nworkers), None,
-                                        config.get("memory-limit", memory_limit), alloc)
+                                        config.get("memory-limit", memory_limit), alloc,
+                                        **memory.reserves())
     if mem > alloc.memory:
         raise BadInput(f"memory limit {mem} B per worker exceeds this node's allocation "
                        f"({alloc.memory} B from {alloc.source}); lower --memory-limit")

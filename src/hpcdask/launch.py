@@ -8,11 +8,15 @@ any role whose environment differs from the scheduler's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,33 +85,37 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
     daddr = dashboard_address(dmode, host, dport)
     if daddr:
         netif.check_port_free(daddr.rsplit(":", 1)[0], dport, "--dashboard-port")
-    path = schedfile.prepare(scheduler_file)
-    cluster_id = schedfile.job_id() or uuid.uuid4().hex[:8]
-    if tls:
-        sec = security.create(path.parent, cluster_id).security()
-    else:
-        warn_no_tls("the scheduler")
-        sec = Security()
-    asyncio.run(_serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec))
+    path, token = schedfile.claim(scheduler_file, tls)
+    creds = None
+    try:
+        cluster_id = schedfile.job_id() or uuid.uuid4().hex[:8]
+        if tls:
+            creds = security.create(path.parent, cluster_id)
+            sec = creds.security()
+        else:
+            warn_no_tls("the scheduler")
+            sec = Security()
+        asyncio.run(_serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec))
+    finally:
+        # Only this scheduler's own files: its claim, and the credentials it made under it.
+        if schedfile.remove_if_ours(path, token) and creds is not None:
+            creds.remove()
 
 
-async def _serve_scheduler(path, host, port, dmode, daddr, dport, tls, sec) -> None:
+async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec) -> None:
     guard = versions.IdentityGuard()
     async with Scheduler(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
                          dashboard=daddr is not None, dashboard_address=daddr,
                          plugins=[guard]) as s:
-        schedfile.write(path, s.identity(), tls)
+        schedfile.write(path, s.identity(), token, tls)
         logger.info("hpcdask scheduler at %s, scheduler file %s", s.address, path)
         if daddr:
             logger.info(tunnel_hint(dmode, dport))
-        try:
-            why = await _until_signalled(asyncio.Event(), s.finished())
-            if why != "finished":
-                logger.info("hpcdask scheduler stopping (%s): retiring %d worker(s)", why,
-                            len(s.workers))
-                await retire_all(s)
-        finally:
-            schedfile.remove_if_ours(path, s.id)
+        why = await _until_signalled(asyncio.Event(), s.finished())
+        if why != "finished":
+            logger.info("hpcdask scheduler stopping (%s): retiring %d worker(s)", why,
+                        len(s.workers))
+            await retire_all(s)
 
 
 async def retire_all(s: Scheduler, timeout: float = 30) -> None:
@@ -116,9 +124,11 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
-        if any(ws.nanny for ws in s.workers.values()):
-            await asyncio.wait_for(s.broadcast(msg={"op": "terminate", "reason": "hpcdask-shutdown"},
-                                               nanny=True, on_error="ignore"), timeout)
+        nannies = [ws.nanny for ws in s.workers.values() if ws.nanny]
+        if nannies:
+            # Fire and forget (reply=False): a nanny closes its comm as it terminates, which
+            # distributed's broadcast() would log as an ERROR for every worker.
+            await asyncio.wait_for(asyncio.gather(*[_terminate(s, n) for n in nannies]), timeout)
         if s.workers:  # workers without a nanny close themselves
             await asyncio.wait_for(s.retire_workers(close_workers=True, remove=False,
                                                     stimulus_id="hpcdask-shutdown"), timeout)
@@ -128,6 +138,13 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
     except asyncio.TimeoutError:
         logger.warning("hpcdask: workers did not stop within %ss; closing anyway", timeout)
     await s.close(reason="hpcdask-shutdown")
+
+
+async def _terminate(s: Scheduler, nanny: str) -> None:
+    try:
+        await s.rpc(nanny).terminate(reply=False, reason="hpcdask-shutdown")
+    except OSError:  # already gone
+        pass
 
 
 # --- worker ------------------------------------------------------------------------------------
@@ -204,7 +221,8 @@ def run_worker(spec: WorkerSpec) -> None:
     if gpus:
         nworkers = len(gpus)  # one worker process per GPU
     threads, mem = memory.worker_sizing(nworkers, config.get("nthreads", spec.nthreads),
-                                        config.get("memory-limit", spec.memory_limit))
+                                        config.get("memory-limit", spec.memory_limit),
+                                        **memory.reserves())
     preset = memory.preset(config.get("memory-preset", spec.memory_preset))
     local_dir = local_directory(spec.local_directory)
     life = _lifetime(spec)
@@ -212,9 +230,21 @@ def run_worker(spec: WorkerSpec) -> None:
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
     info = schedfile.wait(path, timeout)
     sec = connection(info, path, spec.tls, "worker")
-    with dask.config.set(preset):
+    with dask.config.set(preset), scratch(local_dir) as d:
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
-                                   local_dir, life, spec.name, gpus))
+                                   d, life, spec.name, gpus))
+
+
+@contextlib.contextmanager
+def scratch(parent: str):
+    """A private folder of this process's workers inside ``parent`` (node-local $TMPDIR or /tmp),
+    removed whole when they end: distributed leaves its workspace's lock files behind, and
+    ``parent`` may be shared with other jobs and users."""
+    d = tempfile.mkdtemp(prefix="hpcdask-", dir=parent)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _lifetime(spec: WorkerSpec) -> float | None:
@@ -331,7 +361,8 @@ def check_cluster(client: Client) -> dict[str, dict[str, Any]]:
 
 def local_cluster(n_workers: int | None = None, threads_per_worker: int | None = None,
                   tls: bool = True, memory_limit: str | None = None):
-    """The embedded default: a LocalCluster sized to the machine, TLS on loopback."""
+    """The embedded default: a LocalCluster sized to the machine, TLS on loopback; its workers'
+    scratch (a private folder) is removed once it is gone, at the latest when Python exits."""
     from distributed import LocalCluster
 
     alloc = memory.allocation()
@@ -340,9 +371,16 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     mem = memory.parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
     kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                  local_directory=local_directory(None), silence_logs=logging.WARNING)
+                                  silence_logs=logging.WARNING)
     if tls:
         kwargs.update(security=Security.temporary(), protocol="tls://")
     else:
         warn_no_tls("the local cluster")
-    return LocalCluster(**kwargs)
+    d = tempfile.mkdtemp(prefix="hpcdask-", dir=local_directory(None))
+    try:
+        cluster = LocalCluster(local_directory=d, **kwargs)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    weakref.finalize(cluster, shutil.rmtree, d, True)
+    return cluster

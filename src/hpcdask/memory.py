@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import dask.utils
 import psutil
 
+from hpcdask import config
 from hpcdask.errors import BadInput
 
 # Seed 003 ("memory policy for nodes without local storage"): with no local disk, spilling
@@ -60,13 +62,23 @@ class Allocation:
     cpus: int
     memory: int
     source: str
+    batch_node: bool = False  # the all-in-one job's first node: the scheduler and client run here
+
+
+def node_memory() -> int:
+    """What this node really allows: distributed's MEMORY_LIMIT (the machine's memory, capped by a
+    cgroup limit and RLIMIT_RSS), so a job without ``--mem`` never sizes workers to more than that."""
+    from distributed.system import MEMORY_LIMIT
+
+    return int(min(MEMORY_LIMIT, psutil.virtual_memory().total))
 
 
 def allocation(env: Mapping[str, str] | None = None) -> Allocation:
     """CPUs and memory of this node's share of the job: SLURM, PBS, else the machine."""
     env = os.environ if env is None else env
     machine_cpus = len(os.sched_getaffinity(0))
-    machine_mem = psutil.virtual_memory().total
+    machine_mem = node_memory()
+    batch = bool(env.get("HPCDASK_BATCH_HOST")) and env.get("HPCDASK_BATCH_HOST") == socket.gethostname()
     if "SLURM_CPUS_ON_NODE" in env or "SLURM_JOB_ID" in env:
         cpus = int(env.get("SLURM_CPUS_ON_NODE") or machine_cpus)
         if env.get("SLURM_MEM_PER_NODE"):
@@ -75,17 +87,29 @@ def allocation(env: Mapping[str, str] | None = None) -> Allocation:
             mem = int(env["SLURM_MEM_PER_CPU"]) * 2**20 * cpus
         else:
             mem = machine_mem
-        return Allocation(cpus, min(mem, machine_mem), "slurm")
+        return Allocation(cpus, min(mem, machine_mem), "slurm", batch)
     if "PBS_JOBID" in env:
         cpus = int(env.get("NCPUS") or env.get("PBS_NCPUS") or machine_cpus)
         mem = int(env.get("PBS_VMEM") or machine_mem)  # PBS Pro / Gadi: bytes
-        return Allocation(cpus, min(mem, machine_mem), "pbs")
-    return Allocation(machine_cpus, machine_mem, "machine")
+        return Allocation(cpus, min(mem, machine_mem), "pbs", batch)
+    return Allocation(machine_cpus, machine_mem, "machine", batch)
+
+
+def headroom(alloc: Allocation, nworkers: int, nanny: int, batch_reserve: int) -> int:
+    """Bytes of the allocation that are not the workers': each worker's nanny process, and on the
+    batch node the scheduler and the client (at most half the allocation). The batch system
+    counts all of them against the job, so the workers' limits must leave this much free."""
+    reserve = min(batch_reserve, alloc.memory // 2) if alloc.batch_node else 0
+    return reserve + nworkers * nanny
 
 
 def worker_sizing(nworkers: int, nthreads: int | None, memory_limit: str | int,
-                  alloc: Allocation | None = None) -> tuple[int, int]:
-    """(threads, memory bytes) per worker process, from the allocation unless given."""
+                  alloc: Allocation | None = None, nanny: int = 0,
+                  batch_reserve: int = 0) -> tuple[int, int]:
+    """(threads, memory bytes) per worker process, from the allocation unless given.
+
+    ``auto`` splits what the allocation leaves after :func:`headroom` between the workers.
+    """
     if nworkers < 1:
         raise BadInput(f"--nworkers {nworkers} must be at least 1; e.g. --nworkers 1")
     if nthreads is not None and nthreads < 1:
@@ -93,10 +117,21 @@ def worker_sizing(nworkers: int, nthreads: int | None, memory_limit: str | int,
     alloc = alloc or allocation()
     threads = nthreads or max(1, alloc.cpus // nworkers)
     if memory_limit in ("auto", None):
-        mem = alloc.memory // nworkers
+        mem = (alloc.memory - headroom(alloc, nworkers, nanny, batch_reserve)) // nworkers
+        if mem < 256 * 2**20:
+            raise BadInput(
+                f"{alloc.memory // 2**20} MiB ({alloc.source}) leaves {max(mem, 0) // 2**20} MiB per "
+                f"worker after the nannies and the batch node's scheduler and client; ask for "
+                f"more memory (sbatch --mem) or fewer workers (HPCDASK_NWORKERS)")
     else:
         mem = parse_bytes(memory_limit)
     return threads, mem
+
+
+def reserves() -> dict[str, int]:
+    """The configured headroom (hpcdask.nanny-memory, hpcdask.batch-node-reserve) in bytes."""
+    return {"nanny": parse_bytes(config.get("nanny-memory"), "nanny-memory"),
+            "batch_reserve": parse_bytes(config.get("batch-node-reserve"), "batch-node-reserve")}
 
 
 def lifetime(job_end: float | None, margin: float, stagger: float,

@@ -1,7 +1,9 @@
 """The scheduler file: how workers and clients on other nodes find the scheduler.
 
-hpcdask writes it itself (not through ``Scheduler(scheduler_file=...)``) so that it is
-written atomically with mode 0600, names its job and owner, and a stale one is refused.
+hpcdask writes it itself (not through ``Scheduler(scheduler_file=...)``) so that it is claimed
+exclusively before anything else is written (two schedulers never share a file or its folder's
+credentials), published atomically with mode 0600, names its job and owner, and a stale one is
+refused.
 Distributed's ``Client(scheduler_file=...)`` and ``dask worker --scheduler-file`` read it
 unchanged: the extra ``hpcdask`` block is ignored by them.
 """
@@ -13,6 +15,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +27,33 @@ def job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
 
 
-def prepare(path: Path) -> Path:
-    """For a new scheduler: the folder exists and is private, and no earlier file is there."""
+def claim(path: Path, tls: bool) -> tuple[Path, str]:
+    """For a new scheduler: a private folder, and ``path`` created exclusively (O_EXCL).
+
+    The claim holds the stamp (job, owner, host, ...) but no address yet: readers wait for the
+    address, and a second scheduler given the same file is refused instead of overwriting the
+    first one's file and credentials. Returns the absolute path and the claim's token, which
+    :func:`write` keeps and :func:`remove_if_ours` checks.
+    """
     path = Path(path).expanduser().absolute()
     private_dir(path.parent, what="scheduler file folder")
-    if path.exists():
-        info = _describe(path)
-        raise BadInput(f"scheduler file {path} already exists{info}; if that scheduler has "
-                       f"ended, delete the stale file: rm {path}")
-    return path
+    token = uuid.uuid4().hex
+    data = json.dumps({"hpcdask": _stamp(token, tls)}, indent=2) + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise BadInput(f"scheduler file {path} already exists{_describe(path)}; another scheduler "
+                       f"uses it: give this one its own file, or, if that scheduler has ended, "
+                       f"delete the stale file: rm {path}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+    return path, token
 
 
 def _describe(path: Path) -> str:
     try:
         meta = json.loads(path.read_text()).get("hpcdask", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return ""
     parts = [f"job {meta['job']}" if meta.get("job") else None,
              f"owner {meta['owner']}" if meta.get("owner") else None,
@@ -48,10 +63,8 @@ def _describe(path: Path) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def write(path: Path, identity: dict[str, Any], tls: bool) -> None:
-    """Write the scheduler's identity plus who and what it belongs to, atomically, mode 0600."""
-    content = dict(identity)
-    content["hpcdask"] = {
+def _stamp(token: str, tls: bool) -> dict[str, Any]:
+    return {
         "job": job_id(),
         "owner": getpass.getuser(),
         "uid": os.getuid(),
@@ -59,20 +72,31 @@ def write(path: Path, identity: dict[str, Any], tls: bool) -> None:
         "pid": os.getpid(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tls": tls,
+        "claim": token,
     }
+
+
+def write(path: Path, identity: dict[str, Any], token: str, tls: bool) -> None:
+    """Publish the scheduler's identity over its claim, atomically, mode 0600."""
+    content = dict(identity)
+    content["hpcdask"] = _stamp(token, tls)
     atomic_write(path, json.dumps(content, indent=2, default=str) + "\n")
 
 
-def read(path: Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
+def _load(path: Path) -> Any:
     try:
-        content = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except ValueError:
         raise BadInput(f"scheduler file {path} is not JSON; delete it and restart the "
                        f"scheduler: rm {path}") from None
     except PermissionError:
         raise BadInput(f"scheduler file {path} is not readable by you; use your own "
                        f"cluster's file") from None
+
+
+def read(path: Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    content = _load(path)
     if not isinstance(content, dict) or not content.get("address"):
         raise BadInput(f"scheduler file {path} has no scheduler address; delete it and "
                        f"restart the scheduler: rm {path}")
@@ -80,16 +104,22 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def wait(path: Path, timeout: float) -> dict[str, Any]:
-    """Wait up to ``timeout`` seconds for the file to appear, then read it."""
+    """Wait up to ``timeout`` seconds for the file to appear with an address, then read it."""
     path = Path(path).expanduser()
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while True:
+        content = _load(path) if path.exists() else None
+        if isinstance(content, dict) and content.get("address"):
+            return content
         if time.monotonic() > deadline:
-            raise BadInput(f"scheduler file {path} did not appear within {timeout:.0f}s; start "
-                           f"the scheduler first (hpcdask scheduler --scheduler-file {path}) "
-                           f"or raise HPCDASK_SCHEDULER_FILE_TIMEOUT")
+            if content is None:
+                raise BadInput(f"scheduler file {path} did not appear within {timeout:.0f}s; "
+                               f"start the scheduler first (hpcdask scheduler --scheduler-file "
+                               f"{path}) or raise HPCDASK_SCHEDULER_FILE_TIMEOUT")
+            raise BadInput(f"the scheduler claimed {path}{_describe(path)} but published no "
+                           f"address within {timeout:.0f}s; if it has died, delete the stale "
+                           f"file: rm {path}")
         time.sleep(0.2)
-    return read(path)
 
 
 def stale_hint(path: Path) -> str:
@@ -98,10 +128,12 @@ def stale_hint(path: Path) -> str:
             f"ended, delete the stale file: rm {path}")
 
 
-def remove_if_ours(path: Path, scheduler_id: str) -> None:
-    """Delete the file on shutdown, unless another scheduler has replaced it since."""
+def remove_if_ours(path: Path, token: str) -> bool:
+    """Delete the file on shutdown unless it is not this scheduler's claim; True if it was."""
     try:
-        if json.loads(Path(path).read_text()).get("id") == scheduler_id:
+        if json.loads(Path(path).read_text()).get("hpcdask", {}).get("claim") == token:
             Path(path).unlink()
-    except (OSError, ValueError):
+            return True
+    except (OSError, ValueError, AttributeError):
         pass
+    return False

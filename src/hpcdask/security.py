@@ -43,6 +43,11 @@ class Credentials:
     def key(self) -> Path:
         return self.folder / KEY_FILE
 
+    def remove(self) -> None:
+        """Delete the three files (the folder stays: it may hold other things)."""
+        for path in (self.ca, self.cert, self.key):
+            path.unlink(missing_ok=True)
+
     def security(self) -> Security:
         """A distributed ``Security`` for every role, encryption required."""
         ca, cert, key = str(self.ca), str(self.cert), str(self.key)

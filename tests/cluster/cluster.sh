@@ -1,47 +1,79 @@
 #!/usr/bin/env bash
-# A real multi-node Slurm cluster on this one machine, for the integration tests.
+# A Slurm cluster on this one machine, as strict as a real HPC site, for the integration tests.
 #
-#   tests/cluster/cluster.sh up       start munged, slurmctld and N slurmd "nodes" (idempotent)
-#   tests/cluster/cluster.sh down     stop everything and remove every namespace, link and mount made
-#   tests/cluster/cluster.sh env      print the exports a client needs (eval "$(... env)")
-#   tests/cluster/cluster.sh status   show daemons and nodes; exit 0 only when healthy
+#   tests/cluster/cluster.sh up       users, munged, slurmctld, a login node and N compute nodes (idempotent)
+#   tests/cluster/cluster.sh down     stop everything; remove every namespace, link, mount and user process
+#   tests/cluster/cluster.sh env      the exports a user needs (eval "$(... env)"), HPCDASK_IMAGE included
+#   tests/cluster/cluster.sh login [-u USER] [CMD...]
+#                                     CMD (default: a shell) on the login node as USER (default hpcuser)
+#   tests/cluster/cluster.sh node NAME [-u USER] CMD...   CMD on compute node NAME (default user: root)
+#   tests/cluster/cluster.sh userenv [USER]  the environment USER's login shell gets (KEY=VALUE lines)
+#   tests/cluster/cluster.sh status   daemons and nodes; exit 0 only when healthy
 #   tests/cluster/cluster.sh deps     apt-get install what this script needs
 #
-# Layout, as on a real cluster where each node has one fabric interface:
-#   host:  slurmctld + munged, bridge hpcd-br0 with $SUBNET.1/24
-#   nodeI: network namespace hpcd-nodeI holding lo and ib0 ($SUBNET.(10+I)/24, a veth whose host end
-#          hpcd-vI sits on the bridge); slurmd -N nodeI runs in it, so every job step does too.
-# Only the network is namespaced: all nodes see the host's filesystem (the "shared filesystem").
-# slurmd is started with nsenter (not `ip netns exec`, which remounts /sys).
-# Generated config, keys, logs, spools and pid files live in $STATE, never in the repository.
+# What makes it strict (each node is a separate machine in the ways that matter):
+#   users     root runs only munged, slurmctld and slurmd. Jobs are submitted by, and run as, the
+#             ordinary user hpcuser (uid >= 1000, home /home/hpcuser: the shared filesystem);
+#             otheruser exists for isolation tests. `up` creates both (they are kept by `down`).
+#   nodes     nodeI: its own network (ib0 = the fast fabric, eth0 = the management/ethernet
+#             network), hostname (UTS namespace) and /tmp, /var/tmp (mount namespace: folders under
+#             $STATE/nodes/nodeI/ bound there). Only /home and the rest of the host's filesystem are
+#             shared; the checkout is bound read-only at $STATE/src (hpcuser cannot reach the
+#             original: it may sit in root's private /tmp).
+#   login     a `login` namespace with eth0 only (no ib0), its own hostname and /tmp: where users
+#             run sbatch, clients and dask-jobqueue.
+#   $TMPDIR   a Prolog makes $STATE/local/job-<id> (0700, the job's user) on every node of a job,
+#             node-local (the node's own folder is bound there), the TaskProlog exports it as TMPDIR;
+#             the Epilog records anything left in it ($STATE/leftovers/) and removes it.
+#   memory    memory is a consumable resource (CR_Core_Memory, DefMemPerCPU) and enforced by
+#             jobacct_gather/linux with OverMemoryKill, sampled every second: a step over its
+#             allocation is killed. (No task/cgroup: that would create cgroups outside our own.)
+# A real site still differs in: a real Apptainer (setuid or user-namespace) instead of the
+# bubblewrap runner, cgroup enforcement instead of polling, Lustre/GPFS semantics, separate kernels.
+#
+# Several clusters may run at once (for parallel work): HPCDASK_CLUSTER_INSTANCE=N (0-9) changes
+# every name, subnet, port and the state folder. Generated config, keys, logs and spools live in
+# $STATE, never in the repository.
 #
 # Settings (environment):
-#   HPCDASK_CLUSTER_NODES   number of nodes (default 3; NODES is read too)
-#   HPCDASK_CLUSTER_STATE   state directory (default /var/lib/hpcdask-test/slurm)
-#   HPCDASK_CLUSTER_SUBNET  first three octets of the private /24 (default 10.253.71)
-#   HPCDASK_CLUSTER_CPUS    CPUs per node (default 2)      HPCDASK_CLUSTER_MEMORY  MiB per node (default 4000)
-#   HPCDASK_CLUSTER_PORT    slurmctld port (default 6817)
-#   HPCDASK_IMAGE           passed through by `env`
-# Needs root, iproute2, util-linux (nsenter, flock), slurm-wlm and munge.
+#   HPCDASK_CLUSTER_INSTANCE  0-9 (default 0): names hpcd-* (hpcdN-* for N > 0)
+#   HPCDASK_CLUSTER_NODES     number of compute nodes (default 3; NODES is read too)
+#   HPCDASK_CLUSTER_STATE     state directory (default /var/lib/hpcdask-test/<name>)
+#   HPCDASK_CLUSTER_SUBNET    first three octets of the ib0 /24 (default 10.253.71+2N)
+#   HPCDASK_CLUSTER_ETH_SUBNET  ... of the eth0 /24 (default 10.253.72+2N)
+#   HPCDASK_CLUSTER_CPUS      CPUs per node (default 2)      HPCDASK_CLUSTER_MEMORY  MiB per node (default 4000)
+#   HPCDASK_CLUSTER_PORT      slurmctld port (default 6817+10N)
+#   HPCDASK_IMAGE             the image for `env` (default: the test image, built by `up` when missing)
+# Needs root, iproute2, util-linux (nsenter, unshare, setpriv, flock), slurm-wlm and munge.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-bin=$here/bin
 
-STATE=${HPCDASK_CLUSTER_STATE:-/var/lib/hpcdask-test/slurm}
+INSTANCE=${HPCDASK_CLUSTER_INSTANCE:-0}
+[[ $INSTANCE =~ ^[0-9]$ ]] || { echo "cluster.sh: HPCDASK_CLUSTER_INSTANCE must be 0-9, not $INSTANCE" >&2; exit 2; }
+if [ "$INSTANCE" = 0 ]; then NAME=hpcd; else NAME=hpcd$INSTANCE; fi
+STATE=${HPCDASK_CLUSTER_STATE:-/var/lib/hpcdask-test/$NAME}
 NODES=${HPCDASK_CLUSTER_NODES:-${NODES:-3}}
-SUBNET=${HPCDASK_CLUSTER_SUBNET:-10.253.71}
+SUBNET=${HPCDASK_CLUSTER_SUBNET:-10.253.$((71 + 2 * INSTANCE))}
+ETH_SUBNET=${HPCDASK_CLUSTER_ETH_SUBNET:-10.253.$((72 + 2 * INSTANCE))}
 CPUS=${HPCDASK_CLUSTER_CPUS:-2}
 MEMORY=${HPCDASK_CLUSTER_MEMORY:-4000}
-PORT=${HPCDASK_CLUSTER_PORT:-6817}
+PORT=${HPCDASK_CLUSTER_PORT:-$((6817 + 10 * INSTANCE))}
 [[ $STATE == /?* && $STATE != *..* ]] || { echo "cluster.sh: HPCDASK_CLUSTER_STATE must be an absolute path" >&2; exit 2; }
-BRIDGE=hpcd-br0
-HOST_ADDR=$SUBNET.1
+PREFIX=$NAME-   # every namespace and link this script makes starts with it
+IB_BRIDGE=${PREFIX}ib
+ETH_BRIDGE=${PREFIX}eth
+HOST_IB=$SUBNET.1
+HOST_ETH=$ETH_SUBNET.1
+LOGIN_ETH=$ETH_SUBNET.2
 CONF=$STATE/etc/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
-LOCK=/run/lock/hpcdask-cluster.lock
-PREFIX=hpcd-   # every namespace and link this script makes starts with it
+LOCK=/run/lock/hpcdask-cluster-$NAME.lock
+USERS=(hpcuser otheruser)
+USER_PATH=/usr/local/bin:/usr/bin:/bin
+SRC=$STATE/src       # the checkout, read-only, as every node and the login node see it
+LOCAL=$STATE/local   # each node's node-local scratch is bound here ($TMPDIR of jobs lives below)
 
 say() { echo "cluster.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -51,6 +83,8 @@ took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 node_name() { echo "node$1"; }
 node_ns() { echo "${PREFIX}node$1"; }
 node_addr() { echo "$SUBNET.$((10 + $1))"; }
+node_eth() { echo "$ETH_SUBNET.$((10 + $1))"; }
+login_ns() { echo "${PREFIX}login"; }
 
 # Clients (sinfo, scontrol, ...) read the generated config.
 export SLURM_CONF=$CONF
@@ -90,7 +124,7 @@ stop_pids() {
     sleep 0.2
 }
 
-# All processes inside one of our namespaces: slurmd, slurmstepd and every job task on that node.
+# All processes inside our namespaces: holders, slurmd, slurmstepd, jobs, users' login processes.
 ns_pids() {
     local ns
     for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${PREFIX}" || true); do
@@ -98,14 +132,81 @@ ns_pids() {
     done
 }
 
+# --- namespaces of a "machine" -------------------------------------------------------------------
+
+# The holder of a machine's UTS + mount namespaces (inside its network namespace): a sleeping
+# process whose namespaces every daemon and user command of that machine enters.
+holder_pid() { pid_of "$STATE/run/holder-$1.pid" sleep; }
+
+# Start the holder of MACHINE (node1.., login) in network namespace NS.
+start_holder() {
+    local machine=$1 ns=$2 dir=$STATE/nodes/$1
+    mkdir -p "$dir/tmp" "$dir/var-tmp" "$dir/local"
+    chmod 1777 "$dir/tmp" "$dir/var-tmp"
+    chmod 0755 "$dir/local"
+    rm -f "$STATE/run/holder-$machine.ready"
+    # unshare --mount makes every mount private: these binds are this machine's alone.
+    setsid nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private -- \
+        /bin/sh -c '
+            set -e
+            hostname "$1"
+            mount --bind "$2/tmp" /tmp
+            mount --bind "$2/var-tmp" /var/tmp
+            mount --bind "$2/local" "$3"
+            mount --bind "$4" "$5"
+            mount -o remount,bind,ro "$5"
+            echo $$ >"$6.pid"
+            touch "$6.ready"
+            exec sleep infinity' sh "$machine" "$dir" "$LOCAL" "$repo" "$SRC" "$STATE/run/holder-$machine" \
+        9>&- </dev/null >>"$STATE/log/holder-$machine.out" 2>&1 &
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [ -e "$STATE/run/holder-$machine.ready" ] && holder_pid "$machine" >/dev/null && return 0
+        sleep 0.05
+    done
+    cat "$STATE/log/holder-$machine.out" >&2 2>/dev/null || true
+    die "the namespaces of $machine did not come up"
+}
+
+# Run CMD... in MACHINE's namespaces (network, hostname, mounts), as root.
+in_machine() {
+    local machine=$1 pid
+    shift
+    pid=$(holder_pid "$machine") || die "$machine is not up (run: $0 up)"
+    nsenter -t "$pid" --net --uts --mount --wd=/ -- "$@"
+}
+
+# The environment a user's login shell gets on the cluster (no root or test-runner leftovers).
+user_env() {
+    local user=$1 home
+    home=$(getent passwd "$user" | cut -d: -f6)
+    printf '%s\n' "HOME=$home" "USER=$user" "LOGNAME=$user" "SHELL=/bin/bash" "LANG=C.UTF-8" \
+        "PATH=$SRC/tests/cluster/bin:$USER_PATH" "SLURM_CONF=$CONF" "HPCDASK_IMAGE=$(image_path)"
+}
+
+# Run CMD... as USER in MACHINE, from USER's home, with user_env plus KEY=VALUE words given
+# before CMD in EXTRA (an array name).
+as_user() {
+    local machine=$1 user=$2
+    shift 2
+    id "$user" >/dev/null 2>&1 || die "no user $user (run: $0 up)"
+    local envs=()
+    mapfile -t envs < <(user_env "$user")
+    [ $# -gt 0 ] || set -- bash -l
+    in_machine "$machine" setpriv --reuid="$user" --regid="$user" --init-groups --reset-env -- \
+        env -i "${envs[@]}" bash -c 'cd && exec "$@"' sh "$@"
+}
+
 # --- health --------------------------------------------------------------------------------------
 
 daemons_alive() {
     pid_of "$STATE/run/munged.pid" munged >/dev/null || return 1
     pid_of "$STATE/run/slurmctld.pid" slurmctld >/dev/null || return 1
+    holder_pid login >/dev/null || return 1
     local n i
-    n=$(cat "$STATE/nodes" 2>/dev/null) || return 1
+    n=$(cat "$STATE/nodes.count" 2>/dev/null) || return 1
     for ((i = 1; i <= n; i++)); do
+        holder_pid "$(node_name "$i")" >/dev/null || return 1
         pid_of "$STATE/run/slurmd-$(node_name "$i").pid" slurmd >/dev/null || return 1
     done
 }
@@ -117,10 +218,10 @@ nodes_ready() {
 }
 
 healthy() {
-    # ... and made from this checkout (its TaskProlog), not from another clone on the machine.
-    [ -s "$CONF" ] && grep -qxF "TaskProlog=$repo/tests/cluster/slurm/task_prolog.sh" "$CONF" \
-        && daemons_alive && [ "$(nodes_ready)" -eq "$(cat "$STATE/nodes")" ] \
-        && [ "$(cat "$STATE/nodes")" -eq "$NODES" ]
+    # ... and made from this checkout, not from another clone on the machine.
+    [ -s "$CONF" ] && [ "$(cat "$STATE/repo" 2>/dev/null)" = "$repo" ] \
+        && daemons_alive && [ "$(nodes_ready)" -eq "$(cat "$STATE/nodes.count")" ] \
+        && [ "$(cat "$STATE/nodes.count")" -eq "$NODES" ]
 }
 
 # --- down ----------------------------------------------------------------------------------------
@@ -130,7 +231,9 @@ do_down() {
     t0=$(now)
     # Jobs first, so slurmstepd and tasks end cleanly; then whatever lives in our namespaces.
     if [ -s "$CONF" ] && pid_of "$STATE/run/slurmctld.pid" slurmctld >/dev/null; then
-        timeout 10 scancel --quiet --full --user=root 2>/dev/null || true
+        for p in root "${USERS[@]}"; do
+            timeout 10 scancel --quiet --full --user="$p" 2>/dev/null || true
+        done
     fi
     pids=()
     for p in "$STATE"/run/slurmd-*.pid; do
@@ -157,7 +260,9 @@ do_down() {
         fi
         rm -f "$STATE/netns-mounted-by-us"
     fi
-    rm -f "$STATE"/run/*.pid "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    # Node-local folders die with the nodes (jobs' $TMPDIR included).
+    rm -rf "${STATE:?}/nodes"
+    rm -f "$STATE"/run/*.pid "$STATE"/run/*.ready "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     say "down in $(took "$t0")s (logs kept in $STATE/log)"
 }
 
@@ -165,11 +270,24 @@ do_down() {
 
 check_deps() {
     local missing=()
-    for c in slurmctld slurmd sinfo srun sbatch scontrol munged munge unmunge ip nsenter flock setsid ss; do
+    for c in slurmctld slurmd sinfo srun sbatch scontrol munged munge unmunge ip nsenter unshare \
+        setpriv flock setsid ss useradd; do
         command -v "$c" >/dev/null || missing+=("$c")
     done
     [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]} (run: $0 deps)"
-    [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, slurmd)"
+    [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, slurmd, users)"
+}
+
+# The ordinary users; homes on the shared filesystem, private to each.
+make_users() {
+    local u
+    for u in "${USERS[@]}"; do
+        if ! id "$u" >/dev/null 2>&1; then
+            useradd --create-home --home-dir "/home/$u" --shell /bin/bash --user-group "$u"
+        fi
+        chmod 0700 "/home/$u"
+        [ "$(id -u "$u")" -ge 1000 ] || die "user $u has uid $(id -u "$u") < 1000"
+    done
 }
 
 start_munge() {
@@ -190,46 +308,63 @@ start_munge() {
     die "munged does not answer on $MUNGE_SOCKET (see $STATE/log/munged.log)"
 }
 
-make_network() {
-    local i ns veth peer
-    mountpoint -q /run/netns 2>/dev/null || touch "$STATE/netns-mounted-by-us"
-    ip link add "$BRIDGE" type bridge
-    ip addr add "$HOST_ADDR/24" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
-    for ((i = 1; i <= NODES; i++)); do
-        ns=$(node_ns "$i"); veth=${PREFIX}v$i; peer=${PREFIX}p$i
-        ip netns add "$ns"
-        ip link add "$veth" type veth peer name "$peer"
-        ip link set "$peer" netns "$ns"
-        ip -n "$ns" link set "$peer" name ib0
-        ip -n "$ns" addr add "$(node_addr "$i")/24" dev ib0
-        ip -n "$ns" link set lo up
-        ip -n "$ns" link set ib0 up
-        ip link set "$veth" master "$BRIDGE"
-        ip link set "$veth" up
-    done
+# veth LINK (host end, on BRIDGE) whose peer becomes IFNAME with ADDR in namespace NS.
+add_port() {
+    local ns=$1 bridge=$2 link=$3 ifname=$4 addr=$5
+    ip link add "$link" type veth peer name "${link}p"
+    ip link set "${link}p" netns "$ns"
+    ip -n "$ns" link set "${link}p" name "$ifname"
+    ip -n "$ns" addr add "$addr/24" dev "$ifname"
+    ip -n "$ns" link set "$ifname" up
+    ip link set "$link" master "$bridge"
+    ip link set "$link" up
 }
 
-write_conf() {
-    local i nodes=""
+make_network() {
+    local i ns b
+    mountpoint -q /run/netns 2>/dev/null || touch "$STATE/netns-mounted-by-us"
+    for b in "$IB_BRIDGE:$HOST_IB" "$ETH_BRIDGE:$HOST_ETH"; do
+        ip link add "${b%%:*}" type bridge
+        ip addr add "${b#*:}/24" dev "${b%%:*}"
+        ip link set "${b%%:*}" up
+    done
     for ((i = 1; i <= NODES; i++)); do
-        nodes+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") CPUs=$CPUS RealMemory=$MEMORY State=UNKNOWN"$'\n'
+        ns=$(node_ns "$i")
+        ip netns add "$ns"
+        ip -n "$ns" link set lo up
+        add_port "$ns" "$IB_BRIDGE" "${PREFIX}i$i" ib0 "$(node_addr "$i")"
+        add_port "$ns" "$ETH_BRIDGE" "${PREFIX}e$i" eth0 "$(node_eth "$i")"
+    done
+    ns=$(login_ns)
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    add_port "$ns" "$ETH_BRIDGE" "${PREFIX}el" eth0 "$LOGIN_ETH"
+}
+
+# Render tests/cluster/slurm/* into $STATE/etc (slurmd reads them inside the nodes' namespaces).
+write_conf() {
+    local i nodes="" f
+    for ((i = 1; i <= NODES; i++)); do
+        nodes+="NodeName=$(node_name "$i") NodeAddr=$(node_eth "$i") CPUs=$CPUS RealMemory=$MEMORY State=UNKNOWN"$'\n'
     done
     mkdir -p "$STATE/etc"
-    # slurmctld refuses to start unless SlurmctldHost names this host.
-    awk -v name="$(hostname -s)" -v addr="$HOST_ADDR" -v port="$PORT" -v state="$STATE" \
-        -v repo="$repo" -v nodes="$nodes" '
-        { gsub(/@CTLD_NAME@/, name); gsub(/@CTLD_ADDR@/, addr); gsub(/@CTLD_PORT@/, port)
-          gsub(/@STATE@/, state); gsub(/@REPO@/, repo)
-          if ($0 == "@NODES@") { printf "%s", nodes; next } print }' \
-        "$here/slurm/slurm.conf.in" >"$CONF"
-    cp "$here/slurm/cgroup.conf" "$STATE/etc/cgroup.conf"
-    echo "$NODES" >"$STATE/nodes"
+    for f in "$here"/slurm/*; do
+        # slurmctld refuses to start unless SlurmctldHost names this host.
+        awk -v name="$(hostname -s)" -v addr="$HOST_ETH" -v port="$PORT" -v state="$STATE" \
+            -v src="$SRC" -v local="$LOCAL" -v nodes="$nodes" '
+            { gsub(/@CTLD_NAME@/, name); gsub(/@CTLD_ADDR@/, addr); gsub(/@CTLD_PORT@/, port)
+              gsub(/@STATE@/, state); gsub(/@SRC@/, src); gsub(/@LOCAL@/, local)
+              if ($0 == "@NODES@") { printf "%s", nodes; next } print }' \
+            "$f" >"$STATE/etc/$(basename "${f%.in}")"
+    done
+    chmod 0755 "$STATE"/etc/*.sh
+    echo "$NODES" >"$STATE/nodes.count"
+    echo "$repo" >"$STATE/repo"
 }
 
-# The daemons' environment: tests/cluster/bin first on PATH (TaskProlog puts it first in tasks too).
+# The daemons' environment.
 daemon_env() {
-    env -i PATH="$bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+    env -i PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
         SLURM_CONF="$CONF" HOME=/root LANG=C.UTF-8 "$@"
 }
 
@@ -242,10 +377,13 @@ start_slurm() {
     for ((i = 1; i <= NODES; i++)); do
         node=$(node_name "$i")
         mkdir -p "$STATE/spool/$node"
-        daemon_env setsid nsenter --net="/run/netns/$(node_ns "$i")" slurmd -f "$CONF" -N "$node" \
-            9>&- </dev/null >>"$STATE/log/slurmd-$node.out" 2>&1 \
+        start_holder "$node" "$(node_ns "$i")"
+        # slurmd enters the node's namespaces (nsenter, not `ip netns exec`, which remounts /sys).
+        daemon_env setsid nsenter -t "$(holder_pid "$node")" --net --uts --mount --wd=/ \
+            slurmd -f "$CONF" -N "$node" 9>&- </dev/null >>"$STATE/log/slurmd-$node.out" 2>&1 \
             || { tail -n 30 "$STATE/log/slurmd-$node.out" "$STATE/log/slurmd-$node.log" >&2 || true; die "slurmd $node failed"; }
     done
+    start_holder login "$(login_ns)"
 }
 
 # slurmctld answers (scontrol ping); fail fast with its log when it died instead.
@@ -277,6 +415,23 @@ wait_idle() {
     die "$ready of $NODES nodes idle"
 }
 
+# The image users get in `env`: HPCDASK_IMAGE if set, else the test image (built when missing).
+image_path() {
+    if [ -n "${HPCDASK_IMAGE:-}" ]; then
+        echo "$HPCDASK_IMAGE"
+    elif [ -s "$STATE/image" ]; then
+        cat "$STATE/image"
+    fi
+}
+
+build_image() {
+    [ -z "${HPCDASK_IMAGE:-}" ] || return 0
+    local img
+    img=$(python3 "$here/image.py" build | tail -n 1) || die "building the test image failed (python3 $here/image.py build)"
+    [ -d "$img" ] || [ -f "$img" ] || die "tests/cluster/image.py printed no image"
+    echo "$img" >"$STATE/image"
+}
+
 # A failed or interrupted `up` leaves nothing running.
 on_up_exit() {
     local rc=$?
@@ -291,6 +446,8 @@ do_up() {
     t0=$(now)
     check_deps
     [[ $NODES =~ ^[1-9][0-9]?$ ]] || die "HPCDASK_CLUSTER_NODES must be 1..99, not $NODES"
+    mkdir -p "$STATE"
+    [ "${HPCDASK_CLUSTER_NO_IMAGE:-0}" = 1 ] || build_image
     if healthy; then
         say "already up ($NODES nodes); nothing to do"
         return 0
@@ -305,45 +462,66 @@ do_up() {
     # The previous run's logs are kept one generation back.
     rm -rf "${STATE:?}/log.prev"
     [ -d "$STATE/log" ] && mv "$STATE/log" "$STATE/log.prev"
-    rm -rf "${STATE:?}/run" "$STATE/ctld" "$STATE/spool" "${STATE:?}/jobcomp.txt" "${STATE:?}/etc"
-    mkdir -p "$STATE"/{run,log,ctld,spool,etc}
-    chmod 0755 "$STATE"
+    rm -rf "${STATE:?}/run" "$STATE/ctld" "$STATE/spool" "${STATE:?}/jobcomp.txt" "${STATE:?}/etc" \
+        "${STATE:?}/leftovers"
+    mkdir -p "$STATE"/{run,log,ctld,spool,etc,nodes,src,local,leftovers}
+    chmod 0755 "$STATE" "$STATE/src" "$STATE/local"
+    chmod 0700 "$STATE/leftovers"
+    make_users
     write_conf
     start_munge
     make_network
     start_slurm
     wait_idle 60
     trap - EXIT INT TERM
-    say "up in $(took "$t0")s: $NODES nodes ($(for ((i = 1; i <= NODES; i++)); do printf '%s=%s ' "$(node_name "$i")" "$(node_addr "$i")"; done| sed 's/ $//'))"
-    say "use: eval \"\$($0 env)\""
+    say "up in $(took "$t0")s: $NODES nodes ($(for ((i = 1; i <= NODES; i++)); do printf '%s=%s ' "$(node_name "$i")" "$(node_addr "$i")"; done| sed 's/ $//')), login=$LOGIN_ETH"
+    say "use: $0 login   (a shell on the login node as hpcuser), or eval \"\$($0 env)\""
 }
 
-# --- env / status / deps -------------------------------------------------------------------------
+# --- env / login / node / status / deps ----------------------------------------------------------
 
 do_env() {
-    local path=":$PATH:"
+    local line bin=$SRC/tests/cluster/bin path=":$PATH:"
+    # On the login node (or a node) the checkout is at $SRC; on the host, where it is.
+    [ -d "$bin" ] || bin=$here/bin
     path=${path//:$bin:/:}
     path=${path#:}; path=${path%:}
-    printf 'export SLURM_CONF=%q\n' "$CONF"
     printf 'export PATH=%q\n' "$bin${path:+:$path}"
-    if [ -n "${HPCDASK_IMAGE:-}" ]; then
-        printf 'export HPCDASK_IMAGE=%q\n' "$HPCDASK_IMAGE"
-    fi
+    printf 'export SLURM_CONF=%q\n' "$CONF"
+    line=$(image_path)
+    [ -z "$line" ] || printf 'export HPCDASK_IMAGE=%q\n' "$line"
+    printf 'export HPCDASK_CLUSTER_LOGIN=%q\n' "$(login_ns)"
+    printf 'export HPCDASK_CLUSTER_STATE=%q\n' "$STATE"
+}
+
+do_login() {
+    local user=hpcuser
+    if [ "${1:-}" = -u ]; then user=$2; shift 2; fi
+    as_user login "$user" "$@"
+}
+
+do_node() {
+    [ $# -ge 2 ] || { echo "usage: $0 node NAME [-u USER] CMD..." >&2; exit 2; }
+    local node=$1 user=''
+    shift
+    if [ "$1" = -u ]; then user=$2; shift 2; fi
+    if [ -n "$user" ]; then as_user "$node" "$user" "$@"; else in_machine "$node" "$@"; fi
 }
 
 do_status() {
-    local ok=0 i f comm p
+    local ok=0 i f p
     for f in munged slurmctld; do
         if p=$(pid_of "$STATE/run/$f.pid" "$f"); then echo "$f: running (pid $p)"; else echo "$f: not running"; ok=1; fi
     done
-    for ((i = 1; i <= $(cat "$STATE/nodes" 2>/dev/null || echo 0); i++)); do
+    for ((i = 1; i <= $(cat "$STATE/nodes.count" 2>/dev/null || echo 0); i++)); do
         f=$(node_name "$i")
         if p=$(pid_of "$STATE/run/slurmd-$f.pid" slurmd); then
-            echo "slurmd $f: running (pid $p, namespace $(node_ns "$i"), ib0 $(node_addr "$i"))"
+            echo "slurmd $f: running (pid $p, namespace $(node_ns "$i"), ib0 $(node_addr "$i"), eth0 $(node_eth "$i"))"
         else
             echo "slurmd $f: not running"; ok=1
         fi
     done
+    if p=$(holder_pid login); then echo "login: up (namespace $(login_ns), eth0 $LOGIN_ETH)"; else echo "login: down"; ok=1; fi
     if [ $ok -eq 0 ]; then
         timeout 10 sinfo -N -l 2>/dev/null || { echo "sinfo: no answer"; ok=1; }
     fi
@@ -353,17 +531,19 @@ do_status() {
 do_deps() {
     [ "$(id -u)" -eq 0 ] || die "needs root"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        slurm-wlm munge iproute2 util-linux procps
+        slurm-wlm munge iproute2 util-linux procps passwd
 }
 
 cmd=${1:-}
+[ $# -eq 0 ] || shift
 case "$cmd" in
     up|down)
         mkdir -p "$(dirname "$LOCK")"
         exec 9>"$LOCK"
-        flock -w 120 9 || die "another cluster.sh holds $LOCK"
+        flock -w 300 9 || die "another cluster.sh holds $LOCK"
         "do_$cmd"
         ;;
-    env|status|deps) "do_$cmd" ;;
-    *) echo "usage: $0 up|down|env|status|deps" >&2; exit 2 ;;
+    env|status|deps|login|node) "do_$cmd" "$@" ;;
+    userenv) user_env "${1:-hpcuser}" ;;
+    *) echo "usage: $0 up|down|env|status|login [-u USER] [CMD...]|node NAME [-u USER] CMD...|deps" >&2; exit 2 ;;
 esac

@@ -16,8 +16,10 @@ Import it from ``tests/conftest.py``::
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -103,21 +105,74 @@ def _split_exit(value: str | None) -> tuple[int | None, int | None]:
 
 
 class SlurmCluster:
-    """Handle on the running test cluster; every command runs with :attr:`env`."""
+    """Handle on the running test cluster.
 
-    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
-        self.env: dict[str, str] = dict(env)
-        self.conf = Path(self.env["SLURM_CONF"])
-        self.state_dir = self.conf.parent.parent
-        self.workdir = workdir
+    Every user-facing command runs as the ordinary user ``hpcuser`` on the login node (its own
+    network, hostname and /tmp; eth0 only), with the environment a login shell gets there
+    (``cluster.sh userenv``) plus what the test adds: never as root, never with the test runner's
+    environment. :meth:`node` runs a command on a compute node; :meth:`as_root` is for inspection.
+    """
+
+    USER = "hpcuser"
+    OTHER_USER = "otheruser"
+
+    def __init__(self, exports: Mapping[str, str]) -> None:
+        self.exports = dict(exports)
+        self.conf = Path(self.exports["SLURM_CONF"])
+        self.state_dir = Path(self.exports["HPCDASK_CLUSTER_STATE"])
+        self.login_ns = self.exports["HPCDASK_CLUSTER_LOGIN"]
+        self.prefix = self.login_ns[: -len("login")]
+        #: the checkout as every node and the login node see it (read-only)
+        self.src = self.state_dir / "src"
+        self.user_env = {u: _userenv(u) for u in (self.USER, self.OTHER_USER)}
+        self.home = Path(self.user_env[self.USER]["HOME"])
+        self.workdir = self.mkdtemp("pytest-")
         self.nodes: list[str] = self.run(["sinfo", "-h", "-N", "-o", "%N"]).stdout.split()
         self.nodes = sorted(set(self.nodes), key=lambda n: (len(n), n))
-        self.addresses: dict[str, str] = {}
-        for node in self.nodes:
-            rec = _parse_record(self.run(["scontrol", "-o", "show", "node", node]).stdout)
-            self.addresses[node] = rec["NodeAddr"]
+        #: each node's ib0 (fabric) address; eth_addresses: its eth0 address (as is the login node's)
+        self.addresses = {n: self._addr(self.netns(n), "ib0") for n in self.nodes}
+        self.eth_addresses = {n: self._addr(self.netns(n), "eth0") for n in self.nodes}
+        self.login_address = self._addr(self.login_ns, "eth0")
+
+    @staticmethod
+    def _addr(ns: str, ifname: str) -> str:
+        out = subprocess.run(["ip", "-n", ns, "-4", "-o", "addr", "show", ifname],
+                             capture_output=True, text=True, check=True).stdout
+        return re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out).group(1)
+
+    # --- files of the user ------------------------------------------------------------------
+
+    def mkdtemp(self, prefix: str = "tmp-", user: str | None = None) -> Path:
+        """A new private folder under the user's home (the shared filesystem), owned by the user."""
+        user = user or self.USER
+        home = Path(self.user_env[user]["HOME"])
+        parent = home if user != self.USER or not hasattr(self, "workdir") else self.workdir
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        shutil.chown(path, user, user)
+        return path
+
+    def give(self, path: Path, user: str | None = None) -> Path:
+        """Hand PATH (made by the test, as root) over to the user."""
+        user = user or self.USER
+        for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            shutil.chown(p, user, user)
+        return path
 
     # --- commands ---------------------------------------------------------------------------
+
+    def _argv(self, where: str, user: str | None, cmd: Sequence[str], env: Mapping[str, str] | None,
+              cwd: Path | str | None) -> list[str]:
+        ns = self.login_ns if where == "login" else self.netns(where)
+        holder = (self.state_dir / "run" / f"holder-{where}.pid").read_text().strip()
+        argv = ["nsenter", "-t", holder, "--net", "--uts", "--mount", "--wd=/", "--"]
+        assert ns  # the holder sits in that network namespace
+        if user is None:
+            return [*argv, *cmd]
+        full = {**self.user_env[user], **(env or {})}
+        wd = str(cwd or (self.workdir if user == self.USER else full["HOME"]))
+        return [*argv, "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+                "--reset-env", "--", "env", "-i", *[f"{k}={v}" for k, v in full.items()],
+                "bash", "-c", 'cd "$1" && shift && exec "$@"', "sh", wd, *cmd]
 
     def run(
         self,
@@ -127,33 +182,66 @@ class SlurmCluster:
         check: bool = True,
         timeout: float = 120,
         cwd: Path | str | None = None,
+        user: str | None = USER,
+        where: str = "login",
     ) -> subprocess.CompletedProcess[str]:
-        """Run a client command (srun, sinfo, ...) against the cluster."""
-        full_env = {**self.env, **(env or {})}
+        """Run CMD as USER (default hpcuser; None: root) on the login node (or node WHERE)."""
         proc = subprocess.run(
-            list(cmd),
-            check=False,
-            env=full_env,
-            cwd=cwd or self.workdir,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+            self._argv(where, user, cmd, env, cwd), env=self._root_env(user, env),
+            check=False, capture_output=True, text=True, timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
         if check and proc.returncode != 0:
             raise ClusterError(
-                f"{shlex.join(cmd)} exited {proc.returncode}\n"
+                f"{shlex.join(cmd)} (as {user or 'root'} on {where}) exited {proc.returncode}\n"
                 f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
             )
         return proc
 
+    def popen(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
+              cwd: Path | str | None = None, user: str | None = USER, where: str = "login",
+              **kwargs) -> subprocess.Popen:
+        """Start CMD like :meth:`run`, in the background."""
+        return subprocess.Popen(self._argv(where, user, cmd, env, cwd),
+                                env=self._root_env(user, env), **kwargs)
+
+    def _root_env(self, user: str | None, env: Mapping[str, str] | None) -> dict[str, str] | None:
+        """Root's commands get this process's environment plus the cluster's exports."""
+        return None if user else {**os.environ, **self.exports, **(env or {})}
+
+    def node(self, node: str, cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess[str]:
+        """Run CMD on compute node NODE (as root unless user= is given)."""
+        kwargs.setdefault("user", None)
+        return self.run(cmd, where=node, **kwargs)
+
     def srun(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-        """``srun ARGS``; keyword arguments as for :meth:`run`."""
+        """``srun ARGS`` from the login node; keyword arguments as for :meth:`run`."""
         return self.run(["srun", *args], **kwargs)
 
     def netns(self, node: str) -> str:
-        """The network namespace (under /run/netns) that holds NODE."""
-        return f"hpcd-{node}"
+        """The network namespace (under /run/netns) that holds NODE (or ``login``)."""
+        return f"{self.prefix}{node}"
+
+    def leftovers(self) -> dict[str, str]:
+        """What jobs left in their node-local $TMPDIR (the Epilog's records), by file name."""
+        return {p.name: p.read_text() for p in sorted((self.state_dir / "leftovers").glob("*.txt"))}
+
+    def node_tmp(self, node: str) -> Path:
+        """NODE's own /tmp, as the host sees it."""
+        return self.state_dir / "nodes" / node / "tmp"
+
+    def user_files_in_node_tmp(self, user: str | None = None) -> list[str]:
+        """Files USER owns in any node's (or the login node's) /tmp and /var/tmp."""
+        uid = pwd.getpwnam(user or self.USER).pw_uid
+        found = []
+        for d in sorted((self.state_dir / "nodes").glob("*/*tmp")):
+            for p in d.rglob("*"):
+                try:
+                    if p.lstat().st_uid == uid:
+                        found.append(str(p))
+                except OSError:
+                    pass
+        return found
 
     def cluster_sh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``tests/cluster/cluster.sh COMMAND`` (up, down, status, env)."""
@@ -174,17 +262,17 @@ class SlurmCluster:
 
         ``script`` is a path, or the script's text (anything with a newline). ``args`` go to sbatch
         before the script (e.g. ``"-N3", "--time=00:05:00"``). Output goes to ``slurm-<job>.out`` and
-        ``.err`` in ``workdir`` (a fresh folder on the shared filesystem unless given) unless ``args``
+        ``.err`` in ``workdir`` (a fresh folder in hpcuser's home unless given) unless ``args``
         name ``-o``/``-e`` themselves. ``env`` is added to the submitting environment, which the job
-        inherits (sbatch's ``--export=ALL``). On ``timeout`` the job is cancelled and TimeoutError
+        inherits (sbatch's ``--export=ALL``); it is submitted by hpcuser from the login node. On ``timeout`` the job is cancelled and TimeoutError
         raised with its outputs.
         """
-        wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="job-", dir=self.workdir))
-        wd.mkdir(parents=True, exist_ok=True)
+        wd = Path(workdir) if workdir else self.mkdtemp("job-")
         if isinstance(script, str) and "\n" in script:
             path = Path(tempfile.mkstemp(prefix="job-", suffix=".sh", dir=wd)[1])
             path.write_text(script)
             path.chmod(0o755)
+            self.give(path)
         else:
             path = Path(script)
         opts = list(args)
@@ -201,7 +289,7 @@ class SlurmCluster:
 
     def job(self, job_id: str, *, workdir: Path | str | None = None) -> JobResult:
         """The job as the controller (or, once forgotten there, the jobcomp log) knows it."""
-        proc = self.run(["scontrol", "-o", "show", "job", job_id], check=False)
+        proc = self.run(["scontrol", "-o", "show", "job", job_id], check=False, user=None)
         info = _parse_record(proc.stdout) if proc.returncode == 0 else {}
         if not info:
             info = self._jobcomp(job_id)
@@ -229,7 +317,7 @@ class SlurmCluster:
                     res.exit_code, res.signal = _split_exit(comp["ExitCode"])
                 return res
             if time.monotonic() > deadline:
-                self.run(["scancel", job_id], check=False)
+                self.run(["scancel", job_id], check=False, user=None)
                 raise TimeoutError(f"job {job_id} not finished after {timeout} s\n{res}")
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
@@ -262,14 +350,28 @@ def _cluster_sh(command: str, *, check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
+def _exports(command: str = "env", *args: str) -> dict[str, str]:
+    proc = subprocess.run(["bash", str(CLUSTER_SH), command, *args], check=True,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    out = {}
+    for line in proc.stdout.splitlines():
+        if command == "env" and line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            out[key] = shlex.split(value)[0] if value else ""
+        elif command == "userenv" and "=" in line:
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
 def cluster_env() -> dict[str, str]:
-    """os.environ plus what ``cluster.sh env`` exports (SLURM_CONF, PATH, HPCDASK_IMAGE)."""
-    env = dict(os.environ)
-    for line in _cluster_sh("env").stdout.splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
+    """os.environ plus what ``cluster.sh env`` exports (for root on the host: SLURM_CONF, PATH, ...)."""
+    return {**os.environ, **_exports("env")}
+
+
+def _userenv(user: str) -> dict[str, str]:
+    """The environment USER's login shell gets on the cluster (``cluster.sh userenv``)."""
+    return _exports("userenv", user)
 
 
 @pytest.fixture(scope="session")
@@ -283,7 +385,24 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         pytest.fail(f"the Slurm test cluster did not start:\n{exc}", pytrace=False)
     print(up.stderr, end="")
     try:
-        yield SlurmCluster(cluster_env(), tmp_path_factory.mktemp("slurm-jobs"))
+        cluster = SlurmCluster(_exports("env"))
+        yield cluster
     finally:
+        if "cluster" in locals():
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
         if not was_up and os.environ.get("HPCDASK_CLUSTER_KEEP") != "1":
             _cluster_sh("down", check=False)
+
+
+@pytest.fixture
+def udir(slurm_cluster) -> Path:
+    """A new folder of hpcuser's in its home (the shared filesystem): a job's working directory."""
+    return slurm_cluster.mkdtemp("t-")
+
+
+@pytest.fixture
+def job_env(slurm_cluster, image) -> dict[str, str]:
+    """What every test job adds to hpcuser's login environment: the image, and a private shared
+    folder of its own for the cluster folders (so a test can check it is left empty)."""
+    return {"HPCDASK_IMAGE": str(image),
+            "HPCDASK_SHARED_DIR": str(slurm_cluster.mkdtemp("clusters-"))}

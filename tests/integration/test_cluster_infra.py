@@ -1,5 +1,6 @@
-"""The Slurm test cluster itself: nodes in their own network namespaces, a shared filesystem,
-the runner on PATH, batch jobs with exit codes and time limits, and a clean `down`."""
+"""The Slurm test cluster itself, as strict as a site: jobs of an ordinary user from a login node
+without ib0, nodes with their own network, hostname, /tmp and node-local $TMPDIR, memory enforced,
+a shared home, the runner on PATH, exit codes and time limits, and a clean `down`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,6 @@ import pytest
 
 pytestmark = pytest.mark.slurm
 
-RUNNER_BIN = Path(__file__).resolve().parents[1] / "cluster" / "bin"
-
-
 def _by_task(output: str) -> dict[int, list[str]]:
     """`srun -l` output grouped by task rank."""
     tasks: dict[int, list[str]] = {}
@@ -23,33 +21,48 @@ def _by_task(output: str) -> dict[int, list[str]]:
     return tasks
 
 
-def test_three_nodes_each_with_its_own_ib0_address(slurm_cluster):
+def test_three_nodes_each_with_its_own_ib0_and_eth0_address(slurm_cluster):
     assert len(slurm_cluster.nodes) >= 3
     out = slurm_cluster.srun(
-        "-N3", "-l", "sh", "-c", 'echo "$SLURMD_NODENAME $(ip -4 -o addr show ib0)"'
+        "-N3", "-l", "sh", "-c",
+        'echo "$SLURMD_NODENAME $(hostname) $(ip -4 -o addr show ib0) $(ip -4 -o addr show eth0)"'
     ).stdout
     seen = {}
     for lines in _by_task(out).values():
-        node, rest = lines[0].split(" ", 1)
-        seen[node] = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", rest).group(1)
+        node, host, rest = lines[0].split(" ", 2)
+        assert host == node  # its own hostname (UTS namespace)
+        seen[node] = re.findall(r"inet (\d+\.\d+\.\d+\.\d+)/", rest)
     assert len(seen) == 3
-    assert len(set(seen.values())) == 3
-    for node, addr in seen.items():
-        assert slurm_cluster.addresses[node] == addr
+    for node, (ib, eth) in seen.items():
+        assert slurm_cluster.addresses[node] == ib
+        assert slurm_cluster.eth_addresses[node] == eth
+    assert len({ib for ib, _ in seen.values()}) == 3
 
 
-def test_node_namespace_has_only_lo_and_ib0(slurm_cluster):
+def test_node_namespace_has_lo_ib0_and_eth0(slurm_cluster):
     out = slurm_cluster.srun("-N3", "-l", "ip", "-o", "link").stdout
     tasks = _by_task(out)
     assert len(tasks) == 3
     for lines in tasks.values():
         names = sorted(line.split(":")[1].strip().split("@")[0] for line in lines)
-        assert names == ["ib0", "lo"]
+        assert names == ["eth0", "ib0", "lo"]
+
+
+def test_login_node_has_no_ib0_and_cannot_reach_the_fabric(slurm_cluster):
+    out = slurm_cluster.run(["sh", "-c", "hostname; ip -o link | cut -d: -f2"]).stdout.split()
+    assert out[0] == "login"
+    assert sorted(n.split("@")[0] for n in out[1:]) == ["eth0", "lo"]
+    ib = slurm_cluster.addresses[slurm_cluster.nodes[0]]
+    eth = slurm_cluster.eth_addresses[slurm_cluster.nodes[0]]
+    probe = "exec 3<>/dev/tcp/{}/6818"
+    assert slurm_cluster.run(["timeout", "5", "bash", "-c", probe.format(ib)],
+                             check=False).returncode != 0
+    slurm_cluster.run(["timeout", "5", "bash", "-c", probe.format(eth)])
 
 
 def test_nodes_reach_each_other_and_the_controller(slurm_cluster):
-    addrs = sorted(slurm_cluster.addresses.values())
-    # Every node opens a TCP connection to every node's slurmd on ib0; squeue reaches slurmctld.
+    addrs = sorted([*slurm_cluster.addresses.values(), *slurm_cluster.eth_addresses.values()])
+    # Every node opens a TCP connection to every node's slurmd on ib0 and eth0; squeue works.
     cmd = " && ".join(f"exec 3<>/dev/tcp/{a}/6818 && exec 3>&-" for a in addrs)
     out = slurm_cluster.srun(
         "-N3", "bash", "-c", f"{cmd} && squeue -h -j $SLURM_JOB_ID -o %i"
@@ -57,23 +70,77 @@ def test_nodes_reach_each_other_and_the_controller(slurm_cluster):
     assert len(set(out.split())) == 1
 
 
-def test_filesystem_is_shared_between_nodes(slurm_cluster, tmp_path):
-    marker = tmp_path / "from-node"
-    slurm_cluster.srun("-N1", "-w", slurm_cluster.nodes[0], "sh", "-c", f"hostname > {marker}")
-    out = slurm_cluster.srun("-N1", "-w", slurm_cluster.nodes[-1], "cat", str(marker)).stdout
-    assert out.strip() == marker.read_text().strip()
+def test_jobs_run_as_the_ordinary_user(slurm_cluster):
+    out = slurm_cluster.srun("-N3", "-l", "sh", "-c", "id -u; id -un; echo $HOME").stdout
+    for lines in _by_task(out).values():
+        uid, name, home = lines
+        assert int(uid) >= 1000 and name == "hpcuser" and home == str(slurm_cluster.home)
+
+
+def test_home_is_shared_but_tmp_is_node_local(slurm_cluster):
+    first, last = slurm_cluster.nodes[0], slurm_cluster.nodes[-1]
+    marker = slurm_cluster.workdir / "from-node"
+    slurm_cluster.srun("-N1", "-w", first, "sh", "-c",
+                       f"hostname > {marker}; echo x > /tmp/hpcdask-marker-$SLURM_JOB_ID; "
+                       f"echo $SLURM_JOB_ID > {marker}.job")
+    job = marker.with_suffix(".job").read_text().strip()
+    out = slurm_cluster.srun("-N1", "-w", last, "sh", "-c",
+                             f"cat {marker}; ls /tmp/hpcdask-marker-{job} 2>&1 || true").stdout
+    assert out.splitlines()[0] == first  # the home folder is shared
+    assert "No such file" in out  # /tmp is not
+    assert (slurm_cluster.node_tmp(first) / f"hpcdask-marker-{job}").exists()
+    assert not Path(f"/tmp/hpcdask-marker-{job}").exists()  # nor the host's
+    (slurm_cluster.node_tmp(first) / f"hpcdask-marker-{job}").unlink()
+
+
+def test_every_job_gets_a_private_node_local_tmpdir_that_goes_away(slurm_cluster):
+    res = slurm_cluster.sbatch(
+        "#!/bin/sh\nsrun -l sh -c 'echo $TMPDIR; stat -c \"%a %U\" $TMPDIR; touch $TMPDIR/left'\n",
+        "-N2", "--mem=100M", env={"TMPDIR": "/tmp/from-login"})
+    assert res.state == "COMPLETED", res
+    tasks = _by_task(res.stdout)
+    dirs = {lines[0] for lines in tasks.values()}
+    assert dirs == {f"{slurm_cluster.state_dir}/local/job-{res.job_id}"}  # not the submitter's
+    assert {lines[1] for lines in tasks.values()} == {"700 hpcuser"}
+    nodes = res.info["NodeList"]
+    for node in slurm_cluster.nodes:
+        assert not (slurm_cluster.state_dir / "nodes" / node / "local" / f"job-{res.job_id}").exists()
+    # The Epilog recorded what the job left (the tests of hpcdask's jobs assert there is none).
+    left = {k: v for k, v in slurm_cluster.leftovers().items() if k.endswith(f"-job-{res.job_id}.txt")}
+    assert len(left) == 2 and all(v.strip().endswith("/left") for v in left.values()), (left, nodes)
+    for name in left:
+        (slurm_cluster.state_dir / "leftovers" / name).unlink()
+
+
+def test_a_step_over_its_memory_is_killed(slurm_cluster):
+    grab = ("import time; a = bytearray(600 * 2**20)\n"
+            "for i in range(0, len(a), 4096): a[i] = 1\n"
+            "time.sleep(10); print('survived')")
+    proc = slurm_cluster.srun("-N1", "--mem=200M", "python3", "-c", grab, check=False,
+                              timeout=60)
+    assert proc.returncode != 0 and "survived" not in proc.stdout, proc
+    assert "exceeded memory limit" in proc.stderr, proc.stderr
+    # Without --mem a job gets DefMemPerCPU, visible to the job as on a site.
+    res = slurm_cluster.sbatch("#!/bin/sh\necho $SLURM_MEM_PER_CPU\n", "-N1", "-c1")
+    assert res.stdout.strip() == "1000", res
+
+
+def test_otheruser_cannot_read_hpcusers_home(slurm_cluster):
+    proc = slurm_cluster.run(["ls", str(slurm_cluster.workdir)], user=slurm_cluster.OTHER_USER,
+                             check=False)
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr
 
 
 def test_tasks_have_the_runner_first_on_path(slurm_cluster):
     # Even when the submitter's PATH lacks it, the TaskProlog puts tests/cluster/bin first.
+    runner_bin = slurm_cluster.src / "tests" / "cluster" / "bin"
     out = slurm_cluster.srun(
         "-N3", "-l", "sh", "-c", 'echo "${PATH%%:*}"', env={"PATH": "/usr/bin:/bin"}
     ).stdout
     firsts = {lines[0] for lines in _by_task(out).values()}
-    assert firsts == {str(RUNNER_BIN)}
-    if (RUNNER_BIN / "apptainer").exists():
-        out = slurm_cluster.srun("-N1", "sh", "-c", "command -v apptainer").stdout
-        assert out.strip() == str(RUNNER_BIN / "apptainer")
+    assert firsts == {str(runner_bin)}
+    out = slurm_cluster.srun("-N1", "sh", "-c", "command -v apptainer").stdout
+    assert out.strip() == str(runner_bin / "apptainer")
 
 
 def test_sbatch_reports_exit_code_and_outputs(slurm_cluster):
@@ -141,13 +208,17 @@ def test_down_leaves_nothing_behind_and_up_restores(slurm_cluster):
         netns = subprocess.run(
             ["ip", "netns", "list"], check=False, capture_output=True, text=True
         ).stdout
-        assert "hpcd-" not in netns
+        assert slurm_cluster.prefix not in netns
         links = subprocess.run(
             ["ip", "-o", "link"], check=False, capture_output=True, text=True
         ).stdout
-        assert "hpcd-" not in links
+        assert slurm_cluster.prefix not in links
         assert not [line for line in links.splitlines() if ": ib0" in line]
         assert _live_processes("slurmd", "slurmctld", "slurmstepd", "munged") == []
+        users = subprocess.run(["pgrep", "-u", "hpcuser,otheruser", "-a"], capture_output=True,
+                               text=True, check=False).stdout
+        assert users == "", users  # no process of the cluster's users survives
+        assert not (slurm_cluster.state_dir / "nodes").exists()  # node-local folders gone
         if we_mounted:
             # `ip netns add` made /run/netns a mount point; down undid it.
             assert subprocess.run(["mountpoint", "-q", "/run/netns"], check=False).returncode != 0

@@ -1,5 +1,7 @@
-"""The jobscripts on the real Slurm test cluster (tests/cluster), every role in the test image.
+"""The jobscripts on the strict Slurm test cluster (tests/cluster), every role in the test image.
 
+Every job is submitted by the ordinary user hpcuser from the login node (no ib0 there), runs on
+nodes with their own hostname, /tmp and node-local $TMPDIR, and asks for --mem, which Slurm enforces.
 Required in CI: without the cluster or the image these tests FAIL (the fixtures fail loudly).
 Timings (sbatch to all workers connected, sbatch to workload done) are printed and appended
 to ``$HPCDASK_MEASUREMENTS`` (default /tmp/hpcdask-measurements.jsonl).
@@ -20,28 +22,21 @@ import pytest
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SLURM = REPO / "jobscripts" / "slurm"
-ALL_IN_ONE = SLURM / "dask-cluster.sbatch"
-SCHEDULER = SLURM / "dask-scheduler.sbatch"
-WORKERS = SLURM / "dask-workers.sbatch"
-RUNNER = REPO / "tests" / "cluster" / "bin" / "apptainer"
 LOCK_LABEL = "lock:" + hashlib.sha256((REPO / "containers" / "requirements.lock").read_bytes()
                                       ).hexdigest()[:16]
 MEASURE = Path(os.environ.get("HPCDASK_MEASUREMENTS", "/tmp/hpcdask-measurements.jsonl"))
+MiB = 2**20
+
+
+def jobscript(slurm_cluster, name: str) -> Path:
+    """A jobscript as users on the cluster see it (the checkout, read-only, at its shared path)."""
+    return slurm_cluster.src / "jobscripts" / "slurm" / name
 
 
 def measure(name: str, **values) -> None:
     print(f"MEASURE {name}: {values}")
     with MEASURE.open("a") as f:
         f.write(json.dumps({"test": name, **values}) + "\n")
-
-
-@pytest.fixture
-def job_env(image, tmp_path_factory):
-    """What every job gets: the image and a private shared folder for its cluster folders."""
-    shared = tmp_path_factory.mktemp("clusters")
-    shared.chmod(0o700)
-    return {"HPCDASK_IMAGE": str(image), "HPCDASK_SHARED_DIR": str(shared)}
 
 
 def ready_at(res) -> float:
@@ -81,11 +76,12 @@ def pids_in_node(slurm_cluster, node: str, pattern: str) -> list[int]:
 
 
 def submit(slurm_cluster, script: Path, opts: list[str], args: list[str], env: dict,
-           workdir: Path, wait: bool = True, timeout: float = 300):
-    """sbatch OPTS SCRIPT ARGS (the fixture's sbatch puts no arguments after the script)."""
+           workdir: Path, wait: bool = True, timeout: float = 300, user: str | None = None):
+    """sbatch OPTS SCRIPT ARGS as hpcuser (or USER) from the login node."""
+    user = user or slurm_cluster.USER
     out = slurm_cluster.run(["sbatch", "--parsable", *opts, f"--output={workdir}/slurm-%j.out",
                              f"--error={workdir}/slurm-%j.err", str(script), *args],
-                            env=env, cwd=workdir).stdout
+                            env=env, cwd=workdir, user=user).stdout
     job_id = out.strip().split(";")[0]
     if not wait:
         return slurm_cluster.job(job_id, workdir=workdir)
@@ -98,54 +94,146 @@ def metrics_of(res, workdir: Path) -> dict:
     return json.loads((workdir / m.group(1)).read_text())
 
 
-def test_all_in_one_runs_the_default_workload_on_three_nodes(slurm_cluster, job_env, tmp_path):
+def assert_clean(slurm_cluster, res, shared: Path) -> None:
+    """What every job must leave behind: nothing. No folder in the shared dir, nothing in any
+    node's $TMPDIR (the Epilog's record), /tmp or /var/tmp, and no ERROR or traceback logged."""
+    assert not list(shared.iterdir()), (list(shared.iterdir()), str(res))
+    left = {k: v for k, v in slurm_cluster.leftovers().items() if f"-job-{res.job_id}." in k}
+    assert left == {}, left
+    assert slurm_cluster.user_files_in_node_tmp() == []
+    for text in (res.stdout, res.stderr):
+        assert "Traceback" not in text and " - ERROR - " not in text, str(res)
+
+
+def test_all_in_one_runs_the_default_workload_on_three_nodes(slurm_cluster, job_env, udir):
     t0 = time.time()
-    res = slurm_cluster.sbatch(ALL_IN_ONE, "-N3", "--time=10", env=job_env, timeout=400,
-                               workdir=tmp_path)
+    res = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-cluster.sbatch"), "-N3",
+                               "--mem=2000M", "--time=10", env=job_env, timeout=400, workdir=udir)
     done = time.time()
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
-    metrics = metrics_of(res, tmp_path)
+    assert "exceeded memory limit" not in res.stderr
+    metrics = metrics_of(res, udir)
     workers = {k: v for k, v in metrics["roles"].items() if k.startswith("worker ")}
     addrs = {re.match(r"worker tls://([\d.]+):\d+$", k).group(1) for k in workers}
     assert len(workers) == 3 and len(addrs) == 3, metrics["roles"].keys()
-    assert addrs == set(slurm_cluster.addresses.values())
-    assert all(a.startswith("10.253.71.") for a in addrs)
+    assert addrs == set(slurm_cluster.addresses.values())  # ib0
     for role in ("scheduler", "client", *workers):
         rep = metrics["roles"][role]
         assert rep["container"] == str(Path(job_env["HPCDASK_IMAGE"]).resolve()), (role, rep)
         assert rep["image"] == LOCK_LABEL, (role, rep)
     assert metrics["score"] == metrics["baseline_score"], metrics
     assert metrics["cluster"]["workers"] == 3
-    # The job's own folder (credentials included) is gone; no stray worker remains.
-    assert not list(Path(job_env["HPCDASK_SHARED_DIR"]).iterdir())
+    # Memory: the workers leave their nannies' share, and on the batch node the scheduler's and
+    # client's too, inside the job's 2000 MB per node (hpcdask.yaml: 160 MiB, 768 MiB).
+    assert metrics["cluster"]["memory_limit"] == (3 * (2000 - 160) - 768) * MiB, metrics["cluster"]
+    # The job's own folder (credentials included) is gone; nothing else is left anywhere.
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
     measure("all-in-one -N3 default workload", sbatch_to_workers_s=round(ready_at(res) - t0, 1),
             sbatch_to_done_s=round(done - t0, 1), workload_s=metrics["durations"]["total"])
 
 
-def test_user_script_gets_a_connected_client(slurm_cluster, job_env, tmp_path):
-    script = tmp_path / "my_analysis.py"
-    script.write_text(
-        "import sys\n"
-        "import distributed\n"
-        "client = distributed.get_client()\n"
-        "n = len(client.scheduler_info(n_workers=-1)['workers'])\n"
-        "total = client.submit(sum, range(10)).result()\n"
-        "print(f'USER-SCRIPT args={sys.argv[1:]} workers={n} sum={total} '\n"
-        "      f'scheduler={client.scheduler.address}')\n")
-    res = submit(slurm_cluster, ALL_IN_ONE, ["-N2", "--time=5"], ["my_analysis.py", "--arg", "1"],
-                 job_env, tmp_path, timeout=240)
+USER_SCRIPT = """\
+import os, sys
+import distributed
+client = distributed.get_client()
+info = client.scheduler_info(n_workers=-1)["workers"]
+n = len(info)
+total = client.submit(sum, range(10)).result()
+scratch = sorted(set(client.run(lambda dask_worker: dask_worker.local_directory).values()))
+limits = sorted(w["memory_limit"] for w in info.values())
+print(f"USER-SCRIPT args={sys.argv[1:]} workers={n} sum={total} "
+      f"scheduler={client.scheduler.address}")
+print(f"SCRATCH {' '.join(scratch)} TMPDIR={os.environ.get('TMPDIR')}")
+print(f"LIMITS {' '.join(map(str, limits))}")
+"""
+
+
+def test_user_script_gets_a_connected_client(slurm_cluster, job_env, udir):
+    (udir / "my_analysis.py").write_text(USER_SCRIPT)
+    # No --mem: each node's share is Slurm's default (DefMemPerCPU=1000 x 1 CPU), never the machine.
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"), ["-N2", "--time=5"],
+                 ["my_analysis.py", "--arg", "1"], job_env, udir, timeout=240)
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
     assert re.search(r"^USER-SCRIPT args=\['--arg', '1'\] workers=2 sum=45 "
                      r"scheduler=tls://10\.253\.71\.\d+:\d+$", res.stdout, re.M), str(res)
+    # Worker scratch is in the job's node-local $TMPDIR (bound into the image), not /tmp.
+    scratch = re.search(r"^SCRATCH (.*) TMPDIR=(\S+)$", res.stdout, re.M)
+    tmpdir = f"{slurm_cluster.state_dir}/local/job-{res.job_id}"
+    assert scratch.group(2) == tmpdir
+    dirs = scratch.group(1).split()
+    assert dirs and all(d.startswith(tmpdir + "/") for d in dirs), dirs
+    limits = [int(x) for x in re.search(r"^LIMITS (.*)$", res.stdout, re.M).group(1).split()]
+    assert limits == [(1000 - 160 - 500) * MiB, (1000 - 160) * MiB], limits
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
 
 
-def test_user_script_exit_code_is_the_jobs(slurm_cluster, job_env, tmp_path):
-    script = tmp_path / "fails.py"
-    script.write_text("import sys\nsys.exit(5)\n")
-    res = submit(slurm_cluster, ALL_IN_ONE, ["-N1", "--time=5"], ["fails.py"], job_env, tmp_path,
-                 timeout=240)
+def test_user_script_exit_code_is_the_jobs(slurm_cluster, job_env, udir):
+    (udir / "fails.py").write_text("import sys\nsys.exit(5)\n")
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N1", "--mem=1500M", "--time=5"], ["fails.py"], job_env, udir, timeout=240)
     assert res.exit_code == 5, str(res)
     assert "client ended (exit 5)" in res.stderr
+
+
+def test_two_clusters_and_two_users_at_once_keep_to_their_own_files(slurm_cluster, job_env,
+                                                                     udir):
+    """Two all-in-one jobs of hpcuser and one of otheruser at the same time, on the same nodes:
+    each has its own folder, none reads or removes another's, otheruser cannot use hpcuser's."""
+    script = ("import json, sys, time, distributed\n"
+              "c = distributed.get_client()\n"
+              "print('FILE', sys.argv[1], c.scheduler.address, flush=True)\n"
+              "time.sleep(20)\n"
+              "print('SUM', c.submit(sum, range(10)).result())\n")
+    other = slurm_cluster.mkdtemp("t-", user=slurm_cluster.OTHER_USER)
+    other_shared = slurm_cluster.mkdtemp("clusters-", user=slurm_cluster.OTHER_USER)
+    for d in (udir, other):
+        (d / "hold.py").write_text(script)
+    opts = ["-N1", "--mem=1200M", "--time=5"]
+    env = dict(job_env)
+    jobs = [submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"), opts,
+                   ["hold.py", "mine"], env, udir, wait=False) for _ in range(2)]
+    jobs.append(submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"), opts,
+                       ["hold.py", "theirs"], {**env, "HPCDASK_SHARED_DIR": str(other_shared)},
+                       other, wait=False, user=slurm_cluster.OTHER_USER))
+    try:
+        # While all three run: hpcuser's two folders are distinct and private.
+        for job, d in zip(jobs, (udir, udir, other)):
+            wait_for_text(d / f"slurm-{job.job_id}.out", r"^FILE ", 240)
+        folders = sorted(Path(job_env["HPCDASK_SHARED_DIR"]).iterdir())
+        assert len(folders) == 2 and all(f.stat().st_mode & 0o777 == 0o700 for f in folders)
+        sched = next(folders[0].glob("scheduler-*.json"))
+        # otheruser can neither read hpcuser's scheduler file nor use it.
+        proc = slurm_cluster.run(["apptainer", "exec", job_env["HPCDASK_IMAGE"], "hpcdask",
+                                  "versions", "--scheduler-file", str(sched)],
+                                 user=slurm_cluster.OTHER_USER, check=False, timeout=120)
+        assert proc.returncode == 2, proc
+        assert len(proc.stderr.strip().splitlines()) == 1 and "not readable by you" in proc.stderr
+        results = [slurm_cluster.wait(j.job_id, timeout=300, workdir=d)
+                   for j, d in zip(jobs, (udir, udir, other))]
+    finally:
+        for j in jobs:
+            slurm_cluster.run(["scancel", j.job_id], check=False, user=None)
+    for res in results:
+        assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
+        assert "SUM 45" in res.stdout, str(res)
+    assert_clean(slurm_cluster, results[0], Path(job_env["HPCDASK_SHARED_DIR"]))
+    assert not list(other_shared.iterdir())
+
+
+def test_the_users_own_interface_setting_is_honoured(slurm_cluster, job_env, udir):
+    """~/.config/dask/*.yaml says eth0: the jobscripts do not override it with ib0."""
+    conf = slurm_cluster.home / ".config" / "dask"
+    conf.mkdir(parents=True, exist_ok=True)
+    slurm_cluster.give(slurm_cluster.home / ".config")
+    (conf / "hpcdask-test.yaml").write_text("hpcdask:\n  interface: eth0\n")
+    try:
+        (udir / "addr.py").write_text(USER_SCRIPT)
+        res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                     ["-N2", "--mem=1500M", "--time=5"], ["addr.py"], job_env, udir, timeout=240)
+    finally:
+        (conf / "hpcdask-test.yaml").unlink()
+    assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
+    assert re.search(r"scheduler=tls://10\.253\.72\.\d+:\d+$", res.stdout, re.M), str(res)
 
 
 RETIRE_SCRIPT = r'''
@@ -182,37 +270,47 @@ print(f"metrics: {path}", flush=True)
 '''
 
 
-def test_scheduler_job_and_short_worker_jobs(slurm_cluster, job_env, tmp_path):
+def test_scheduler_job_and_short_worker_jobs(slurm_cluster, job_env, udir):
+    """The README's recipe: a scheduler job (its scheduler on eth0 for the login node's client),
+    worker jobs submitted at once with --dependency (they wait for it), workers on ib0; a client on
+    the login node. The short worker job retires mid-workload without losing a result."""
     cdir = Path(job_env["HPCDASK_SHARED_DIR"]) / "session"
     env = {**job_env, "HPCDASK_CLUSTER_DIR": str(cdir)}
     t0 = time.time()
-    sched = slurm_cluster.sbatch(SCHEDULER, "--time=5", env=env, wait=False, workdir=tmp_path)
+    sched = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-scheduler.sbatch"), "--time=5",
+                                 "--mem=1000M", env={**env, "HPCDASK_SCHEDULER_INTERFACE": "eth0"},
+                                 wait=False, workdir=udir)
     jobs = [sched.job_id]
+    after = f"--dependency=after:{sched.job_id}"
     try:
         # A retires ~25 s after it starts (1 min limit - 35 s margin), well before its limit.
-        short = slurm_cluster.sbatch(WORKERS, "--time=1", wait=False, workdir=tmp_path,
+        short = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-workers.sbatch"), "--time=1",
+                                     "--mem=1000M", after, wait=False, workdir=udir,
                                      env={**env, "HPCDASK_LIFETIME_MARGIN": "35s",
                                           "HPCDASK_LIFETIME_STAGGER": "1s"})
         jobs.append(short.job_id)
-        long = slurm_cluster.sbatch(WORKERS, "--time=5", env=env, wait=False, workdir=tmp_path)
+        long = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-workers.sbatch"), "--time=5",
+                                    "--mem=1000M", after, env=env, wait=False, workdir=udir)
         jobs.append(long.job_id)
-        script = tmp_path / "retire.py"
-        script.write_text(RETIRE_SCRIPT)
-        marks = tmp_path / "marks"
-        marks.mkdir()
-        out = slurm_cluster.srun(
-            "-N1", "--time=4", str(RUNNER), "exec", str(job_env["HPCDASK_IMAGE"]), "hpcdask",
-            "client", "--scheduler-file", str(cdir / "scheduler.json"), "--", str(script),
-            str(marks), str(tmp_path / "out"), env=env, timeout=200, cwd=tmp_path)
+        (udir / "retire.py").write_text(RETIRE_SCRIPT)
+        marks = slurm_cluster.mkdtemp("marks-")
+        # The client runs on the login node (eth0 only), in the image.
+        out = slurm_cluster.run(
+            ["apptainer", "exec", job_env["HPCDASK_IMAGE"], "hpcdask", "client",
+             "--scheduler-file", str(cdir / "scheduler.json"), "--", "retire.py", str(marks),
+             str(udir / "out")], env=env, timeout=240, cwd=udir)
         done = time.time()
         text = out.stdout
         assert "RESULT ok runs=24" in text, text + out.stderr  # nothing recomputed: data moved
         held = eval(re.search(r"^HELD (.*)$", text, re.M).group(1))  # noqa: S307 - our own dict
         assert len(held) == 2 and all(held.values()), held  # both workers held results
-        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+        assert all(re.match(r"tls://10\.253\.71\.", w) for w in held), held  # ib0
+        sched_info = json.loads((cdir / "scheduler.json").read_text())
+        assert sched_info["address"].startswith(f"tls://{slurm_cluster.eth_addresses['node1'][:-2]}")
+        metrics = json.loads((udir / "out" / "metrics.json").read_text())
         assert metrics["score"] == metrics["baseline_score"]
         # The short job's worker retired before the time limit: the job ended on its own.
-        res = slurm_cluster.wait(short.job_id, timeout=90, workdir=tmp_path)
+        res = slurm_cluster.wait(short.job_id, timeout=90, workdir=udir)
         assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
         assert "workers ended (exit 0)" in res.stderr, str(res)
         measure("scheduler job + worker jobs", sbatch_to_done_s=round(done - t0, 1),
@@ -220,15 +318,17 @@ def test_scheduler_job_and_short_worker_jobs(slurm_cluster, job_env, tmp_path):
     finally:
         for j in jobs:
             slurm_cluster.run(["scancel", j], check=False)
-    res = slurm_cluster.wait(sched.job_id, timeout=60, workdir=tmp_path)
-    assert not (cdir / "scheduler.json").exists()
+    res = slurm_cluster.wait(sched.job_id, timeout=60, workdir=udir)
+    # The scheduler job made the folder, so it removed it; nothing else is left.
+    assert not cdir.exists()
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
 
 
-def test_a_killed_worker_does_not_lose_the_workload(slurm_cluster, job_env, tmp_path):
+def test_a_killed_worker_does_not_lose_the_workload(slurm_cluster, job_env, udir):
     t0 = time.time()
-    job = slurm_cluster.sbatch(ALL_IN_ONE, "-N3", "--time=10", env=job_env, wait=False,
-                               workdir=tmp_path)
-    err = tmp_path / f"slurm-{job.job_id}.err"
+    job = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-cluster.sbatch"), "-N3",
+                               "--mem=2000M", "--time=10", env=job_env, wait=False, workdir=udir)
+    err = udir / f"slurm-{job.job_id}.err"
     try:
         wait_for_text(err, r"fit on the cluster \.\.\.", 240)
         victim = slurm_cluster.nodes[-1]
@@ -240,35 +340,34 @@ def test_a_killed_worker_does_not_lose_the_workload(slurm_cluster, job_env, tmp_
             except ProcessLookupError:
                 pass
         killed = time.time()
-        res = slurm_cluster.wait(job.job_id, timeout=400, workdir=tmp_path)
+        res = slurm_cluster.wait(job.job_id, timeout=400, workdir=udir)
     finally:
         slurm_cluster.run(["scancel", job.job_id], check=False)
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
-    metrics = metrics_of(res, tmp_path)
+    metrics = metrics_of(res, udir)
     assert metrics["score"] == metrics["baseline_score"], metrics
     assert metrics["cluster"]["workers"] == 2  # the killed one did not come back
     measure("worker killed mid-workload", killed_after_s=round(killed - t0, 1),
             sbatch_to_done_s=round(time.time() - t0, 1))
 
 
-def test_a_killed_scheduler_ends_the_job(slurm_cluster, job_env, tmp_path):
-    script = tmp_path / "long.py"
-    script.write_text("import time, distributed\n"
+def test_a_killed_scheduler_ends_the_job(slurm_cluster, job_env, udir):
+    (udir / "long.py").write_text("import time, distributed\n"
                       "c = distributed.get_client()\n"
                       "print('STARTED', flush=True)\n"
                       "for _ in range(3000):\n"
                       "    c.submit(time.sleep, 0.1, pure=False).result()\n")
-    job = submit(slurm_cluster, ALL_IN_ONE, ["-N3", "--time=10"], ["long.py"], job_env, tmp_path,
-                 wait=False)
-    out = tmp_path / f"slurm-{job.job_id}.out"
+    job = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=1500M", "--time=10"], ["long.py"], job_env, udir, wait=False)
+    out = udir / f"slurm-{job.job_id}.out"
     try:
         wait_for_text(out, "STARTED", 180)
         first = slurm_cluster.nodes[0]
-        pids = pids_in_node(slurm_cluster, first, rf"python\S* \S*hpcdask scheduler .*job-{job.job_id}/")
+        pids = pids_in_node(slurm_cluster, first, rf"python\S* \S*hpcdask scheduler .*job-{job.job_id}\.")
         assert len(pids) == 1, pids
         os.kill(pids[0], 9)
         killed = time.monotonic()
-        res = slurm_cluster.wait(job.job_id, timeout=90, workdir=tmp_path)
+        res = slurm_cluster.wait(job.job_id, timeout=90, workdir=udir)
         took = time.monotonic() - killed
     finally:
         slurm_cluster.run(["scancel", job.job_id], check=False)
@@ -285,25 +384,28 @@ def test_a_killed_scheduler_ends_the_job(slurm_cluster, job_env, tmp_path):
     measure("scheduler killed", kill_to_job_end_s=round(took, 1))
 
 
-def test_wrong_interface_fails_fast_listing_the_interfaces(slurm_cluster, job_env, tmp_path):
+def test_wrong_interface_fails_fast_listing_the_interfaces(slurm_cluster, job_env, udir):
     t0 = time.monotonic()
-    res = slurm_cluster.sbatch(ALL_IN_ONE, "-N2", "--time=5", env={**job_env,
-                               "HPCDASK_INTERFACE": "ib9"}, timeout=120, workdir=tmp_path)
+    res = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-cluster.sbatch"), "-N2",
+                               "--mem=1000M", "--time=5",
+                               env={**job_env, "HPCDASK_INTERFACE": "ib9"}, timeout=120,
+                               workdir=udir)
     took = time.monotonic() - t0
     assert res.state == "FAILED" and res.exit_code == 2, str(res)
     lines = [ln for ln in res.stderr.splitlines() if "interfaces here" in ln]
     assert len(lines) == 1, str(res)
-    assert re.search(r"interface 'ib9' does not exist on \S+; interfaces here: "
-                     r"ib0 \(10\.253\.71\.\d+\), lo \(127\.0\.0\.1\); pass one: --interface ib0",
-                     lines[0]), lines
+    assert re.search(r"interface 'ib9' does not exist on node\d; interfaces here: "
+                     r"eth0 \(10\.253\.72\.\d+\), ib0 \(10\.253\.71\.\d+\), lo \(127\.0\.0\.1\); "
+                     r"pass one: --interface eth0", lines[0]), lines
     assert took < 30, took
     measure("wrong interface", sbatch_to_failure_s=round(took, 1))
 
 
-def test_missing_image_fails_before_anything_starts(slurm_cluster, job_env, tmp_path):
-    res = slurm_cluster.sbatch(ALL_IN_ONE, "-N1", "--time=2", timeout=60, workdir=tmp_path,
-                               env={**job_env, "HPCDASK_IMAGE": str(tmp_path / "nope.sif")})
+def test_missing_image_fails_before_anything_starts(slurm_cluster, job_env, udir):
+    res = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-cluster.sbatch"), "-N1",
+                               "--mem=500M", "--time=2", timeout=60, workdir=udir,
+                               env={**job_env, "HPCDASK_IMAGE": str(udir / "nope.sif")})
     assert res.exit_code == 2, str(res)
     assert res.stderr.strip().splitlines() == [
-        f"hpcdask-job: error: image {tmp_path / 'nope.sif'} does not exist (HPCDASK_IMAGE); "
+        f"hpcdask-job: error: image {udir / 'nope.sif'} does not exist (HPCDASK_IMAGE); "
         f"build it (make sif) or point HPCDASK_IMAGE at it"], str(res)

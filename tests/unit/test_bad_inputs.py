@@ -40,8 +40,9 @@ def case_stale_scheduler_file(tmp_path):
     d = private(tmp_path)
     (d / "s.json").write_text(json.dumps({"address": "tls://10.0.0.1:8786",
                                           "hpcdask": {"job": "4242", "owner": "alice"}}))
-    return ["scheduler", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], \
-        f"(job 4242, owner alice); if that scheduler has ended, delete the stale file: rm {d / 's.json'}"
+    return ["scheduler", "--scheduler-file", str(d / "s.json"), "--interface", "lo"], (
+        f"(job 4242, owner alice); another scheduler uses it: give this one its own file, or, "
+        f"if that scheduler has ended, delete the stale file: rm {d / 's.json'}")
 
 
 def case_open_scheduler_folder(tmp_path):

@@ -66,6 +66,45 @@ def test_worker_sizing_splits_the_allocation():
     assert memory.worker_sizing(16, None, "auto", alloc) == (1, GiB)
 
 
+def test_worker_sizing_leaves_headroom_for_nannies_and_the_batch_nodes_roles(monkeypatch):
+    mib = 2**20
+    # A compute node: the allocation less one nanny per worker, split between the workers.
+    alloc = memory.Allocation(cpus=2, memory=4000 * mib, source="slurm")
+    assert memory.worker_sizing(2, None, "auto", alloc, nanny=160 * mib,
+                                batch_reserve=768 * mib) == (1, (4000 - 320) * mib // 2)
+    # The batch node keeps the scheduler's and the client's share too (at most half).
+    batch = memory.Allocation(cpus=2, memory=4000 * mib, source="slurm", batch_node=True)
+    assert memory.worker_sizing(1, None, "auto", batch, nanny=160 * mib,
+                                batch_reserve=768 * mib) == (2, (4000 - 160 - 768) * mib)
+    small = memory.Allocation(cpus=1, memory=1000 * mib, source="slurm", batch_node=True)
+    assert memory.worker_sizing(1, None, "auto", small, nanny=160 * mib,
+                                batch_reserve=768 * mib)[1] == (1000 - 160 - 500) * mib
+    # Too little left: one line naming the fix.
+    with pytest.raises(BadInput, match=r"leaves 0 MiB per worker .* \(sbatch --mem\)"):
+        memory.worker_sizing(4, None, "auto", small, nanny=160 * mib, batch_reserve=768 * mib)
+    # The batch node is the host the jobscript named.
+    monkeypatch.setattr(memory.socket, "gethostname", lambda: "node1")
+    env = {"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "1", "SLURM_MEM_PER_NODE": "1000"}
+    assert memory.allocation({**env, "HPCDASK_BATCH_HOST": "node1"}).batch_node is True
+    assert memory.allocation({**env, "HPCDASK_BATCH_HOST": "node2"}).batch_node is False
+    assert memory.allocation(env).batch_node is False
+
+
+def test_a_job_without_mem_is_capped_by_what_the_node_allows(monkeypatch):
+    monkeypatch.setattr(memory, "node_memory", lambda: 3 * GiB)
+    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "2"})
+    assert a.memory == 3 * GiB
+    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "2",
+                           "SLURM_MEM_PER_NODE": "8192"})
+    assert a.memory == 3 * GiB
+
+
+def test_node_memory_is_distributeds_cgroup_aware_limit():
+    from distributed.system import MEMORY_LIMIT
+
+    assert 0 < memory.node_memory() <= MEMORY_LIMIT
+
+
 def test_no_local_storage_preset_is_seed_003_policy():
     p = memory.preset("no-local-storage")
     assert p["distributed.worker.memory.spill"] is False
@@ -105,21 +144,27 @@ def test_each_cluster_gets_its_own_ca(tmp_path):
         cert_a.verify_directly_issued_by(ca_b)
 
 
-def test_scheduler_file_is_atomic_private_and_stamped(tmp_path, monkeypatch):
+def test_scheduler_file_is_claimed_exclusively_then_published_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
-    path = schedfile.prepare(tmp_path / "job" / "scheduler-777.json")
-    schedfile.write(path, {"address": "tls://10.0.0.1:8786", "id": "Scheduler-x"}, tls=True)
+    path, token = schedfile.claim(tmp_path / "job" / "scheduler-777.json", tls=True)
+    # The claim is there at once (mode 0600, stamped) but has no address: readers keep waiting.
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    content = json.loads(path.read_text())
+    assert json.loads(path.read_text())["hpcdask"]["job"] == "777"
+    with pytest.raises(BadInput, match="published no address within 0s; .* rm "):
+        schedfile.wait(path, 0)
+    # A second scheduler given the same file is refused, naming the first one's job.
+    with pytest.raises(BadInput, match="already exists .*job 777.*another scheduler uses it"):
+        schedfile.claim(path, tls=True)
+    schedfile.write(path, {"address": "tls://10.0.0.1:8786", "id": "Scheduler-x"}, token, tls=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    content = schedfile.wait(path, 0)
     assert content["address"] == "tls://10.0.0.1:8786"
     assert content["hpcdask"]["job"] == "777" and content["hpcdask"]["tls"] is True
     assert content["hpcdask"]["owner"]
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
-    with pytest.raises(BadInput, match="job 777"):
-        schedfile.prepare(path)
-    schedfile.remove_if_ours(path, "Scheduler-other")
+    assert schedfile.remove_if_ours(path, "another-token") is False
     assert path.exists()
-    schedfile.remove_if_ours(path, "Scheduler-x")
+    assert schedfile.remove_if_ours(path, token) is True
     assert not path.exists()
 
 

@@ -80,15 +80,14 @@ def test_scheduler_and_worker_job_defaults():
 
 def test_all_in_one_folder_and_scheduler_file_are_per_job():
     text = code(ALL_IN_ONE)
-    assert 'hj_cluster_dir "${HPCDASK_SHARED_DIR:-$HOME/.hpcdask/clusters}/job-$SLURM_JOB_ID"' in text
+    assert 'hj_new_cluster_dir "$SLURM_JOB_ID"' in text  # made exclusively, removed at the end
     assert 'hj_all_in_one "$HJ_DIR/scheduler-$SLURM_JOB_ID.json" "$SLURM_JOB_NUM_NODES" "$@"' in text
-    assert "HJ_OWN_DIR=1" in text  # removed at the end, credentials included
 
 
 def test_scheduler_and_workers_meet_in_the_cluster_dir():
-    for path in (SCHEDULER, WORKERS):
-        assert ('hj_cluster_dir "${HPCDASK_CLUSTER_DIR:-${HPCDASK_SHARED_DIR:-$HOME/.hpcdask/'
-                'clusters}/default}"') in code(path)
+    named = 'hj_cluster_dir "${HPCDASK_CLUSTER_DIR:-${HPCDASK_SHARED_DIR:-$HOME/.hpcdask/clusters}/default}"'
+    assert named + " 1\n" in code(SCHEDULER)  # the scheduler job may create it (then removes it)
+    assert named + "\n" in code(WORKERS)  # worker jobs only use it
     assert 'hj_start_scheduler "$HJ_DIR/scheduler.json"' in code(SCHEDULER)
     assert 'file=$HJ_DIR/scheduler.json' in code(WORKERS)
     assert 'hj_srun_workers "$file" "$(hj_job_end)" "$SLURM_JOB_NUM_NODES"' in code(WORKERS)
@@ -96,8 +95,9 @@ def test_scheduler_and_workers_meet_in_the_cluster_dir():
 
 def test_library_key_lines():
     text = code(LIB)
-    # ib0 unless the user says otherwise; hpcdask reads HPCDASK_INTERFACE itself.
-    assert "export HPCDASK_INTERFACE=${HPCDASK_INTERFACE:-ib0}" in text
+    # The interface is hpcdask's setting (ib0 by default in hpcdask.yaml): the jobscripts never
+    # set it, so ~/.config/dask/*.yaml and DASK_HPCDASK__INTERFACE reach the roles.
+    assert "HPCDASK_INTERFACE=" not in text
     # Workers: one srun task per node, never an apptainer instance.
     assert ('srun --nodes="$nodes" --ntasks-per-node=1 "${cpt[@]}" --kill-on-bad-exit=0 \\\n'
             '        "${HJ_WORKER_ARGV[@]}" &') in text
@@ -119,8 +119,10 @@ def test_library_key_lines():
     # Orderly end: SIGTERM to the scheduler, which retires the workers; cleanup on any exit.
     assert 'kill -TERM "$HJ_SCHED"' in text
     assert "trap hj_cleanup EXIT" in text
-    # Private per-cluster folder.
-    assert '(umask 077 && mkdir -p "$HJ_DIR")' in text and 'chmod 700 "$HJ_DIR"' in text
+    # Private per-cluster folders, created exclusively; an existing scheduler file is never removed.
+    assert 'HJ_DIR=$(mktemp -d "$parent/job-$1.XXXXXX")' in text
+    assert 'mkdir "$HJ_DIR"' in text
+    assert 'rm -f "$file"' not in text
 
 
 def test_pbs_script_in_gadi_style():
@@ -165,14 +167,41 @@ def test_missing_apptainer_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "'no-such-apptainer' not found on PATH" in lines[0]
 
 
-def test_cluster_dir_is_private_and_binds(tmp_path):
-    d = tmp_path / "shared" / "job-1"
-    proc = run_lib(f'hj_cluster_dir "{d}"; printf "%s\\n" "${{HJ_EXEC[@]}}"',
-                   {"HPCDASK_IMAGE": "/img", "HPCDASK_BIND": "/scratch,/project:/p:ro"})
-    assert proc.returncode == 0, proc.stderr
+def test_job_cluster_dirs_are_private_exclusive_and_bind_tmpdir(tmp_path):
+    shared = tmp_path / "shared"
+    scratch = tmp_path / "local" / "job-1"
+    scratch.mkdir(parents=True)
+    env = {"HPCDASK_IMAGE": "/img", "HPCDASK_BIND": "/scratch,/project:/p:ro",
+           "HPCDASK_SHARED_DIR": str(shared), "TMPDIR": str(scratch)}
+    snippet = 'hj_new_cluster_dir 1; echo "$HJ_OWN_DIR"; printf "%s\\n" "${HJ_EXEC[@]}"'
+    first, second = run_lib(snippet, env), run_lib(snippet, env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    d1, d2 = Path(first.stdout.split()[4]), Path(second.stdout.split()[4])
+    # Two jobs with the same id (a restarted cluster's, or another user's) never share a folder.
+    assert d1 != d2 and d1.parent == d2.parent == shared
+    assert d1.name.startswith("job-1.") and (d1.stat().st_mode & 0o777) == 0o700
+    assert first.stdout.split() == ["1", "apptainer", "exec", "--bind", str(d1),
+                                    "--bind", str(scratch), "--bind", "/scratch",
+                                    "--bind", "/project:/p:ro", "/img"]
+    # /tmp itself is bound by Apptainer by default.
+    proc = run_lib(snippet, {**env, "TMPDIR": "/tmp"})
+    assert "--bind /tmp " not in " ".join(proc.stdout.split()) + " "
+
+
+def test_named_cluster_dir_is_made_only_by_the_scheduler_job(tmp_path):
+    d = tmp_path / "clusters" / "session"
+    # A worker job never creates it: one line naming the fix.
+    proc = run_lib(f'hj_cluster_dir "{d}"', {"HPCDASK_IMAGE": "/img"})
+    assert proc.returncode == 2 and not d.exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"hpcdask-job: error: cluster folder {d} does not exist; submit the scheduler job first "
+        f"(sbatch dask-scheduler.sbatch) with the same HPCDASK_CLUSTER_DIR"]
+    # The scheduler job creates it (private) and then owns it; an existing one is only used.
+    proc = run_lib(f'hj_cluster_dir "{d}" 1; echo "$HJ_OWN_DIR"', {"HPCDASK_IMAGE": "/img"})
+    assert proc.returncode == 0 and proc.stdout.split() == ["1"], proc.stderr
     assert (d.stat().st_mode & 0o777) == 0o700
-    assert proc.stdout.split() == ["apptainer", "exec", "--bind", str(d), "--bind", "/scratch",
-                                   "--bind", "/project:/p:ro", "/img"]
+    proc = run_lib(f'hj_cluster_dir "{d}" 1; echo "$HJ_OWN_DIR"', {"HPCDASK_IMAGE": "/img"})
+    assert proc.stdout.split() == ["0"], proc.stderr
 
 
 def test_client_choice(tmp_path):
@@ -200,7 +229,7 @@ def test_pbs_workers_go_through_an_env_file(tmp_path):
     (bindir / "pbsdsh").write_text('#!/bin/sh\necho "pbsdsh $*" >>"$LOG"\n')
     (bindir / "pbsdsh").chmod(0o755)
     log = tmp_path / "log"
-    proc = run_lib(f'hj_cluster_dir "{tmp_path}/c"; hj_pbsdsh_workers F 123 1; wait "$HJ_WORKERS"; '
+    proc = run_lib(f'hj_cluster_dir "{tmp_path}/c" 1; hj_pbsdsh_workers F 123 1; wait "$HJ_WORKERS"; '
                    f'cat "{tmp_path}/c/worker-env-77.pbs.sh"',
                    {"PATH": f"{bindir}:{os.environ['PATH']}", "PBS_NODEFILE": str(nodefile),
                     "PBS_JOBID": "77.pbs",

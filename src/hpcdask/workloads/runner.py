@@ -95,7 +95,8 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
         raise BadInput(f"--size {size!r} is not one of {', '.join(SIZES)}; e.g. --size small")
     module = importlib.import_module(f"hpcdask.workloads.{WORKLOADS[resolve(name)]}")
     compat.apply()
-    output = Path(output)
+    # Absolute: the workers write some outputs themselves (ETL's Parquet), from their own cwd.
+    output = Path(output).absolute()
     output.mkdir(parents=True, exist_ok=True)
     stage = Path(output) / f".partial-{int(time.time() * 1000)}"
     stage.mkdir()
@@ -104,7 +105,9 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
         roles = launch.check_cluster(client)
         ctx = Context(client=client, size=size, seed=seed, outdir=stage)
         t0 = time.perf_counter()
-        with performance_report(filename=str(stage / "dask-report.html")):
+        # mode="inline": Bokeh's JavaScript in the file, so the report opens offline (compute
+        # nodes, and many browsers on a cluster, have no internet).
+        with performance_report(filename=str(stage / "dask-report.html"), mode="inline"):
             result = module.run(ctx)
         total = time.perf_counter() - t0
         metrics = {

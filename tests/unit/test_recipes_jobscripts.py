@@ -51,7 +51,7 @@ def lib(snippet: str, env: dict[str, str], *args: str) -> subprocess.CompletedPr
 @pytest.mark.parametrize("gpu", ["1", "true", "yes"])
 def test_gpu_workers_run_with_nv_and_gpus(tmp_path, gpu):
     env = {**fakes(tmp_path, srun=""), "HPCDASK_IMAGE": "/img.sif", "HPCDASK_GPU": gpu}
-    proc = lib(f'hj_cluster_dir "{tmp_path}/c"; hj_srun_workers F 1700000000 2; wait "$HJ_WORKERS"',
+    proc = lib(f'hj_cluster_dir "{tmp_path}/c" 1; hj_srun_workers F 1700000000 2; wait "$HJ_WORKERS"',
                env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "log").read_text().splitlines() == [
@@ -63,7 +63,7 @@ def test_gpu_workers_run_with_nv_and_gpus(tmp_path, gpu):
 @pytest.mark.parametrize("gpu", ["", "0", "false"])
 def test_cpu_workers_unchanged_without_hpcdask_gpu(tmp_path, gpu):
     env = {**fakes(tmp_path, srun=""), "HPCDASK_IMAGE": "/img.sif", "HPCDASK_GPU": gpu}
-    proc = lib(f'hj_cluster_dir "{tmp_path}/c"; hj_srun_workers F "" 1; wait "$HJ_WORKERS"', env)
+    proc = lib(f'hj_cluster_dir "{tmp_path}/c" 1; hj_srun_workers F "" 1; wait "$HJ_WORKERS"', env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "log").read_text().splitlines() == [
         f"srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=0 apptainer exec --bind "
@@ -75,7 +75,7 @@ def test_pbs_gpu_workers_env_file(tmp_path):
     nodefile.write_text("g1\n")
     env = {**fakes(tmp_path, pbsdsh=""), "HPCDASK_IMAGE": "/img.sif", "HPCDASK_GPU": "1",
            "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "9.pbs"}
-    proc = lib(f'hj_cluster_dir "{tmp_path}/c"; hj_pbsdsh_workers F "" 1; wait "$HJ_WORKERS"', env)
+    proc = lib(f'hj_cluster_dir "{tmp_path}/c" 1; hj_pbsdsh_workers F "" 1; wait "$HJ_WORKERS"', env)
     assert proc.returncode == 0, proc.stderr
     last = (tmp_path / "c" / "worker-env-9.pbs.sh").read_text().splitlines()[-1]
     assert last == (f"exec apptainer exec --nv --bind {tmp_path}/c /img.sif hpcdask worker "
@@ -140,6 +140,7 @@ def test_scheduler_job_keeps_the_scheduler_when_jupyter_ends(tmp_path, kind):
 def test_slurm_array_task_retires_before_its_own_end(tmp_path):
     """An array task (sbatch --array=1-3) is a job of its own: its end time is asked of Slurm by
     its own SLURM_JOB_ID, not the array's, and its workers retire before that end."""
+    (tmp_path / "c").mkdir(mode=0o700)  # the scheduler job's folder
     squeue = ('[ "$3" = 1002 ] && echo 2030-01-01T10:00:00 || echo 2030-01-01T23:00:00')
     env = {**os.environ, **fakes(tmp_path, srun="", squeue=squeue, apptainer="")}
     img = tmp_path / "img.sif"
@@ -163,6 +164,7 @@ def test_pbs_array_subjobs_each_have_their_own_env_file(tmp_path):
     worker file and retires before its own walltime."""
     nodefile = tmp_path / "nodes"
     nodefile.write_text("n1\nn1\n")
+    (tmp_path / "c").mkdir(mode=0o700)  # the scheduler job's folder
     qstat = 'echo "    Resource_List.walltime = 00:30:00"'
     img = tmp_path / "img.sif"
     img.write_text("")

@@ -149,8 +149,9 @@ class _terminate_cleanly:
     def __exit__(self, exc_type, exc, tb):
         signal.signal(signal.SIGTERM, self._old)
         if exc_type is _Terminated:
-            click.echo("hpcdask: interrupted by SIGTERM (the job's time limit?); nothing was "
-                       "written: rerun with more time (sbatch --time) or --size small", err=True)
+            click.echo("hpcdask: interrupted by SIGTERM (the job's time limit?); no results "
+                       "were written (provenance.json records the interruption): rerun with more "
+                       "time (sbatch --time) or --size small", err=True)
             sys.exit(143)
         return False
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -27,6 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from hpcdask import config, versions
 from hpcdask.errors import BadInput, Refused
 from hpcdask.files import atomic_write
+
+logger = logging.getLogger("hpcdask")
 
 KIND = "hpcdask-provenance"
 FORMAT = 1
@@ -137,10 +140,14 @@ class Recorder:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.recorded:
             return False
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.record.update(ended=_now(), exit_status=exit_status(exc))
-        atomic_write(self.folder / FILE,
-                     json.dumps(self.record, indent=2, default=str) + "\n", mode=0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.folder / FILE,
+                         json.dumps(self.record, indent=2, default=str) + "\n", mode=0o644)
+        except OSError as e:  # the run's own outcome matters more than its record
+            logger.warning("hpcdask: could not write %s (%s); pass --output DIR to a writable "
+                           "folder", self.folder / FILE, e.strerror)
         return False
 
 

@@ -426,3 +426,20 @@ def test_real_chromium_shows_the_lab(lab):
     assert png.returncode == 0, png.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_client_script_writes_provenance_with_its_exit_status(cluster, tmp_path):
+    script = tmp_path / "mine.py"
+    script.write_text("from distributed import get_client\n"
+                      "assert get_client().submit(sum, [1, 2]).result() == 3\n"
+                      "raise SystemExit(7)\n")
+    proc = hpcdask("client", str(script), "--scheduler-file", str(cluster["path"]), cwd=tmp_path)
+    assert proc.returncode == 7, proc.stderr
+    rec = json.loads((tmp_path / "hpcdask-output" / "mine" / "provenance.json").read_text())
+    assert rec["exit_status"] == 7 and rec["command"][1] == "client"
+    # An output folder that cannot be made: the script's own result still stands, one warning.
+    (tmp_path / "file").write_text("")
+    proc = hpcdask("client", str(script), "--scheduler-file", str(cluster["path"]),
+                   "--output", str(tmp_path / "file" / "sub"), cwd=tmp_path)
+    assert proc.returncode == 7
+    assert "could not write" in proc.stderr and "Traceback" not in proc.stderr

@@ -142,10 +142,15 @@ def test_slurm_array_task_retires_before_its_own_end(tmp_path):
     its own SLURM_JOB_ID, not the array's, and its workers retire before that end."""
     (tmp_path / "c").mkdir(mode=0o700)  # the scheduler job's folder
     squeue = ('[ "$3" = 1002 ] && echo 2030-01-01T10:00:00 || echo 2030-01-01T23:00:00')
-    env = {**os.environ, **fakes(tmp_path, srun="", squeue=squeue, apptainer="")}
+    # The array's first task shares its ID: scontrol shows every task's record then.
+    record = f"JobId=%s ArrayJobId=1000 Command={JOBSCRIPTS}/slurm/dask-workers.sbatch Foo=1"
+    scontrol = "; ".join(f'echo "{record % i}"' for i in (1000, 1001, 1002))
+    env = {**os.environ, **fakes(tmp_path, srun="", squeue=squeue, apptainer="",
+                                 scontrol=scontrol)}
     img = tmp_path / "img.sif"
     img.write_text("")
-    env.update(HPCDASK_IMAGE=str(img), HPCDASK_JOBSCRIPTS=str(JOBSCRIPTS), TZ="UTC",
+    env.pop("HPCDASK_JOBSCRIPTS", None)  # found through scontrol, as in a real job
+    env.update(HPCDASK_IMAGE=str(img), TZ="UTC",
                HPCDASK_CLUSTER_DIR=str(tmp_path / "c"), SLURM_JOB_ID="1002",
                SLURM_ARRAY_JOB_ID="1000", SLURM_ARRAY_TASK_ID="2", SLURM_JOB_NUM_NODES="1")
     proc = subprocess.run(["bash", str(JOBSCRIPTS / "slurm" / "dask-workers.sbatch")], env=env,

@@ -112,7 +112,10 @@ hj_exec_prefix() {
 hj_job_end() {
     local end=''
     if [ -n "${SLURM_JOB_ID:-}" ]; then
-        end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null) || end=''
+        # An array task by its own name: the array's ID alone lists every task's end time.
+        local id=$SLURM_JOB_ID
+        [ -z "${SLURM_ARRAY_TASK_ID:-}" ] || id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+        end=$(squeue -h -j "$id" -o %e 2>/dev/null) || end=''
     elif [ -n "${PBS_JOBID:-}" ]; then
         # PBS has no end time: start (now, near enough) + the walltime asked for.
         local wt

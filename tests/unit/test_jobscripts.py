@@ -105,7 +105,7 @@ def test_library_key_lines():
     assert 'HJ_WORKER_ARGV+=(--lifetime auto --job-end "$2")' in text
     assert "instance" not in text
     # The job's end time for --lifetime auto comes from Slurm itself.
-    assert 'squeue -h -j "$SLURM_JOB_ID" -o %e' in text
+    assert 'squeue -h -j "$id" -o %e' in text  # the job's, or the array task's own (ID_TASK)
     # Every role: apptainer exec IMAGE hpcdask ROLE.
     assert 'HJ_EXEC=("$HJ_APPTAINER" exec --bind "$HJ_DIR")' in text
     assert 'HJ_EXEC+=("$HPCDASK_IMAGE")' in text

@@ -139,9 +139,11 @@ def test_scheduler_job_keeps_the_scheduler_when_jupyter_ends(tmp_path, kind):
 
 def test_slurm_array_task_retires_before_its_own_end(tmp_path):
     """An array task (sbatch --array=1-3) is a job of its own: its end time is asked of Slurm by
-    its own SLURM_JOB_ID, not the array's, and its workers retire before that end."""
+    its own name (ARRAYID_TASKID), not the array's ID, and its workers retire before that end."""
     (tmp_path / "c").mkdir(mode=0o700)  # the scheduler job's folder
-    squeue = ('[ "$3" = 1002 ] && echo 2030-01-01T10:00:00 || echo 2030-01-01T23:00:00')
+    # Asked by the array's ID, squeue lists every task; by the task's own name, just its end.
+    squeue = ('[ "$3" = 1000_2 ] && echo 2030-01-01T10:00:00 || '
+              'printf "2030-01-01T23:00:00\\n2030-01-01T10:00:00\\n"')
     # The array's first task shares its ID: scontrol shows every task's record then.
     record = f"JobId=%s ArrayJobId=1000 Command={JOBSCRIPTS}/slurm/dask-workers.sbatch Foo=1"
     scontrol = "; ".join(f'echo "{record % i}"' for i in (1000, 1001, 1002))
@@ -157,7 +159,7 @@ def test_slurm_array_task_retires_before_its_own_end(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "log").read_text().splitlines()
-    assert "squeue -h -j 1002 -o %e" in calls
+    assert "squeue -h -j 1000_2 -o %e" in calls
     end = 1893492000  # 2030-01-01T10:00:00Z
     assert calls[-1] == (f"srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=0 apptainer exec "
                          f"--bind {tmp_path}/c {img} hpcdask worker --scheduler-file "

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 import hpcdask
-from hpcdask import config, launch, provenance, versions
+from hpcdask import config, launch, provenance, shutdown, versions
 from hpcdask.errors import BadInput, Refused
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -119,17 +119,19 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
         from hpcdask.memory import parse_bytes
         parse_bytes(memory_limit)
     workloads.check_output(output)
-    with provenance.Recorder(output, provenance.command_line()) as record, _terminate_cleanly():
+    with provenance.Recorder(output, provenance.command_line()) as record, \
+            _terminate_cleanly() as term:
         if scheduler_file or address:
             with launch.connect(scheduler_file, address, tls=tls, check=False) as client:
                 record.cluster(client)
-                path = workloads.execute(client, name, size, seed, output)
+                path = term.run(client, workloads.execute, client, name, size, seed, output)
         else:
             with launch.local_cluster(n_workers, threads_per_worker, tls=tls,
                                       memory_limit=memory_limit) as cluster, \
                     launch.Client(cluster) as client:
                 record.cluster(client)
-                path = workloads.execute(client, name, size, seed, output)
+                path = term.run(client, workloads.execute, client, name, size, seed, output,
+                                local=True)
     click.echo(f"metrics: {path}")
 
 
@@ -142,9 +144,21 @@ class _terminate_cleanly:
 
     def __enter__(self):
         def handler(signum, frame):
+            shutdown.quiet()
             raise _Terminated()
         self._old = signal.signal(signal.SIGTERM, handler)
         return self
+
+    @staticmethod
+    def run(client, fn, *args, local: bool = False):
+        """``fn(*args)``; interrupted, a LocalCluster of ours (which got no signal itself) goes
+        quiet before it is closed under its running tasks."""
+        try:
+            return fn(*args)
+        except _Terminated:
+            if local:
+                shutdown.quiet_cluster(client)
+            raise
 
     def __exit__(self, exc_type, exc, tb):
         signal.signal(signal.SIGTERM, self._old)

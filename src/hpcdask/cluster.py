@@ -3,7 +3,8 @@
 Seed 002's ``SLURMCluster`` and seed 001's ``PBSCluster``, with hpcdask's defaults: each worker
 job runs dask-jobqueue's own worker command under ``apptainer exec IMAGE python``, binds the
 workers' interface (``ib0``) while the scheduler binds its own (``scheduler_interface``: login
-nodes often lack ``ib0``), speaks TLS with fresh per-cluster credentials (the CA and certificate
+nodes often lack ``ib0``; then, unless ``interface=`` is given, the workers bind the scheduler's
+network too, since the scheduler must reach them), speaks TLS with fresh per-cluster credentials (the CA and certificate
 in a private folder on the shared filesystem, which every worker job reads), retires workers
 gracefully before the walltime, and applies the memory preset.
 
@@ -29,8 +30,11 @@ goes before ``sbatch``/``scancel``, ``qsub``/``qdel``).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shlex
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,8 @@ from hpcdask.errors import BadInput
 
 __all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
 
+logger = logging.getLogger("hpcdask")
+
 
 def _image(image: str | os.PathLike[str] | None) -> str:
     image = image or config.get("image") or os.environ.get("HPCDASK_IMAGE")
@@ -51,11 +57,32 @@ def _image(image: str | os.PathLike[str] | None) -> str:
     return str(image)
 
 
+_SLURM_TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                         r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+
+
+def walltime_seconds(walltime: str) -> int:
+    """Seconds in a Slurm (or PBS) time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    m = _SLURM_TIME.match(str(walltime).strip())
+    if not m:
+        raise BadInput(f"walltime {walltime!r} is not a Slurm time; write MM, MM:SS, HH:MM:SS, "
+                       f"D-HH, D-HH:MM or D-HH:MM:SS, e.g. walltime='01:00:00'")
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "d" in g:
+        return g["d"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
+    parts = [g[k] for k in ("a", "b", "c") if k in g]
+    if len(parts) == 1:  # minutes
+        return parts[0] * 60
+    if len(parts) == 2:  # minutes:seconds
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 def _lifetime_args(walltime: str | None) -> list[str]:
     """``--lifetime`` so workers retire (handing over their data) before the walltime."""
     if not walltime:
         return []
-    total = dask.utils.parse_timedelta(walltime if ":" not in walltime else _hms(walltime))
+    total = walltime_seconds(walltime)
     margin = dask.utils.parse_timedelta(config.get("lifetime-margin"))
     stagger = dask.utils.parse_timedelta(config.get("lifetime-stagger"))
     life = total - margin - stagger
@@ -64,14 +91,6 @@ def _lifetime_args(walltime: str | None) -> list[str]:
                        f"{margin:.0f}s + {stagger:.0f}s stagger; ask for a longer walltime or "
                        f"lower HPCDASK_LIFETIME_MARGIN")
     return ["--lifetime", f"{life:.0f}s", "--lifetime-stagger", f"{stagger:.0f}s"]
-
-
-def _hms(text: str) -> str:
-    parts = [int(p) for p in text.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, s = parts[-3:]
-    return f"{h * 3600 + m * 60 + s}s"
 
 
 def _free_or_any(host: str, port: int) -> int:
@@ -121,6 +140,15 @@ def job_kwargs(
     iface = config.get("interface", interface)
     sched_iface = scheduler_interface or config.get("scheduler-interface") or iface
     host = netif.address_of(sched_iface, "scheduler_interface=")
+    if interface is None and iface != sched_iface and iface not in netif.interfaces():
+        # A login node without the fabric: the scheduler here must reach its workers (it
+        # connects to them, e.g. to vet their identity), so they bind its network too.
+        logger.warning("hpcdask: %s has no %s: the workers bind %s too, so that this scheduler "
+                       "can reach them (worker-to-worker traffic then uses %s); for %s between "
+                       "workers run the scheduler on a compute node "
+                       "(jobscripts/slurm/dask-scheduler.sbatch)", socket.gethostname(), iface,
+                       sched_iface, sched_iface, iface)
+        iface = sched_iface
     cluster_id = uuid.uuid4().hex[:8]
     folder = Path(folder or Path(config.get("shared-dir")).expanduser() / f"jobqueue-{cluster_id}")
     creds = security.create(folder.absolute(), cluster_id)
@@ -130,7 +158,11 @@ def job_kwargs(
     nv = "--nv " if gpus else ""
     python = (f"{apptainer} exec {nv}--bind {shlex.quote(str(creds.folder))} --bind \"{local}\" "
               f"{shlex.quote(image)} python")
-    prologue = [*_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
+    # The workers' scratch: a private folder in the node-local one, removed when the job script
+    # ends (distributed leaves its workspace's lock files; other jobs may share the parent).
+    prologue = [f'HPCDASK_SCRATCH=$(mktemp -d "{local}/hpcdask-XXXXXX")',
+                """trap 'rm -rf -- "$HPCDASK_SCRATCH"' EXIT""",
+                *_preset_exports(config.get("memory-preset")), *(job_script_prologue or [])]
     dmode = config.get("dashboard", dashboard)
     options: dict[str, Any] = {"interface": sched_iface}
     if dmode == "off":  # the HTTP server (metrics, health) still listens: on loopback, any port
@@ -144,7 +176,7 @@ def job_kwargs(
     out = dict(
         python=python,
         interface=iface,
-        local_directory=local,
+        local_directory="$HPCDASK_SCRATCH",
         security=creds.security(),
         protocol="tls://",
         scheduler_options=options,

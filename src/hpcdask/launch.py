@@ -27,7 +27,7 @@ from distributed import Client, Nanny, Scheduler
 from distributed.core import rpc
 from distributed.security import Security
 
-from hpcdask import config, gpu, memory, netif, schedfile, security, versions
+from hpcdask import config, gpu, memory, netif, schedfile, security, shutdown, versions
 from hpcdask.errors import BadInput, Refused
 
 logger = logging.getLogger("hpcdask")
@@ -61,10 +61,17 @@ def tunnel_hint(mode: str, port: int) -> str:
 
 
 async def _until_signalled(stop: asyncio.Event, finished) -> str:
+    """Wait for ``finished`` or SIGINT/SIGTERM (then distributed goes quiet: see shutdown.py)."""
     loop = asyncio.get_running_loop()
     got: list[str] = []
+
+    def on_signal(sig: int) -> None:
+        got.append(signal.Signals(sig).name)
+        shutdown.quiet()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (got.append(signal.Signals(s).name), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     waiter = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([waiter, asyncio.ensure_future(finished)],
                                  return_when=asyncio.FIRST_COMPLETED)
@@ -125,13 +132,15 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
     deadline = loop.time() + timeout
     try:
         nannies = [ws.nanny for ws in s.workers.values() if ws.nanny]
+        plain = [addr for addr, ws in s.workers.items() if not ws.nanny]
         if nannies:
             # Fire and forget (reply=False): a nanny closes its comm as it terminates, which
             # distributed's broadcast() would log as an ERROR for every worker.
             await asyncio.wait_for(asyncio.gather(*[_terminate(s, n) for n in nannies]), timeout)
-        if s.workers:  # workers without a nanny close themselves
-            await asyncio.wait_for(s.retire_workers(close_workers=True, remove=False,
-                                                    stimulus_id="hpcdask-shutdown"), timeout)
+        if plain:  # workers without a nanny close themselves (only they: the others are closing)
+            await asyncio.wait_for(s.retire_workers(workers=plain, close_workers=True,
+                                                    remove=False, stimulus_id="hpcdask-shutdown"),
+                                   timeout)
         # Let each worker close its own stream, so nothing is cut mid-read.
         while s.workers and loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -276,14 +285,15 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         cuda = CUDAWorker(address, host=host, nthreads=threads, name=base, memory_limit=mem,
                           security=sec, local_directory=local_dir,
-                          dashboard_address="127.0.0.1:0", death_timeout=timeout, **extra)
+                          dashboard_address="127.0.0.1:0", death_timeout=timeout,
+                          preload=["hpcdask.shutdown"], **extra)
         await cuda
         nannies = list(cuda.nannies)
     else:
         nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                          local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
                          dashboard_address="127.0.0.1:0", death_timeout=timeout,
-                         **_gpu_kwargs(i, gpus), **extra)
+                         preload=["hpcdask.shutdown"], **_gpu_kwargs(i, gpus), **extra)
                    for i in range(nworkers)]
         await asyncio.gather(*nannies)
     logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each", nworkers, host,
@@ -371,6 +381,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     mem = memory.parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
     kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                  preload=["hpcdask.shutdown"],
                                   silence_logs=logging.WARNING)
     if tls:
         kwargs.update(security=Security.temporary(), protocol="tls://")

@@ -108,7 +108,7 @@ def wait(path: Path, timeout: float) -> dict[str, Any]:
     path = Path(path).expanduser()
     deadline = time.monotonic() + timeout
     while True:
-        content = _load(path) if path.exists() else None
+        content = _load(path) if _exists(path) else None
         if isinstance(content, dict) and content.get("address"):
             return content
         if time.monotonic() > deadline:
@@ -120,6 +120,18 @@ def wait(path: Path, timeout: float) -> dict[str, Any]:
                            f"address within {timeout:.0f}s; if it has died, delete the stale "
                            f"file: rm {path}")
         time.sleep(0.2)
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a folder you may not enter is an error now, not a long wait."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise BadInput(f"scheduler file {path} is not readable by you (a folder on its way "
+                       f"is another user's or private); use your own cluster's file") from None
+    return True
 
 
 def stale_hint(path: Path) -> str:

@@ -181,7 +181,8 @@ user_env() {
     local user=$1 home
     home=$(getent passwd "$user" | cut -d: -f6)
     printf '%s\n' "HOME=$home" "USER=$user" "LOGNAME=$user" "SHELL=/bin/bash" "LANG=C.UTF-8" \
-        "PATH=$SRC/tests/cluster/bin:$USER_PATH" "SLURM_CONF=$CONF" "HPCDASK_IMAGE=$(image_path)"
+        "PATH=$SRC/tests/cluster/bin:$USER_PATH" "SLURM_CONF=$CONF" "HPCDASK_IMAGE=$(image_path)" \
+        "HPCDASK_SRC=$SRC"
 }
 
 # Run CMD... as USER in MACHINE, from USER's home, with user_env plus KEY=VALUE words given
@@ -425,7 +426,10 @@ image_path() {
 }
 
 build_image() {
-    [ -z "${HPCDASK_IMAGE:-}" ] || return 0
+    if [ -n "${HPCDASK_IMAGE:-}" ]; then
+        echo "$HPCDASK_IMAGE" >"$STATE/image"
+        return 0
+    fi
     local img
     img=$(python3 "$here/image.py" build | tail -n 1) || die "building the test image failed (python3 $here/image.py build)"
     [ -d "$img" ] || [ -f "$img" ] || die "tests/cluster/image.py printed no image"

@@ -244,8 +244,9 @@ class SlurmCluster:
         return found
 
     def cluster_sh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``tests/cluster/cluster.sh COMMAND`` (up, down, status, env)."""
-        return _cluster_sh(command, check=check)
+        """``tests/cluster/cluster.sh COMMAND`` (up, down, status, env), with this image."""
+        return _cluster_sh(command, check=check,
+                           image=Path(self.user_env[self.USER]["HPCDASK_IMAGE"]))
 
     # --- batch jobs -------------------------------------------------------------------------
 
@@ -333,14 +334,17 @@ class SlurmCluster:
         return {}
 
 
-def _cluster_sh(command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _cluster_sh(command: str, *, check: bool = True,
+                image: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"HPCDASK_IMAGE": str(image)} if image else {})}
     proc = subprocess.run(
         ["bash", str(CLUSTER_SH), command],
         check=False,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
     if check and proc.returncode != 0:
         raise ClusterError(
@@ -375,11 +379,12 @@ def _userenv(user: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """The running Slurm test cluster (started once per session, stopped at its end)."""
+def slurm_cluster(image: Path) -> Iterator[SlurmCluster]:
+    """The running Slurm test cluster (started once per session, stopped at its end), whose
+    users get the session's test image as HPCDASK_IMAGE."""
     was_up = _cluster_sh("status", check=False).returncode == 0
     try:
-        up = _cluster_sh("up")
+        up = _cluster_sh("up", image=image)
     except (ClusterError, subprocess.TimeoutExpired, OSError) as exc:
         _cluster_sh("down", check=False)
         pytest.fail(f"the Slurm test cluster did not start:\n{exc}", pytrace=False)

@@ -209,8 +209,11 @@ def test_scheduler_sigterm_ends_everything_cleanly(tmp_path):
         stop(sched, signal.SIGKILL)
         stop(worker, signal.SIGKILL)
     assert not path.exists(), "the scheduler removes its own file on an orderly stop"
+    # ... and the credentials it made; no role logs an ERROR or a traceback.
+    assert list(path.parent.iterdir()) == []
     for log in ("s.log", "w.log"):
-        assert "Traceback" not in (tmp_path / log).read_text(), log
+        text = (tmp_path / log).read_text()
+        assert "Traceback" not in text and " - ERROR - " not in text, (log, text)
 
 
 def test_killed_scheduler_workers_end_within_bounded_time(tmp_path):

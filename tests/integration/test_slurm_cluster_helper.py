@@ -1,10 +1,11 @@
 """hpcdask.cluster.slurm_cluster scaling a real dask-jobqueue SLURMCluster on the test cluster.
 
 The calling script runs INSIDE the image (``apptainer exec IMAGE python script.py``), as the
-module's docstring asks, so its scheduler's Python and packages are the workers' and the
-IdentityGuard keeps them. The scheduler listens on the host's bridge (``hpcd-br0``, 10.253.71.1:
-the runner keeps the caller's network); each worker is a Slurm job started by sbatch from inside
-the image and runs ``apptainer exec IMAGE python -m distributed.cli.dask_worker`` on a node (ib0).
+module's docstring asks, as hpcuser on the login node (eth0 only), so its scheduler's Python and
+packages are the workers' and the IdentityGuard keeps them. The scheduler listens on the login
+node's eth0; each worker is a Slurm job started by sbatch from inside the image and runs
+``apptainer exec IMAGE python -m distributed.cli.dask_worker`` on a node. The login node has no
+ib0, so the workers bind eth0 too (the scheduler must reach them): hpcdask says so in its log.
 
 The image has no Slurm commands: as a site would, the test binds the host's into it (its /usr,
 the munge socket's folder and a slurm.conf seen from inside) and submits through
@@ -28,9 +29,6 @@ import pytest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CLUSTER_DIR = REPO / "tests" / "cluster"
-RUNNER = CLUSTER_DIR / "bin" / "apptainer"
 SLURM_LIBS = Path("/usr/lib/x86_64-linux-gnu/slurm-wlm")
 MEASURE = Path(os.environ.get("HPCDASK_MEASUREMENTS", "/tmp/hpcdask-measurements.jsonl"))
 JOBS = 3
@@ -47,7 +45,7 @@ prefix, jobs, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 subprocess.run([prefix, "sinfo", "-h"], check=True, timeout=60)
 # cores=2: a whole test node per job, so the workers land on distinct nodes.
 with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
-                   scheduler_interface="hpcd-br0", submit_prefix=prefix,
+                   scheduler_interface="eth0", submit_prefix=prefix,
                    dashboard="off") as cluster, Client(cluster) as client:
     print("SCHEDULER " + cluster.scheduler_address, flush=True)
     print("JOBSCRIPT-BEGIN\n" + cluster.job_script() + "\nJOBSCRIPT-END", flush=True)
@@ -97,7 +95,7 @@ def host_slurm_in_image(slurm_cluster, mnt: Path) -> tuple[list[str], str]:
     (host / "slurm.conf").write_text(
         f"PluginDir=/mnt/host/usr/lib/x86_64-linux-gnu/slurm-wlm\n{conf}")
     binds = [f"{mnt}:/mnt", "/usr:/mnt/host/usr:ro", f"{munge}:/mnt/host/munge",
-             f"{CLUSTER_DIR}:/mnt/cluster:ro"]
+             f"{slurm_cluster.src / 'tests' / 'cluster'}:/mnt/cluster:ro"]
     return binds, "/mnt/cluster/jobqueue_slurm.sh"
 
 
@@ -111,48 +109,50 @@ def cancel_leftovers(slurm_cluster, workdir: Path) -> list[str]:
     return left
 
 
-def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, image, tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir(mode=0o700)
-    binds, prefix = host_slurm_in_image(slurm_cluster, tmp_path / "mnt")
-    script = tmp_path / "scale.py"
-    script.write_text(SCRIPT)
-    env = {**slurm_cluster.env, "HPCDASK_IMAGE": str(image), "HPCDASK_SHARED_DIR": str(shared)}
-    cmd = [str(RUNNER), "exec", *(a for b in binds for a in ("--bind", b)), str(image),
-           "python", str(script), prefix, str(JOBS), str(TIMEOUT)]
+def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, image, udir):
+    shared = slurm_cluster.mkdtemp("clusters-")
+    binds, prefix = host_slurm_in_image(slurm_cluster, udir / "mnt")
+    slurm_cluster.give(udir / "mnt")
+    (udir / "scale.py").write_text(SCRIPT)
+    env = {"HPCDASK_IMAGE": str(image), "HPCDASK_SHARED_DIR": str(shared)}
+    cmd = ["apptainer", "exec", *(a for b in binds for a in ("--bind", b)), str(image),
+           "python", "scale.py", prefix, str(JOBS), str(TIMEOUT)]
     try:
-        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=TIMEOUT + 180, stdin=subprocess.DEVNULL, check=False)
+        proc = slurm_cluster.run(cmd, env=env, cwd=udir, timeout=TIMEOUT + 180, check=False)
     finally:
-        leftovers = cancel_leftovers(slurm_cluster, tmp_path)
+        leftovers = cancel_leftovers(slurm_cluster, udir)
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted(tmp_path.glob("slurm-*.out")))
+                     for p in sorted(udir.glob("slurm-*.out")))
     text = (f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n"
             f"--- stderr\n{proc.stderr[-6000:]}\n{logs}")
     assert proc.returncode == 0, text
     print(proc.stdout.split("JOBSCRIPT-END")[-1].strip())  # jobs, result, close (under -s)
     res = json.loads(re.search(r"^RESULT (.*)$", proc.stdout, re.MULTILINE).group(1))
 
-    # The scheduler ran in the image's process, on the bridge, over TLS.
+    # The scheduler ran in the image's process, on the login node's eth0, over TLS.
     assert res["container"] == str(Path(image).resolve()), res
     assert res["python"].startswith("/opt/hpcdask/"), res
-    assert re.fullmatch(r"tls://10\.253\.71\.1:\d+", res["scheduler"]), res
-    # The jobscript dask-jobqueue submitted runs the worker in the image, on ib0.
+    login = re.escape(slurm_cluster.login_address)
+    assert re.fullmatch(rf"tls://{login}:\d+", res["scheduler"]), res
+    assert "has no ib0: the workers bind eth0 too" in proc.stderr
+    # The jobscript dask-jobqueue submitted runs the worker in the image, binding the node-local
+    # $TMPDIR as its scratch, on eth0 (reachable from the login node).
     jobscript = re.search(r"JOBSCRIPT-BEGIN\n(.*)\nJOBSCRIPT-END", proc.stdout, re.DOTALL).group(1)
-    worker = (rf"apptainer exec .* {re.escape(str(image))} python -m "
-              r"distributed\.cli\.dask_worker tls://10\.253\.71\.1:\d+ ")
+    worker = (rf"apptainer exec .*--bind \"\$\{{TMPDIR:-/tmp\}}\" {re.escape(str(image))} python -m "
+              rf"distributed\.cli\.dask_worker tls://{login}:\d+ ")
     assert re.search(worker, jobscript), jobscript
-    assert "--interface ib0" in jobscript and "--protocol tls://" in jobscript, jobscript
-    # One worker per job, each on its own node's ib0, none refused by the IdentityGuard.
+    assert "--interface eth0" in jobscript and "--protocol tls://" in jobscript, jobscript
+    assert "--local-directory $HPCDASK_SCRATCH" in jobscript, jobscript
+    # One worker per job, each on its own node, none refused by the IdentityGuard.
     assert len(res["jobs"]) == JOBS and len(set(res["jobs"])) == JOBS, res
-    addrs = [re.fullmatch(r"tls://(10\.253\.71\.1\d):\d+", w).group(1) for w in res["workers"]]
+    addrs = [re.fullmatch(r"tls://([\d.]+):\d+", w).group(1) for w in res["workers"]]
     assert len(addrs) == JOBS and len(set(addrs)) == JOBS, res
-    assert set(addrs) <= set(slurm_cluster.addresses.values()), (addrs, slurm_cluster.addresses)
+    assert set(addrs) <= set(slurm_cluster.eth_addresses.values()), (addrs, slurm_cluster.eth_addresses)
     assert res["refused"] == {}, res
     assert res["sum"] == sum(range(1_000_000)), res
     nodes = {}
     for job_id in res["jobs"]:
-        job = slurm_cluster.job(job_id, workdir=tmp_path)
+        job = slurm_cluster.job(job_id, workdir=udir)
         assert job.info.get("JobName") == "dask-worker", job
         nodes[job_id] = job.info.get("NodeList")
     assert len(set(nodes.values())) == JOBS, nodes
@@ -161,7 +161,7 @@ def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, image, tmp_path
     assert leftovers == [], f"jobs still pending/running after close(): {leftovers}\n{text}"
     deadline = time.monotonic() + 60
     while True:
-        states = {j: slurm_cluster.job(j, workdir=tmp_path).state for j in res["jobs"]}
+        states = {j: slurm_cluster.job(j, workdir=udir).state for j in res["jobs"]}
         queued = slurm_cluster.run(["squeue", "-h", "-j", ",".join(res["jobs"]),
                                     "-t", "PD,R,CG"], check=False).stdout.strip()
         done = all(s == "CANCELLED" for s in states.values()) and not queued
@@ -169,5 +169,10 @@ def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, image, tmp_path
             break
         time.sleep(1)
     assert done, (states, queued)
+    # The per-cluster credentials folder is the cluster's: nothing of the jobs is left anywhere.
+    assert slurm_cluster.user_files_in_node_tmp() == []
+    left = {k: v for k, v in slurm_cluster.leftovers().items()
+            if any(f"-job-{j}." in k for j in res["jobs"])}
+    assert left == {}, left
     measure(f"slurm_cluster scale(jobs={JOBS})", scale_to_workers_s=res["ready_s"],
             close=re.search(r"^CLOSED after ([\d.]+)s", proc.stdout, re.MULTILINE).group(1))

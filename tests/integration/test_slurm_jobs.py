@@ -105,10 +105,13 @@ def assert_clean(slurm_cluster, res, shared: Path) -> None:
         assert "Traceback" not in text and " - ERROR - " not in text, str(res)
 
 
-def test_all_in_one_runs_the_default_workload_on_three_nodes(slurm_cluster, job_env, udir):
+def test_all_in_one_runs_the_default_workload_medium_on_three_nodes(slurm_cluster, job_env,
+                                                                   udir):
     t0 = time.time()
-    res = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-cluster.sbatch"), "-N3",
-                               "--mem=2000M", "--time=10", env=job_env, timeout=400, workdir=udir)
+    # --size medium inside --mem=2000M per node: no step is killed (Slurm enforces --mem).
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=2000M", "--time=10"], ["--size", "medium"], job_env, udir,
+                 timeout=600)
     done = time.time()
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
     assert "exceeded memory limit" not in res.stderr
@@ -128,7 +131,8 @@ def test_all_in_one_runs_the_default_workload_on_three_nodes(slurm_cluster, job_
     assert metrics["cluster"]["memory_limit"] == (3 * (2000 - 160) - 768) * MiB, metrics["cluster"]
     # The job's own folder (credentials included) is gone; nothing else is left anywhere.
     assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
-    measure("all-in-one -N3 default workload", sbatch_to_workers_s=round(ready_at(res) - t0, 1),
+    assert metrics["size"] == "medium"
+    measure("all-in-one -N3 default workload medium", sbatch_to_workers_s=round(ready_at(res) - t0, 1),
             sbatch_to_done_s=round(done - t0, 1), workload_s=metrics["durations"]["total"])
 
 
@@ -198,7 +202,7 @@ def test_two_clusters_and_two_users_at_once_keep_to_their_own_files(slurm_cluste
     try:
         # While all three run: hpcuser's two folders are distinct and private.
         for job, d in zip(jobs, (udir, udir, other)):
-            wait_for_text(d / f"slurm-{job.job_id}.out", r"^FILE ", 240)
+            wait_for_text(d / f"slurm-{job.job_id}.out", r"(?m)^FILE ", 240)
         folders = sorted(Path(job_env["HPCDASK_SHARED_DIR"]).iterdir())
         assert len(folders) == 2 and all(f.stat().st_mode & 0o777 == 0o700 for f in folders)
         sched = next(folders[0].glob("scheduler-*.json"))
@@ -409,3 +413,45 @@ def test_missing_image_fails_before_anything_starts(slurm_cluster, job_env, udir
     assert res.stderr.strip().splitlines() == [
         f"hpcdask-job: error: image {udir / 'nope.sif'} does not exist (HPCDASK_IMAGE); "
         f"build it (make sif) or point HPCDASK_IMAGE at it"], str(res)
+
+
+LOOP_SCRIPT = """\
+import sys
+from pathlib import Path
+from distributed import get_client
+from hpcdask.workloads import execute
+
+out, client, i = Path(sys.argv[1]), get_client(), 0
+print("STARTED", flush=True)
+while True:  # longer than the job: Slurm's time limit ends it
+    execute(client, "pipeline", "small", i, out / f"run-{i}")
+    i += 1
+"""
+
+
+def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job_env, udir):
+    """sbatch --time=1 on a workload longer than the job: every role gets SIGTERM from Slurm at
+    once. The client says so in one line (exit 143), no role prints a traceback or an ERROR,
+    no partial results are left, and all of it within KillWait (5 s here): nothing is left in
+    the cluster folder or the nodes' $TMPDIR (the Epilog would record it), /tmp or /var/tmp."""
+    (udir / "loop.py").write_text(LOOP_SCRIPT)
+    out = slurm_cluster.mkdtemp("out-")
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=1500M", "--time=1"], ["loop.py", str(out)], job_env, udir,
+                 timeout=300)
+    assert res.state == "TIMEOUT", str(res)
+    assert "STARTED" in res.stdout, str(res)
+    err = res.stderr.splitlines()
+    assert [ln for ln in err if ln.startswith("hpcdask: interrupted by SIGTERM")] == [
+        "hpcdask: interrupted by SIGTERM (the job's time limit?); nothing was written: rerun "
+        "with more time (sbatch --time) or --size small"], str(res)
+    assert "hpcdask-job: stopped by SIGTERM (time limit or scancel)" in err, str(res)
+    # Finished runs are whole; the interrupted one left nothing (no .partial-*, no metrics.json).
+    runs = sorted(out.iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert runs, str(res)
+    for run in runs[:-1]:
+        json.loads((run / "metrics.json").read_text())
+    last = runs[-1] / "metrics.json"
+    assert not last.exists() or json.loads(last.read_text()), last  # interrupted: none; else whole
+    assert not list(out.rglob(".partial-*"))
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))

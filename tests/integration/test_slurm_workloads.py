@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_workloads_local as local  # noqa: E402
-from test_slurm_jobs import ALL_IN_ONE, submit  # noqa: E402
+from test_slurm_jobs import assert_clean, jobscript, submit  # noqa: E402
 
 from hpcdask.workloads import WORKLOADS  # noqa: E402
 
@@ -34,20 +34,15 @@ for name in WORKLOADS:
 """
 
 
-@pytest.fixture
-def job_env(image, tmp_path_factory):
-    shared = tmp_path_factory.mktemp("clusters")
-    shared.chmod(0o700)
-    return {"HPCDASK_IMAGE": str(image), "HPCDASK_SHARED_DIR": str(shared)}
-
-
-def test_every_workload_on_three_nodes(slurm_cluster, job_env, tmp_path):
-    (tmp_path / "all_workloads.py").write_text(SCRIPT)
-    out = tmp_path / "out"
-    # --mem: each node's worker is sized from the allocation (SLURM_MEM_PER_NODE), so the
-    # incremental workload's data must outgrow 900 MiB per worker.
-    res = submit(slurm_cluster, ALL_IN_ONE, ["-N3", "--mem=900", "--time=30"],
-                 ["all_workloads.py", str(out)], job_env, tmp_path, timeout=1400)
+def test_every_workload_on_three_nodes(slurm_cluster, job_env, udir):
+    (udir / "all_workloads.py").write_text(SCRIPT)
+    out = slurm_cluster.mkdtemp("out-")
+    # --mem: Slurm enforces it (OverMemoryKill). Each node's worker is sized from it, less its
+    # nanny's share and, on the batch node, the scheduler's and client's: the incremental
+    # workload's data outgrows the smallest worker, which pauses and spills; no step is killed.
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=1500M", "--time=30"], ["all_workloads.py", str(out)], job_env,
+                 udir, timeout=1400)
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
     done = dict(re.findall(r"^WORKLOAD-DONE (\S+) (\S+)$", res.stdout, re.M))
     assert set(done) == set(WORKLOADS), str(res)
@@ -59,7 +54,7 @@ def test_every_workload_on_three_nodes(slurm_cluster, job_env, tmp_path):
         assert hosts == set(slurm_cluster.addresses.values()), (name, hosts)
         check = getattr(local, f"check_{name}", None)
         if name == "incremental":
-            assert m["worker_memory_limit_min"] == 900 * 2**20
+            assert m["worker_memory_limit_min"] == (1500 - 160 - 750) * 2**20
             check(m, Path(path).parent, workers=3)
         elif name == "xgboost":
             tracker = m["cluster"]["scheduler"][len("tls://"):].rsplit(":", 1)[0]
@@ -69,3 +64,5 @@ def test_every_workload_on_three_nodes(slurm_cluster, job_env, tmp_path):
         else:  # pipeline and smoke: the same model as scikit-learn on the same blocks
             assert m["max_coef_difference"] < 1e-9
             assert abs(m["score"] - m["baseline_score"]) <= 1 / m["data"]["test"]
+    assert "exceeded memory limit" not in res.stderr
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))

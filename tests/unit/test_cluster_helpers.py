@@ -24,7 +24,7 @@ def shared(tmp_path, monkeypatch):
 
 def test_slurm_job_script_runs_the_worker_in_the_image_over_tls(shared):
     with cluster.slurm_cluster("/img/hpcdask.sif", cores=2, memory="4GiB", walltime="00:10:00",
-                               scheduler_interface="lo", require_image=False,
+                               scheduler_interface="lo", interface="ib0", require_image=False,
                                dashboard="off") as c:
         script = c.job_script()
         folder = next(shared.iterdir())
@@ -33,12 +33,15 @@ def test_slurm_job_script_runs_the_worker_in_the_image_over_tls(shared):
         assert c.scheduler_address.startswith("tls://127.0.0.1:")
     lines = script.splitlines()
     assert "#SBATCH -t 00:10:00" in lines and "#SBATCH --mem=4G" in lines
+    # Scratch: a private folder in the node-local $TMPDIR, removed when the job script ends.
+    assert 'HPCDASK_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/hpcdask-XXXXXX")' in lines
+    assert """trap 'rm -rf -- "$HPCDASK_SCRATCH"' EXIT""" in lines
     cmd = lines[-1]
     assert cmd.startswith(f'apptainer exec --bind {folder} --bind "${{TMPDIR:-/tmp}}" '
                           f"/img/hpcdask.sif python -m distributed.cli.dask_worker tls://127.0.0.1:")
     for part in ("--interface ib0", "--protocol tls://", f"--tls-ca-file {folder}/ca.pem",
                  f"--tls-cert {folder}/cluster.pem", f"--tls-key {folder}/cluster.key",
-                 "--local-directory ${TMPDIR:-/tmp}",
+                 "--local-directory $HPCDASK_SCRATCH",
                  # 600 s walltime - 120 s margin - 30 s stagger: retire before the limit
                  "--lifetime 450s --lifetime-stagger 30s"):
         assert part in cmd, part
@@ -70,7 +73,8 @@ def test_pbs_gadi_directives(shared):
                  "#PBS -P vp91", "#PBS -l ncpus=48", "#PBS -l mem=192GB", "#PBS -l jobfs=100GB"]
     assert script.startswith("#!/usr/bin/env bash\n")
     assert re.search(r'--bind "\$PBS_JOBFS" /img python -m distributed.cli.dask_worker', script)
-    assert "--local-directory $PBS_JOBFS" in script
+    assert "--local-directory $HPCDASK_SCRATCH" in script
+    assert 'HPCDASK_SCRATCH=$(mktemp -d "$PBS_JOBFS/hpcdask-XXXXXX")' in script
 
 
 def test_outside_the_image_is_refused(shared):
@@ -88,6 +92,39 @@ def test_walltime_too_short_for_the_margin(shared):
     with pytest.raises(BadInput, match="leaves no time"):
         cluster.job_kwargs("/img", walltime="00:02:00", scheduler_interface="lo",
                            require_image=False)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("30", 1800), ("90", 5400), ("10:30", 630), ("01:00:00", 3600), ("36:00:00", 129600),
+    ("2-12", 2 * 86400 + 12 * 3600), ("1-00:30", 86400 + 1800), ("0-01:02:03", 3723),
+])
+def test_every_slurm_time_format(text, seconds):
+    assert cluster.walltime_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["1h", "1:2:3:4", "1-", "-5", "a-b", "1-2:3:4:5", "1.5"])
+def test_a_malformed_walltime_is_one_line(bad, shared):
+    with pytest.raises(BadInput) as e:
+        cluster.job_kwargs("/img", walltime=bad, scheduler_interface="lo", require_image=False)
+    assert e.value.exit_code == 2 and "\n" not in e.value.format_message()
+    assert "is not a Slurm time; write MM, MM:SS, HH:MM:SS" in e.value.format_message()
+
+
+def test_a_walltime_in_minutes_is_not_read_as_seconds(shared):
+    kw = cluster.job_kwargs("/img", walltime="30", scheduler_interface="lo", require_image=False)
+    # 30 minutes - 120 s margin - 30 s stagger
+    assert kw["worker_extra_args"][:2] == ["--lifetime", "1650s"]
+
+
+def test_workers_bind_the_schedulers_network_where_the_fabric_is_missing(shared, caplog):
+    """A login node without ib0 cannot reach workers on ib0: unless interface= is given, they
+    bind the scheduler's interface, and the log line says why and what to do for ib0."""
+    kw = cluster.job_kwargs("/img", scheduler_interface="lo", require_image=False)
+    assert kw["interface"] == "lo"
+    assert "has no ib0: the workers bind lo too" in caplog.text
+    assert "dask-scheduler.sbatch" in caplog.text
+    kw = cluster.job_kwargs("/img", scheduler_interface="lo", interface="ib0", require_image=False)
+    assert kw["interface"] == "ib0"  # asked for explicitly: kept
 
 
 def test_slurm_gpu_job_script_one_gpu_per_worker_job(shared):

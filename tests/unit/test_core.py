@@ -144,6 +144,23 @@ def test_each_cluster_gets_its_own_ca(tmp_path):
         cert_a.verify_directly_issued_by(ca_b)
 
 
+def test_a_scheduler_file_behind_a_closed_folder_fails_at_once(tmp_path):
+    closed = tmp_path / "theirs"
+    closed.mkdir(mode=0o700)
+    if os.geteuid() == 0:  # root enters any folder: check as an ordinary user
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", "from hpcdask import schedfile; schedfile.wait(__import__('pathlib').Path("
+                   f"'{closed}/s.json'), 300)"],
+            capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert "is not readable by you" in proc.stderr
+    else:
+        closed.chmod(0)
+        with pytest.raises(BadInput, match="is not readable by you"):
+            schedfile.wait(closed / "s.json", 300)
+
+
 def test_scheduler_file_is_claimed_exclusively_then_published_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     path, token = schedfile.claim(tmp_path / "job" / "scheduler-777.json", tls=True)

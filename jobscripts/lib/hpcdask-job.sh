@@ -114,7 +114,10 @@ hj_exec_prefix() {
 hj_job_end() {
     local end=''
     if [ -n "${SLURM_JOB_ID:-}" ]; then
-        end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null) || end=''
+        # An array task by its own name: the array's ID alone lists every task's end time.
+        local id=$SLURM_JOB_ID
+        [ -z "${SLURM_ARRAY_TASK_ID:-}" ] || id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+        end=$(squeue -h -j "$id" -o %e 2>/dev/null) || end=''
     elif [ -n "${PBS_JOBID:-}" ]; then
         # PBS has no end time: start (now, near enough) + the walltime asked for.
         local wt
@@ -133,6 +136,7 @@ hj_job_end() {
 hj_worker_argv() {
     HJ_WORKER_ARGV=("${HJ_EXEC[@]}" hpcdask worker --scheduler-file "$1")
     [ -z "${2:-}" ] || HJ_WORKER_ARGV+=(--lifetime auto --job-end "$2")
+    hj_gpu_argv
 }
 
 # srun of one worker task per node (NODES) of this allocation, in the background.
@@ -151,7 +155,8 @@ hj_srun_workers() {
 # PBS: one worker task per node through pbsdsh (PBS's own launcher: no ssh, no mpirun). pbsdsh
 # tasks start with PBS's bare environment, so the job's HPCDASK_* settings go through a file.
 hj_pbsdsh_workers() {
-    local file=$1 end=$2 envfile=$HJ_DIR/worker-env.sh
+    # One file per job: the subjobs of an array (qsub -J) share the cluster folder.
+    local file=$1 end=$2 envfile=$HJ_DIR/worker-env-${PBS_JOBID:-job}.sh
     hj_worker_argv "$file" "$end"
     {
         printf 'cd %q\n' "$PWD"
@@ -276,6 +281,10 @@ hj_wait_ready() {
 hj_start_client() {
     local file=$1
     shift
+    if [ "${1:-}" = --jupyter ]; then
+        hj_start_jupyter "$file"
+        return 0
+    fi
     if [ $# -eq 0 ] || [ "${1#-}" != "$1" ]; then
         "${HJ_EXEC[@]}" hpcdask run --scheduler-file "$file" "$@" &
     else
@@ -385,3 +394,7 @@ hj_all_in_one() {
     hj_shutdown
     return "$rc"
 }
+
+# The recipes (GPUs, Jupyter) live in their own file.
+# shellcheck source=hpcdask-recipes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/hpcdask-recipes.sh"

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 import hpcdask
-from hpcdask import config, launch, shutdown, versions
+from hpcdask import config, launch, provenance, shutdown, versions
 from hpcdask.errors import BadInput, Refused
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -119,14 +119,17 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
         from hpcdask.memory import parse_bytes
         parse_bytes(memory_limit)
     workloads.check_output(output)
-    with _terminate_cleanly() as term:
+    with provenance.Recorder(output, provenance.command_line()) as record, \
+            _terminate_cleanly() as term:
         if scheduler_file or address:
-            with launch.connect(scheduler_file, address, tls=tls) as client:
+            with launch.connect(scheduler_file, address, tls=tls, check=False) as client:
+                record.cluster(client)
                 path = term.run(client, workloads.execute, client, name, size, seed, output)
         else:
             with launch.local_cluster(n_workers, threads_per_worker, tls=tls,
                                       memory_limit=memory_limit) as cluster, \
                     launch.Client(cluster) as client:
+                record.cluster(client)
                 path = term.run(client, workloads.execute, client, name, size, seed, output,
                                 local=True)
     click.echo(f"metrics: {path}")
@@ -160,8 +163,9 @@ class _terminate_cleanly:
     def __exit__(self, exc_type, exc, tb):
         signal.signal(signal.SIGTERM, self._old)
         if exc_type is _Terminated:
-            click.echo("hpcdask: interrupted by SIGTERM (the job's time limit?); nothing was "
-                       "written: rerun with more time (sbatch --time) or --size small", err=True)
+            click.echo("hpcdask: interrupted by SIGTERM (the job's time limit?); no results "
+                       "were written (provenance.json records the interruption): rerun with more "
+                       "time (sbatch --time) or --size small", err=True)
             sys.exit(143)
         return False
 
@@ -199,15 +203,18 @@ def scheduler(scheduler_file, interface, port, dashboard, job_end, tls) -> None:
 @click.option("--dashboard", type=click.Choice(["loopback", "interface", "off"]), default=None,
               help="The workers' HTTP endpoints: off (none), else on loopback (default: "
                    "hpcdask.dashboard).")
+@click.option("--gpus/--no-gpus", default=None,
+              help="One worker process per GPU of this node (CUDA_VISIBLE_DEVICES each; dask-cuda's "
+                   "worker when installed); default: hpcdask.gpu (HPCDASK_GPU).")
 @tls_option
 def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_directory,
-           memory_preset, lifetime, job_end, name, dashboard, tls) -> None:
+           memory_preset, lifetime, job_end, name, dashboard, gpus, tls) -> None:
     """Start worker process(es) on this node that join the cluster in SCHEDULER_FILE."""
     launch.run_worker(launch.WorkerSpec(
         scheduler_file=scheduler_file, interface=interface, nthreads=nthreads,
         nworkers=nworkers, memory_limit=memory_limit, local_directory=local_directory,
         memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name,
-        dashboard=dashboard, tls=tls))
+        dashboard=dashboard, tls=tls, gpus=gpus))
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
@@ -215,15 +222,21 @@ def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_di
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The cluster's scheduler file.")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where provenance.json goes (default: hpcdask-output/SCRIPT[-jobID]).")
 @tls_option
-def client(script, args, scheduler_file, tls) -> None:
+def client(script, args, scheduler_file, output, tls) -> None:
     """Run a Python SCRIPT with a Client already connected (distributed.get_client())."""
     if not script.is_file():
         raise BadInput(f"script {script} does not exist; give the path of your Python script, "
                        f"e.g. hpcdask client ./my_analysis.py --scheduler-file F")
     from hpcdask import compat
 
-    with _terminate_cleanly(), launch.connect(scheduler_file, tls=tls) as c:
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
+    output = output or Path(config.get("output")) / f"{script.stem}{f'-job{job}' if job else ''}"
+    with provenance.Recorder(output, provenance.command_line()) as record, \
+            _terminate_cleanly(), launch.connect(scheduler_file, tls=tls) as c:
+        record.cluster(c)
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c):  # dask-ml works in the script too
             runpy.run_path(str(script), run_name="__main__")
@@ -260,10 +273,15 @@ def wait_(scheduler_file, n_workers, timeout, tls) -> None:
 @scheduler_file_option
 @click.option("--lock", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Check this environment against a lock file instead (exit 1 on any difference).")
+@click.option("--against", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Check the cluster (or this environment) against an earlier run's provenance.json.")
 @click.option("--all", "show_all", is_flag=True, help="Show every package, not only the differences.")
 @tls_option
-def versions_(scheduler_file, lock, show_all, tls) -> None:
+def versions_(scheduler_file, lock, against, show_all, tls) -> None:
     """Python, packages and image of every role; exit 1 on any mismatch."""
+    if against:
+        _versions_against(against, scheduler_file, tls)
+        return
     if lock:
         diffs = versions.lock_differences(lock)
         for line in diffs:
@@ -298,6 +316,41 @@ def versions_(scheduler_file, lock, show_all, tls) -> None:
         click.echo(versions.table(rows), err=True)
         raise click.exceptions.Exit(1)
     click.echo(f"all {len(reports) + 1} roles identical ({len(sched['packages'])} packages)")
+
+
+def _versions_against(path: Path, scheduler_file: Path | None, tls: bool) -> None:
+    old = provenance.load(path)
+    if scheduler_file:
+        with launch.connect(scheduler_file, tls=tls, check=False) as c:
+            now = launch.cluster_reports(c)
+    else:
+        now = {"this environment": versions.report()}
+    rows = provenance.against(old, now)
+    ref = provenance.reference(old)
+    if rows:
+        click.echo(f"DIFFERENT from {path} (run of {old.get('started', '?')}): "
+                   f"{versions.summary(rows)}", err=True)
+        click.echo(versions.table(rows, ref_name="recorded"), err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(f"same as {path}: {len(now)} role(s), python {ref['python']}, image {ref.get('image')}, "
+               f"{len(ref['packages'])} packages")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's scheduler file; the token goes into its folder (0600).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=None,
+              help="Port on this node's loopback (default: hpcdask.jupyter-port = 8888; 0: a free one).")
+@click.option("--root-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="The lab's file browser root (default: the current folder).")
+def jupyter(scheduler_file, port, root_dir) -> None:
+    """JupyterLab on this node's loopback next to the cluster; prints the ssh -L line.
+
+    In a notebook, hpcdask.client() returns a Client of the cluster (TLS, identity checked).
+    """
+    from hpcdask import jupyter as lab
+
+    lab.serve(scheduler_file, port, root_dir)
 
 
 @main.command(context_settings=CONTEXT)

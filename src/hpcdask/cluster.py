@@ -119,6 +119,7 @@ def job_kwargs(
     dashboard: str | None = None,
     require_image: bool = True,
     scheduler_options: dict[str, Any] | None = None,
+    gpus: int | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """The dask-jobqueue keyword arguments hpcdask adds (see the module docstring).
@@ -164,7 +165,8 @@ def job_kwargs(
     # The worker's scratch and the credentials' folder must be visible inside the image.
     # A .sif is bound onto the image's placeholder too, so workers report its ID (hpcdask.sif).
     own = (f"--bind {shlex.quote(f'{image}:{sif.IMAGE_SIF}:ro')} " if os.path.isfile(image) else "")
-    python = (f"{apptainer} exec --bind {shlex.quote(str(creds.files))} --bind \"{local}\" "
+    nv = "--nv " if gpus else ""
+    python = (f"{apptainer} exec {nv}--bind {shlex.quote(str(creds.files))} --bind \"{local}\" "
               f"{own}{shlex.quote(image)} python")
     # The workers' scratch: a private folder in the node-local one, removed when the job script
     # ends (distributed leaves its workspace's lock files; other jobs may share the parent).
@@ -195,7 +197,8 @@ def job_kwargs(
         protocol="tls://",
         scheduler_options=options,
         job_script_prologue=prologue,
-        worker_extra_args=[*_lifetime_args(walltime), *worker_http, *(worker_extra_args or [])],
+        worker_extra_args=[*_lifetime_args(walltime), *worker_http, *_gpu_args(gpus, kwargs),
+                           *(worker_extra_args or [])],
         shared_temp_directory=str(creds.files),
         **extra,
         **kwargs,
@@ -228,6 +231,19 @@ def _removing_credentials(cluster_cls: type, kwargs: dict[str, Any]) -> Any:
         raise
 
 
+def _gpu_args(gpus: int | None, kwargs: dict[str, Any]) -> list[str]:
+    """One GPU per worker job: the batch system's CUDA_VISIBLE_DEVICES names it, and the
+    worker advertises it as a resource (``client.submit(..., resources={"GPU": 1})``)."""
+    if not gpus:
+        return []
+    if gpus != 1 or kwargs.get("processes", 1) != 1:
+        raise BadInput(f"gpus={gpus}, processes={kwargs.get('processes', 1)}: a worker job here "
+                       f"runs one worker on one GPU; use gpus=1 and cluster.scale(jobs=N), or the "
+                       f"jobscripts with HPCDASK_GPU=1 for one worker per GPU of whole nodes")
+    kwargs["processes"] = 1
+    return ["--resources", "GPU=1"]
+
+
 def _with_prefix(job_cls: type, prefix: str | None) -> type:
     """``job_cls`` submitting and cancelling through ``prefix`` (e.g. ``ssh login1``)."""
     if not prefix:
@@ -243,11 +259,15 @@ def slurm_cluster(image: str | os.PathLike[str] | None = None, *,
     """A ``dask_jobqueue.SLURMCluster`` whose workers run in ``image`` (seed 002's Cedar example).
 
     Keyword arguments are :func:`job_kwargs`'s and ``SLURMCluster``'s (``cores``, ``memory``,
-    ``walltime``, ``account``, ``queue``, ``job_extra_directives``, ...).
+    ``walltime``, ``account``, ``queue``, ``job_extra_directives``, ...). ``gpus=1``: each worker
+    job asks for one GPU (``--gres=gpu:1``) and runs its worker under ``apptainer exec --nv``.
     """
     from dask_jobqueue import SLURMCluster
     from dask_jobqueue.slurm import SLURMJob
 
+    if kwargs.get("gpus"):
+        kwargs["job_extra_directives"] = [*kwargs.get("job_extra_directives", []),
+                                          f"--gres=gpu:{kwargs['gpus']}"]
     return _removing_credentials(SLURMCluster, dict(job_cls=_with_prefix(SLURMJob, submit_prefix),
                                                     **job_kwargs(image, **kwargs)))
 

@@ -27,7 +27,7 @@ from distributed import Client, Nanny, Scheduler
 from distributed.core import rpc
 from distributed.security import Security
 
-from hpcdask import config, memory, netif, schedfile, security, shutdown, versions
+from hpcdask import config, gpu, memory, netif, schedfile, security, shutdown, versions
 from hpcdask.errors import BadInput, Refused
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler, NoHTTPWorker
@@ -189,6 +189,7 @@ class WorkerSpec:
     name: str | None = None
     dashboard: str | None = None
     tls: bool = True
+    gpus: bool | None = None
 
 
 def local_directory(given: str | None) -> str:
@@ -252,6 +253,9 @@ def run_worker(spec: WorkerSpec) -> None:
     iface = config.get("interface", spec.interface)
     host = netif.address_of(iface)
     nworkers = config.get("nworkers", spec.nworkers)
+    gpus = gpu.devices() if config.get("gpu", spec.gpus) else []
+    if gpus:
+        nworkers = len(gpus)  # one worker process per GPU
     threads, mem = memory.worker_sizing(nworkers, config.get("nthreads", spec.nthreads),
                                         config.get("memory-limit", spec.memory_limit),
                                         **memory.reserves())
@@ -265,7 +269,7 @@ def run_worker(spec: WorkerSpec) -> None:
     http = worker_http(config.get("dashboard", spec.dashboard))
     with dask.config.set(preset), scratch(local_dir) as d:
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
-                                   d, life, spec.name, http))
+                                   d, life, spec.name, http, gpus))
 
 
 def worker_http(mode: str) -> dict[str, Any]:
@@ -305,18 +309,29 @@ def _lifetime(spec: WorkerSpec) -> float | None:
 
 
 async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local_dir, life,
-                         name, http) -> None:
+                         name, http, gpus=()) -> None:
     timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
     me = f"worker {name or socket.gethostname()}"
     ref = await scheduler_identity(address, sec, "worker", path, timeout)
     refuse_if_different(ref, versions.identity(), me)
     base = name or f"{socket.gethostname()}-{os.getpid()}"
     extra = {"lifetime": life, "lifetime_restart": False} if life else {}
-    nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
-                     local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
-                     death_timeout=timeout, preload=["hpcdask.shutdown"], **http, **extra)
-               for i in range(nworkers)]
-    await asyncio.gather(*nannies)
+    if gpus and gpu.has_dask_cuda():
+        from dask_cuda import CUDAWorker  # one nanny per GPU, CUDA_VISIBLE_DEVICES rotated
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        cuda = CUDAWorker(address, host=host, nthreads=threads, name=base, memory_limit=mem,
+                          security=sec, local_directory=local_dir, death_timeout=timeout,
+                          preload=["hpcdask.shutdown"], **http, **extra)
+        await cuda
+        nannies = list(cuda.nannies)
+    else:
+        nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
+                         local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
+                         death_timeout=timeout, preload=["hpcdask.shutdown"],
+                         **_gpu_kwargs(i, gpus), **http, **extra)
+                   for i in range(nworkers)]
+        await asyncio.gather(*nannies)
     logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each, image %s", nworkers,
                 host, address, threads, dask.utils.format_bytes(mem), versions.image_label())
     finished = asyncio.gather(*[n.finished() for n in nannies])
@@ -324,6 +339,14 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     if why != "finished":
         logger.info("hpcdask: worker(s) on %s stopping (%s)", host, why)
         await asyncio.gather(*[n.close(timeout=20) for n in nannies], return_exceptions=True)
+
+
+def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:
+    """Worker ``i`` of a GPU node: its own CUDA_VISIBLE_DEVICES order and a GPU resource."""
+    if not gpus:
+        return {}
+    return {"env": {"CUDA_VISIBLE_DEVICES": gpu.visible_for(i, list(gpus))},
+            "resources": {"GPU": 1}}
 
 
 # --- client ------------------------------------------------------------------------------------

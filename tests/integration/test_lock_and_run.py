@@ -77,7 +77,8 @@ def test_main_job_on_a_local_cluster_matches_scikit_learn(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_sigterm_mid_run_leaves_no_partial_results(tmp_path):
-    """Slurm's time limit sends SIGTERM: one clear line, exit 143, no metrics.json, no temp files."""
+    """Slurm's time limit sends SIGTERM: one clear line, exit 143, no metrics.json, no temp files;
+    provenance.json records the interrupted run."""
     import signal
     import time
 
@@ -97,4 +98,6 @@ def test_sigterm_mid_run_leaves_no_partial_results(tmp_path):
     text = err.read_text()
     assert text.strip().splitlines()[-1].startswith("hpcdask: interrupted by SIGTERM")
     assert "Traceback" not in text
-    assert list(out.iterdir()) == []
+    # No results and no temp files; only the run's record, saying how it ended.
+    assert [p.name for p in out.iterdir()] == ["provenance.json"]
+    assert json.loads((out / "provenance.json").read_text())["exit_status"] == 143

@@ -180,3 +180,32 @@ def test_workers_bind_the_schedulers_network_where_the_fabric_is_missing(shared,
     assert "dask-scheduler.sbatch" in caplog.text
     kw = cluster.job_kwargs("/img", scheduler_interface="lo", interface="ib0", require_image=False)
     assert kw["interface"] == "ib0"  # asked for explicitly: kept
+
+
+def test_slurm_gpu_job_script_one_gpu_per_worker_job(shared):
+    """No GPU here: the job script as text (dask-jobqueue's job_script())."""
+    with cluster.slurm_cluster("/img/hpcdask.sif", cores=4, memory="8GiB", gpus=1,
+                               scheduler_interface="lo", require_image=False,
+                               dashboard="off") as c:
+        script = c.job_script()
+    lines = script.splitlines()
+    assert "#SBATCH --gres=gpu:1" in lines
+    cmd = lines[-1]
+    assert cmd.startswith("apptainer exec --nv --bind ")
+    assert "--resources GPU=1" in cmd and "--nworkers" not in cmd  # one worker process
+
+
+def test_slurm_cpu_job_script_has_no_gpu_parts(shared):
+    with cluster.slurm_cluster("/img/hpcdask.sif", cores=1, memory="1GiB",
+                               scheduler_interface="lo", require_image=False,
+                               dashboard="off") as c:
+        script = c.job_script()
+    assert "--gres" not in script and "--nv" not in script and "GPU=1" not in script
+
+
+@pytest.mark.parametrize("kwargs", [{"gpus": 2}, {"gpus": 1, "processes": 2}])
+def test_slurm_gpu_more_than_one_per_job_is_one_line(shared, kwargs):
+    with pytest.raises(BadInput, match=r"use gpus=1 and cluster.scale\(jobs=N\)"):
+        cluster.slurm_cluster("/img/hpcdask.sif", cores=2, memory="1GiB",
+                              scheduler_interface="lo", require_image=False, dashboard="off",
+                              **kwargs)

@@ -105,7 +105,7 @@ def test_library_key_lines():
     assert 'HJ_WORKER_ARGV+=(--lifetime auto --job-end "$2")' in text
     assert "instance" not in text
     # The job's end time for --lifetime auto comes from Slurm itself.
-    assert 'squeue -h -j "$SLURM_JOB_ID" -o %e' in text
+    assert 'squeue -h -j "$id" -o %e' in text  # the job's, or the array task's own (ID_TASK)
     # Every role: apptainer exec IMAGE hpcdask ROLE.
     assert 'HJ_EXEC=("$HJ_APPTAINER" exec --bind "$HJ_DIR")' in text
     assert 'HJ_EXEC+=("$HPCDASK_IMAGE")' in text
@@ -244,12 +244,13 @@ def test_pbs_workers_go_through_an_env_file(tmp_path):
     (bindir / "pbsdsh").chmod(0o755)
     log = tmp_path / "log"
     proc = run_lib(f'hj_cluster_dir "{tmp_path}/c" 1; hj_pbsdsh_workers F 123 1; wait "$HJ_WORKERS"; '
-                   f'cat "{tmp_path}/c/worker-env.sh"',
+                   f'cat "{tmp_path}/c/worker-env-77.pbs.sh"',
                    {"PATH": f"{bindir}:{os.environ['PATH']}", "PBS_NODEFILE": str(nodefile),
+                    "PBS_JOBID": "77.pbs",
                     "LOG": str(log), "HPCDASK_IMAGE": "/img", "HPCDASK_NTHREADS": "4"})
     assert proc.returncode == 0, proc.stderr
     assert sorted(log.read_text().split("\n")[:-1]) == [
-        f"pbsdsh -n {i} -- /bin/bash {tmp_path}/c/worker-env.sh" for i in (0, 2, 4)]
+        f"pbsdsh -n {i} -- /bin/bash {tmp_path}/c/worker-env-77.pbs.sh" for i in (0, 2, 4)]
     assert "export HPCDASK_NTHREADS=4" in proc.stdout
     assert proc.stdout.strip().endswith(
         "exec apptainer exec --bind " + str(tmp_path / "c") +

@@ -1,8 +1,8 @@
 """What listens, on the strict Slurm test cluster: every listening socket in every node's
 network namespace and in the login node's, while an all-in-one job (with a user script) and a
-scheduler job + worker job run. The only listeners not on loopback must be the scheduler's, the
-workers' and the nannies' TLS comm ports (README: Security). (A ``slurm_cluster()`` run belongs
-here too, once tests/integration/test_slurm_cluster_helper.py runs on the strict rig.)"""
+scheduler job + worker job run, and while ``slurm_cluster()`` (dask-jobqueue's plain ``dask
+worker``s) is scaled from the login node. The only listeners not on loopback must be the
+scheduler's, the workers' and the nannies' TLS comm ports (README: Security)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from test_slurm_cluster_helper import JOBS, cancel_leftovers, scale_command
 from test_slurm_jobs import jobscript, submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -126,4 +127,26 @@ def test_scheduler_job_and_worker_job_expose_only_tls_ports(slurm_cluster, job_e
 
     found, comms = held_cluster(slurm_cluster, udir, start)
     assert len(comms) == 1 + 1 + 1
+    assert found == comms, (found, comms)
+
+
+def test_slurm_cluster_exposes_only_tls_ports(slurm_cluster, sif, udir):
+    """dask-jobqueue's workers (plain ``dask worker``) bind their HTTP endpoints to loopback:
+    nothing of theirs but the TLS comm ports is reachable from the network."""
+    def start(comms_file, release):
+        cmd, env = scale_command(slurm_cluster, sif, udir, str(comms_file), str(release))
+        log = udir / "scale.log"
+        with log.open("w") as f:  # a file, not a pipe: nothing blocks while the cluster is held
+            proc = slurm_cluster.popen(cmd, env=env, cwd=udir, stdout=f, stderr=subprocess.STDOUT)
+
+        def finish():
+            try:
+                proc.wait(timeout=300)
+            finally:
+                cancel_leftovers(slurm_cluster, udir)
+            assert proc.returncode == 0, log.read_text()[-6000:]
+        return finish
+
+    found, comms = held_cluster(slurm_cluster, udir, start)
+    assert len(comms) == 1 + 2 * JOBS  # scheduler, the workers and their nannies
     assert found == comms, (found, comms)

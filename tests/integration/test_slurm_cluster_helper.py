@@ -41,6 +41,7 @@ from distributed import Client
 from hpcdask.cluster import slurm_cluster
 
 prefix, jobs, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+hold = sys.argv[4:6]  # COMMS_FILE RELEASE_FILE: publish the comm addresses, wait for RELEASE
 # Fail fast (rather than after the workers' timeout) when the bound Slurm cannot reach the cluster.
 subprocess.run([prefix, "sinfo", "-h"], check=True, timeout=60)
 # cores=2: a whole test node per job, so the workers land on distinct nodes.
@@ -57,6 +58,14 @@ with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
         ids = sorted(j.job_id for j in cluster.workers.values() if getattr(j, "job_id", None))
         print("JOBS " + json.dumps(ids), flush=True)
     ready = time.time() - t0
+    if hold:
+        from pathlib import Path
+        info = client.scheduler_info(n_workers=-1)
+        comms = [info["address"], *info["workers"],
+                 *(w["nanny"] for w in info["workers"].values() if w.get("nanny"))]
+        Path(hold[0]).write_text(json.dumps(comms))
+        while not Path(hold[1]).exists():
+            time.sleep(0.2)
     total = int(da.arange(1_000_000, chunks=100_000).sum().compute())
     workers = client.scheduler_info(n_workers=-1)["workers"]
     guard = client.run_on_scheduler(
@@ -109,15 +118,21 @@ def cancel_leftovers(slurm_cluster, workdir: Path) -> list[str]:
     return left
 
 
-def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
-    image = sif
+def scale_command(slurm_cluster, image: Path, udir: Path, *hold: str) -> tuple[list[str], dict]:
+    """The login node's command that runs SCRIPT in the image, and its environment."""
     shared = slurm_cluster.mkdtemp("clusters-")
     binds, prefix = host_slurm_in_image(slurm_cluster, udir / "mnt")
     slurm_cluster.give(udir / "mnt")
     (udir / "scale.py").write_text(SCRIPT)
     env = {"HPCDASK_IMAGE": str(image), "HPCDASK_SHARED_DIR": str(shared)}
     cmd = ["apptainer", "exec", *(a for b in binds for a in ("--bind", b)), str(image),
-           "python", "scale.py", prefix, str(JOBS), str(TIMEOUT)]
+           "python", "scale.py", prefix, str(JOBS), str(TIMEOUT), *hold]
+    return cmd, env
+
+
+def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
+    image = sif
+    cmd, env = scale_command(slurm_cluster, image, udir)
     try:
         proc = slurm_cluster.run(cmd, env=env, cwd=udir, timeout=TIMEOUT + 180, check=False)
     finally:

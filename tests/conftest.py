@@ -18,44 +18,37 @@ sys.path.insert(0, str(REPO / "tests"))
 from cluster.fixtures import job_env, slurm_cluster, udir  # noqa: E402, F401
 
 
-@pytest.fixture(scope="session")
-def image() -> Path:
-    """The test image (a sandbox folder): ``python tests/cluster/image.py build`` (cached), its path."""
+def _built(script: str, what: str, ok) -> Path:
+    """``python tests/cluster/SCRIPT build`` (cached): the path it prints last, checked by OK.
+    Fails, never skips, when nothing is built: these tests run in CI."""
     try:
         proc = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "cluster" / "image.py"), "build"],
+            [sys.executable, str(REPO / "tests" / "cluster" / script), "build"],
             capture_output=True, text=True, timeout=3600, check=False, stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"building the test image failed: {exc}", pytrace=False)
+        pytest.fail(f"building {what} failed: {exc}", pytrace=False)
     lines = proc.stdout.strip().splitlines()
     path = Path(lines[-1]) if lines else None
-    if proc.returncode != 0 or path is None or not path.is_dir():
+    if proc.returncode != 0 or path is None or not ok(path):
         tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
-        pytest.fail(f"tests/cluster/image.py build exited {proc.returncode} without an image "
+        pytest.fail(f"tests/cluster/{script} build exited {proc.returncode} without {what} "
                     f"(required: these tests run in CI)\n{tail}", pytrace=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The test image (a sandbox folder): ``python tests/cluster/image.py build`` (cached), its path."""
+    return _built("image.py", "an image", Path.is_dir)
 
 
 @pytest.fixture(scope="session")
 def sif() -> Path:
     """The image as a SIF file: ``python tests/cluster/sif.py build`` (the sandbox of ``image``,
     assembled like ``apptainer build`` does; cached under $HPCDASK_TEST_CACHE by the same input
-    key), its path. Fails, never skips, when it cannot be built."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "cluster" / "sif.py"), "build"],
-            capture_output=True, text=True, timeout=3600, check=False, stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"building the SIF failed: {exc}", pytrace=False)
-    lines = proc.stdout.strip().splitlines()
-    path = Path(lines[-1]) if lines else None
-    if proc.returncode != 0 or path is None or not path.is_file():
-        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
-        pytest.fail(f"tests/cluster/sif.py build exited {proc.returncode} without a SIF "
-                    f"(required: these tests run in CI)\n{tail}", pytrace=False)
-    return path
+    key), its path."""
+    return _built("sif.py", "a SIF", Path.is_file)
 
 
 # --- CI: a required test that skips is a failure ------------------------------------------------

@@ -37,6 +37,8 @@ HJ_WORKERS=''     # pid of the srun (or pbsdsh) that runs the workers
 HJ_CLIENT=''      # pid of the client
 HJ_WAITER=''      # pid of `hpcdask wait`
 HJ_FILE=''        # the scheduler file this job's scheduler writes
+HJ_SCRATCH=''     # scratch of this node's roles (scheduler, client): removed even if they are killed
+HJ_USER_LOCAL=${HPCDASK_LOCAL_DIRECTORY:-}  # the user's own worker scratch setting, if any
 HJ_T0=$(date +%s.%N)
 
 hj_say() { echo "hpcdask-job: $*" >&2; }
@@ -94,7 +96,14 @@ hj_cluster_dir() {
 }
 
 # HJ_EXEC: apptainer exec with the cluster folder, node-local scratch and HPCDASK_BIND bound.
+# The roles started on this node keep their scratch in HJ_SCRATCH (in $TMPDIR), which
+# hj_cleanup removes even when Slurm's KillWait had to SIGKILL them.
 hj_exec_prefix() {
+    if [ -z "$HJ_USER_LOCAL" ]; then
+        HJ_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/hpcdask-job.XXXXXX") ||
+            hj_die 2 "cannot create a scratch folder in ${TMPDIR:-/tmp}; set HPCDASK_LOCAL_DIRECTORY to a writable node-local folder"
+        export HPCDASK_LOCAL_DIRECTORY=$HJ_SCRATCH
+    fi
     HJ_EXEC=("$HJ_APPTAINER" exec --bind "$HJ_DIR")
     local b spec
     # $TMPDIR is per job and node-local (the batch system makes it); Apptainer binds /tmp but not it.
@@ -147,8 +156,9 @@ hj_srun_workers() {
     # gives each worker the CPUs the job asked for.
     local cpt=()
     [ -z "${SLURM_CPUS_PER_TASK:-}" ] || cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    srun --nodes="$nodes" --ntasks-per-node=1 "${cpt[@]}" --kill-on-bad-exit=0 \
-        "${HJ_WORKER_ARGV[@]}" &
+    # The workers' scratch: the user's setting, else their own node's $TMPDIR (not HJ_SCRATCH).
+    HPCDASK_LOCAL_DIRECTORY=$HJ_USER_LOCAL srun --nodes="$nodes" --ntasks-per-node=1 "${cpt[@]}" \
+        --kill-on-bad-exit=0 "${HJ_WORKER_ARGV[@]}" &
     HJ_WORKERS=$!
 }
 
@@ -352,6 +362,7 @@ hj_cleanup() {
         [ ${#left[@]} -eq 0 ] || kill -KILL "${left[@]}" 2>/dev/null || true
         wait 2>/dev/null || true
     fi
+    [ -z "$HJ_SCRATCH" ] || rm -rf -- "$HJ_SCRATCH"
     if [ "$HJ_OWN_DIR" = 1 ] && [ -n "$HJ_DIR" ]; then
         rm -rf -- "$HJ_DIR"
     elif [ "$ours" = 1 ]; then

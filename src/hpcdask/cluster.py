@@ -34,7 +34,9 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -209,25 +211,33 @@ def job_kwargs(
 
 
 def _removing_credentials(cluster_cls: type, kwargs: dict[str, Any]) -> Any:
-    """``cluster_cls(**kwargs)`` whose credentials folder is removed when the cluster closes."""
+    """``cluster_cls(**kwargs)`` whose credentials folder, and its scheduler's scratch (a private
+    folder in $TMPDIR, else /tmp: distributed leaves lock files behind), are removed when the
+    cluster closes."""
+    from hpcdask import launch
+
     creds = security.current(Path(kwargs["shared_temp_directory"]).parent)
+    scratch = tempfile.mkdtemp(prefix="hpcdask-", dir=launch.local_directory(None))
+    kwargs["scheduler_options"].setdefault("local_directory", scratch)
+
+    def cleanup() -> None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if creds:
+            security.remove(creds)
+            clean.unstamp(creds.folder)
 
     class Cluster(cluster_cls):  # type: ignore[misc, valid-type]
         async def _close(self, *args: Any, **kw: Any) -> None:
             try:
                 await super()._close(*args, **kw)
             finally:
-                if creds:
-                    security.remove(creds)
-                    clean.unstamp(creds.folder)
+                cleanup()
 
     Cluster.__name__ = Cluster.__qualname__ = cluster_cls.__name__
     try:
         return Cluster(**kwargs)
     except BaseException:
-        if creds:
-            security.remove(creds)
-            clean.unstamp(creds.folder)
+        cleanup()
         raise
 
 

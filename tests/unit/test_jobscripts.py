@@ -99,8 +99,10 @@ def test_library_key_lines():
     # set it, so ~/.config/dask/*.yaml and DASK_HPCDASK__INTERFACE reach the roles.
     assert "HPCDASK_INTERFACE=" not in text
     # Workers: one srun task per node, never an apptainer instance.
-    assert ('srun --nodes="$nodes" --ntasks-per-node=1 "${cpt[@]}" --kill-on-bad-exit=0 \\\n'
-            '        "${HJ_WORKER_ARGV[@]}" &') in text
+    assert ('HPCDASK_LOCAL_DIRECTORY=$HJ_USER_LOCAL srun --nodes="$nodes" --ntasks-per-node=1 '
+            '"${cpt[@]}" \\\n        --kill-on-bad-exit=0 "${HJ_WORKER_ARGV[@]}" &') in text
+    # This node's roles keep their scratch in HJ_SCRATCH, removed even after a SIGKILL.
+    assert '[ -z "$HJ_SCRATCH" ] || rm -rf -- "$HJ_SCRATCH"' in text
     assert 'HJ_WORKER_ARGV=("${HJ_EXEC[@]}" hpcdask worker --scheduler-file "$1")' in text
     assert 'HJ_WORKER_ARGV+=(--lifetime auto --job-end "$2")' in text
     assert "instance" not in text

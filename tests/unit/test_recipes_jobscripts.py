@@ -162,7 +162,8 @@ def test_slurm_array_task_retires_before_its_own_end(tmp_path):
     assert "squeue -h -j 1000_2 -o %e" in calls
     end = 1893492000  # 2030-01-01T10:00:00Z
     assert calls[-1] == (f"srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=0 apptainer exec "
-                         f"--bind {tmp_path}/c {img} hpcdask worker --scheduler-file "
+                         f"--bind {tmp_path}/c --bind {img}:/opt/hpcdask/image.sif:ro {img} "
+                         f"hpcdask worker --scheduler-file "
                          f"{tmp_path}/c/scheduler.json --lifetime auto --job-end {end}")
 
 

@@ -79,8 +79,17 @@ def report() -> dict[str, Any]:
     }
 
 
+# Compared only between roles that both know them: a role started by hand with
+# `apptainer exec IMAGE ...` cannot see its .sif (only the jobscripts and slurm_cluster() bind it
+# in), and its lock and packages still have to match.
+KNOWN_BY_SOME = frozenset({"sif"})
+
+
 def _flat(ident: Mapping[str, Any]) -> dict[str, str]:
-    flat = {"python": ident.get("python", "?"), "image": ident.get("image", "?")}
+    lock, _, sif_id = str(ident.get("image", "?")).partition(" sif:")
+    flat = {"python": ident.get("python", "?"), "image": lock}
+    if sif_id:
+        flat["sif"] = sif_id
     flat.update(ident.get("packages", {}))
     return flat
 
@@ -112,12 +121,15 @@ def differences(reference: Mapping[str, Any], others: Mapping[str, Mapping[str, 
         names = set().union(*[set(f) for f in flats.values()])
     else:
         names = set(ref).union(*[set(f) for f in flats.values()])
-    items = sorted(names, key=lambda k: (k not in ("python", "image"), k))
+    items = sorted(names, key=lambda k: (k not in ("python", "image", "sif"), k))
     rows = []
     for item in items:
         values = {role: f.get(item, "-") for role, f in flats.items()}
-        if any(v != ref.get(item, "-") for v in values.values()):
-            rows.append((item, ref.get(item, "-"), values))
+        mine = ref.get(item, "-")
+        differ = [v != mine for v in values.values()
+                  if item not in KNOWN_BY_SOME or "-" not in (v, mine)]
+        if any(differ):
+            rows.append((item, mine, values))
     return rows
 
 

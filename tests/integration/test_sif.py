@@ -130,7 +130,7 @@ def test_worker_from_another_build_is_refused(sif, other_sif, tmp_path):
                            capture_output=True, text=True, timeout=600, check=False)
         assert r.returncode == 3, r.stderr
         assert "hpcdask: refused:" in r.stderr and "Traceback" not in r.stderr
-        assert f"sif:{mine}" in r.stderr and f"sif:{theirs}" in r.stderr
+        assert f"sif {mine} != {theirs}" in r.stderr  # both IDs named
     finally:
         sched.terminate()
         sched.wait(120)

@@ -287,3 +287,18 @@ def test_credentials_are_replaced_as_one_set(tmp_path):
     assert len(list(folder.glob(".tls-*"))) == 1  # earlier sets are gone
     security.remove(security.current(folder))
     assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_the_sif_id_is_compared_between_roles_that_both_know_it():
+    """A role started by hand (`apptainer exec IMAGE hpcdask client ...`) cannot see its .sif: it
+    is held to the lock and packages; two roles that know their SIF IDs must have the same."""
+    def ident(image: str) -> dict:
+        return {"python": "3.11.2", "image": image, "packages": {"dask": "2026.8.0"}}
+
+    sched = ident("lock:abc sif:11")
+    assert versions.differences(sched, {"client": ident("lock:abc")}) == []
+    rows = versions.differences(sched, {"worker": ident("lock:abc sif:22")})
+    assert rows == [("sif", "11", {"worker": "22"})]
+    assert versions.summary(rows) == "sif 11 != 22 (worker)"
+    rows = versions.differences(sched, {"client": ident("lock:abd")})
+    assert rows == [("image", "lock:abc", {"client": "lock:abd"})]

@@ -142,9 +142,15 @@ class _Terminated(BaseException):
 class _terminate_cleanly:
     """SIGTERM (Slurm's time limit) becomes an orderly stop with one line and exit code 143."""
 
+    MESSAGE = ("hpcdask: interrupted by SIGTERM (the job's time limit?); no results were written "
+               "(provenance.json records the interruption): rerun with more time (sbatch --time) "
+               "or --size small")
+
     def __enter__(self):
         def handler(signum, frame):
+            # The line first: Slurm's KillWait may not leave time for the orderly close after it.
             shutdown.quiet()
+            click.echo(self.MESSAGE, err=True)
             raise _Terminated()
         self._old = signal.signal(signal.SIGTERM, handler)
         return self
@@ -163,9 +169,6 @@ class _terminate_cleanly:
     def __exit__(self, exc_type, exc, tb):
         signal.signal(signal.SIGTERM, self._old)
         if exc_type is _Terminated:
-            click.echo("hpcdask: interrupted by SIGTERM (the job's time limit?); no results "
-                       "were written (provenance.json records the interruption): rerun with more "
-                       "time (sbatch --time) or --size small", err=True)
             sys.exit(143)
         return False
 

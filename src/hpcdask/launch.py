@@ -338,7 +338,8 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     why = await _until_signalled(asyncio.Event(), finished)
     if why != "finished":
         logger.info("hpcdask: worker(s) on %s stopping (%s)", host, why)
-        await asyncio.gather(*[n.close(timeout=20) for n in nannies], return_exceptions=True)
+        # Seconds: at a time limit Slurm's KillWait follows, and the scratch must go first.
+        await asyncio.gather(*[n.close(timeout=3) for n in nannies], return_exceptions=True)
 
 
 def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:

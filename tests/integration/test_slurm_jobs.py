@@ -454,9 +454,10 @@ def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job
     assert res.state == "TIMEOUT", str(res)
     assert "STARTED" in res.stdout, str(res)
     err = res.stderr.splitlines()
+    from hpcdask.cli import _terminate_cleanly
+
     assert [ln for ln in err if ln.startswith("hpcdask: interrupted by SIGTERM")] == [
-        "hpcdask: interrupted by SIGTERM (the job's time limit?); nothing was written: rerun "
-        "with more time (sbatch --time) or --size small"], str(res)
+        _terminate_cleanly.MESSAGE], str(res)
     assert "hpcdask-job: stopped by SIGTERM (time limit or scancel)" in err, str(res)
     # Finished runs are whole; the interrupted one left nothing (no .partial-*, no metrics.json).
     runs = sorted(out.iterdir(), key=lambda p: int(p.name.split("-")[1]))

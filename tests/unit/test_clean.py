@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -61,7 +62,9 @@ def test_clean_removes_only_stale_folders(shared):
         clean.stamp(jq_dead)
         stamp = json.loads((jq_dead / clean.STAMP).read_text())
         (jq_dead / clean.STAMP).write_text(json.dumps({**stamp, "pid": _dead_pid()}))
-        expired = security.create(shared / "expired", "x", security.not_after(1.0, 1)).folder
+        # Expired 10 s ago, whatever the time the check takes (not_after(...) >= now + margin).
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=10)
+        expired = security.create(shared / "expired", "x", past).folder
         _old(expired)
         elsewhere = security.create(shared / "elsewhere", "e").folder
         (elsewhere / clean.STAMP).write_text(json.dumps({"host": "node-elsewhere", "pid": 1}))

@@ -148,7 +148,9 @@ class _terminate_cleanly:
 
     def __enter__(self):
         def handler(signum, frame):
-            # The line first: Slurm's KillWait may not leave time for the orderly close after it.
+            # Once: a batch system signals every process of the step, and the runner and the
+            # jobscript pass it on too. The line first: KillWait may not leave time for more.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             shutdown.quiet()
             click.echo(self.MESSAGE, err=True)
             raise _Terminated()

@@ -18,9 +18,13 @@ NOISY = ("distributed", "tornado", "asyncio")
 
 
 def quiet() -> None:
-    """From now on only CRITICAL messages of distributed, tornado and asyncio in this process."""
+    """From now on only CRITICAL messages of distributed, tornado and asyncio in this process
+    (their sub-loggers too: Dask's logging config gives some their own level)."""
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in NOISY:
+            logger.setLevel(logging.CRITICAL)
 
 
 def quiet_cluster(client) -> None:

@@ -147,10 +147,13 @@ class _terminate_cleanly:
                "or --size small")
 
     def __enter__(self):
+        self.fired = False
+
         def handler(signum, frame):
             # Once: a batch system signals every process of the step, and the runner and the
             # jobscript pass it on too. The line first: KillWait may not leave time for more.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.fired = True
             shutdown.quiet()
             click.echo(self.MESSAGE, err=True)
             raise _Terminated()
@@ -170,7 +173,10 @@ class _terminate_cleanly:
 
     def __exit__(self, exc_type, exc, tb):
         signal.signal(signal.SIGTERM, self._old)
-        if exc_type is _Terminated:
+        # Whatever the unwinding raised after the signal (a cluster going away under a context
+        # manager's exit), the outcome is the signal's: exit 143, the one line already printed.
+        if exc_type is _Terminated or (self.fired and exc_type is not None
+                                       and not issubclass(exc_type, SystemExit)):
             sys.exit(143)
         return False
 

@@ -3,6 +3,7 @@ output folder written whole or not at all."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -61,6 +62,19 @@ class _Step:
         return False
 
 
+@contextlib.contextmanager
+def _report(path: Path):
+    """Dask's performance report of the block, written only when the block succeeds: after a
+    failure (or a time limit) there is nothing to report, and fetching it from a scheduler that
+    is going away would replace the real error with a connection error."""
+    # mode="inline": Bokeh's JavaScript in the file, so the report opens offline (compute
+    # nodes, and many browsers on a cluster, have no internet).
+    report = performance_report(filename=str(path), mode="inline")
+    report.__enter__()
+    yield
+    report.__exit__(None, None, None)
+
+
 def check_output(output: Path) -> None:
     """The output folder can be created and written, and holds no earlier metrics.json."""
     output = Path(output)
@@ -104,9 +118,7 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
         roles = launch.check_cluster(client)
         ctx = Context(client=client, size=size, seed=seed, outdir=stage)
         t0 = time.perf_counter()
-        # mode="inline": Bokeh's JavaScript in the file, so the report opens offline (compute
-        # nodes, and many browsers on a cluster, have no internet).
-        with performance_report(filename=str(stage / "dask-report.html"), mode="inline"), \
+        with _report(stage / "dask-report.html"), \
                 compat.session(client):
             result = module.run(ctx)
         total = time.perf_counter() - t0

@@ -223,8 +223,17 @@ class SlurmCluster:
         return f"{self.prefix}{node}"
 
     def leftovers(self) -> dict[str, str]:
-        """What jobs left in their node-local $TMPDIR (the Epilog's records), by file name."""
-        return {p.name: p.read_text() for p in sorted((self.state_dir / "leftovers").glob("*.txt"))}
+        """What jobs left in their node-local $TMPDIR (the Epilog's records), by file name.
+
+        The bubblewrap runner's own .sif mount points (``rootfs-*``, test infrastructure: a real
+        Apptainer mounts elsewhere) are not counted: Slurm's SIGKILL at KillWait can leave them."""
+        out = {}
+        for p in sorted((self.state_dir / "leftovers").glob("*.txt")):
+            lines = [ln for ln in p.read_text().splitlines()
+                     if not re.search(r"/rootfs-[^/]+(/root)?$", ln)]
+            if lines:
+                out[p.name] = "\n".join(lines) + "\n"
+        return out
 
     def node_tmp(self, node: str) -> Path:
         """NODE's own /tmp, as the host sees it."""

@@ -100,15 +100,11 @@ def metrics_of(res, workdir: Path) -> dict:
     return json.loads((workdir / m.group(1)).read_text())
 
 
-def assert_clean(slurm_cluster, res, shared: Path, logs: bool = True,
-                 runner_mounts: bool = False) -> None:
+def assert_clean(slurm_cluster, res, shared: Path, logs: bool = True) -> None:
     """What every job must leave behind: nothing. No folder in the shared dir, nothing in any
     node's $TMPDIR (the Epilog's record), /tmp or /var/tmp, and (LOGS) no ERROR or traceback."""
     assert not list(shared.iterdir()), (list(shared.iterdir()), str(res))
     left = {k: v for k, v in slurm_cluster.leftovers().items() if f"-job-{res.job_id}." in k}
-    if runner_mounts:  # the test runner's own .sif mount points, when Slurm SIGKILLed it
-        left = {k: v for k, v in left.items()
-                if any(not re.search(r"/rootfs-[^/]+(/root)?$", ln) for ln in v.splitlines())}
     assert left == {}, left
     assert slurm_cluster.user_files_in_node_tmp() == []
     for text in (res.stdout, res.stderr) if logs else ():
@@ -451,9 +447,7 @@ def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job
     no partial results are left, and all of it within KillWait (5 s here): nothing is left in
     the cluster folder or the nodes' $TMPDIR (the Epilog would record it), /tmp or /var/tmp.
     Not yet held: "no traceback from any role". One role still logs distributed's
-    CommClosedError from batched.py's background send at the kill (see the closing note). And
-    the bubblewrap runner (test infrastructure) may leave its .sif mount point in $TMPDIR when
-    Slurm SIGKILLs it: those are not counted; anything of hpcdask's is."""
+    CommClosedError from batched.py's background send at the kill (see the closing note)."""
     (udir / "loop.py").write_text(LOOP_SCRIPT)
     out = slurm_cluster.mkdtemp("out-")
     res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
@@ -475,5 +469,4 @@ def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job
     last = runs[-1] / "metrics.json"
     assert not last.exists() or json.loads(last.read_text()), last  # interrupted: none; else whole
     assert not list(out.rglob(".partial-*"))
-    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]), logs=False,
-                 runner_mounts=True)
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]), logs=False)

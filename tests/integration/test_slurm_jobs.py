@@ -286,6 +286,16 @@ print(f"metrics: {path}", flush=True)
 '''
 
 
+def end_session(slurm_cluster, jobs: list[str], udir: Path, cdir: Path, shared: Path) -> None:
+    """Cancel a scheduler job (JOBS[0]) and its worker jobs; the scheduler job made CDIR, so it
+    removes it, and nothing else of theirs is left anywhere."""
+    for j in jobs:
+        slurm_cluster.run(["scancel", j], check=False)
+    res = slurm_cluster.wait(jobs[0], timeout=60, workdir=udir)
+    assert not cdir.exists()
+    assert_clean(slurm_cluster, res, shared)
+
+
 def test_scheduler_job_and_short_worker_jobs(slurm_cluster, job_env, udir):
     """The README's recipe: a scheduler job (its scheduler on eth0 for the login node's client),
     worker jobs submitted at once with --dependency (they wait for it), workers on ib0; a client on
@@ -332,12 +342,7 @@ def test_scheduler_job_and_short_worker_jobs(slurm_cluster, job_env, udir):
         measure("scheduler job + worker jobs", sbatch_to_done_s=round(done - t0, 1),
                 retired=re.search(r"RETIRED after ([\d.]+)s", text).group(1))
     finally:
-        for j in jobs:
-            slurm_cluster.run(["scancel", j], check=False)
-    res = slurm_cluster.wait(sched.job_id, timeout=60, workdir=udir)
-    # The scheduler job made the folder, so it removed it; nothing else is left.
-    assert not cdir.exists()
-    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
+        end_session(slurm_cluster, jobs, udir, cdir, Path(job_env["HPCDASK_SHARED_DIR"]))
 
 
 def test_a_killed_worker_does_not_lose_the_workload(slurm_cluster, job_env, udir):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.test_slurm_jobs import assert_clean, jobscript, measure
+from integration.test_slurm_jobs import end_session, jobscript, measure
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -46,9 +46,5 @@ def test_worker_job_array_joins_the_scheduler_job_and_each_task_retires(slurm_cl
         assert len({r.info["JobId"] for r in results}) == 3
         measure("job array of 3 worker jobs", tasks=len(results))
     finally:
-        for j in jobs:
-            slurm_cluster.run(["scancel", j], check=False)
-    res = slurm_cluster.wait(sched.job_id, timeout=60, workdir=udir)
-    assert not cdir.exists()
-    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
+        end_session(slurm_cluster, jobs, udir, cdir, Path(job_env["HPCDASK_SHARED_DIR"]))
 

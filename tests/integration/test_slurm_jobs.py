@@ -146,8 +146,9 @@ def test_all_in_one_runs_the_default_workload_medium_on_three_nodes(slurm_cluste
 USER_SCRIPT = """\
 import os, sys
 import distributed
+from hpcdask.launch import cluster_info
 client = distributed.get_client()
-info = client.scheduler_info(n_workers=-1)["workers"]
+info = cluster_info(client)["workers"]
 n = len(info)
 total = client.submit(sum, range(10)).result()
 scratch = sorted(set(client.run(lambda dask_worker: dask_worker.local_directory).values()))
@@ -256,11 +257,12 @@ RETIRE_SCRIPT = r'''
 import os, sys, time
 import distributed
 import numpy as np
+from hpcdask.launch import cluster_info
 
 marks = sys.argv[1]
 client = distributed.get_client()
 client.wait_for_workers(2, timeout=120)
-workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+workers = sorted(cluster_info(client)["workers"])
 
 def block(i):
     open(os.path.join(marks, f"{i}-{time.time_ns()}"), "w").close()
@@ -271,7 +273,7 @@ distributed.wait(futs)
 held = {w: len(keys) for w, keys in client.has_what().items()}
 print(f"HELD {held}", flush=True)
 t0 = time.time()
-while len(client.scheduler_info(n_workers=-1)["workers"]) > 1:
+while len(cluster_info(client)["workers"]) > 1:
     assert time.time() - t0 < 120, "no worker retired"
     time.sleep(0.5)
 print(f"RETIRED after {time.time() - t0:.1f}s; left {sorted(client.has_what())}", flush=True)

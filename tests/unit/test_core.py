@@ -302,3 +302,21 @@ def test_the_sif_id_is_compared_between_roles_that_both_know_it():
     assert versions.summary(rows) == "sif 11 != 22 (worker)"
     rows = versions.differences(sched, {"client": ident("lock:abd")})
     assert rows == [("image", "lock:abc", {"client": "lock:abd"})]
+
+
+def test_cluster_info_always_lists_every_worker_despite_the_clients_own_refresh():
+    """distributed's Client.scheduler_info(n_workers=-1) returns an attribute its periodic
+    refresh (without workers) can overwrite in between: under load it reported "0 workers"
+    (seen in CI's compose test; here, with a 1 ms refresh, ~10 % of 2000 calls). hpcdask
+    reads the workers through launch.cluster_info, which fetches them every time."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from hpcdask.launch import cluster_info
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                         dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        counts = [len(cluster_info(client)["workers"]) for _ in range(2000)]
+    assert counts == [2] * 2000

@@ -73,6 +73,18 @@ def test_allocation_from_pbs():
     assert (a.cpus, a.memory, a.source) == (6, 3 * GiB, "pbs")
 
 
+def test_pbs_workers_leave_the_same_headroom_as_slurms():
+    """The PBS jobscripts export this node's share of PBS_VMEM (the job's total); the workers'
+    limits then leave the nannies' and the batch node's headroom, as under Slurm."""
+    mib = 2**20
+    env = {"PBS_JOBID": "9.gadi", "NCPUS": "2", "PBS_VMEM": str(8000 * mib),
+           "HPCDASK_NODE_MEMORY": str(2000 * mib)}
+    a = memory.allocation(env)
+    assert (a.memory, a.source) == (2000 * mib, "pbs")
+    assert memory.worker_sizing(1, None, "auto", a, nanny=160 * mib,
+                                batch_reserve=768 * mib) == (2, 1840 * mib)
+
+
 def test_worker_sizing_splits_the_allocation():
     alloc = memory.Allocation(cpus=8, memory=16 * GiB, source="slurm")
     assert memory.worker_sizing(2, None, "auto", alloc) == (4, 8 * GiB)

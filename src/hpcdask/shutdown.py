@@ -15,6 +15,31 @@ import logging
 import signal
 
 NOISY = ("distributed", "tornado", "asyncio")
+#: Where distributed logs a closed connection at INFO *with its traceback*: batched.py's
+#: "Batched Comm Closed" and core.py's "Lost connection to". Routine whenever a peer stops first
+#: (a time limit stops every process of a job within milliseconds, in no particular order).
+CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core")
+
+
+class NoClosedConnectionTraceback(logging.Filter):
+    """Keep the line of an INFO (or DEBUG) record about a closed connection, drop its traceback.
+    WARNING and above are left alone: those are distributed's judgement that something failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.WARNING and isinstance(exc, OSError):  # CommClosedError too
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def calm_closed_connections() -> None:
+    """Install :class:`NoClosedConnectionTraceback` on distributed's loggers that need it (once).
+    A logger's filters see every record logged through it, whatever the handlers."""
+    for name in CLOSED_CONNECTION_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoClosedConnectionTraceback) for f in logger.filters):
+            logger.addFilter(NoClosedConnectionTraceback())
 
 
 def quiet() -> None:
@@ -43,3 +68,7 @@ def dask_setup(worker=None) -> None:
         quiet()
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+# Every hpcdask role imports this module (the worker processes as their preload): install there.
+calm_closed_connections()

@@ -332,3 +332,36 @@ def test_cluster_info_always_lists_every_worker_despite_the_clients_own_refresh(
         client.wait_for_workers(2)
         counts = [len(cluster_info(client)["workers"]) for _ in range(2000)]
     assert counts == [2] * 2000
+
+
+def test_a_closed_connection_logged_at_info_keeps_its_line_but_no_traceback(caplog):
+    """distributed logs "Batched Comm Closed" / "Lost connection to" at INFO with a traceback;
+    at a time limit some role always sees a peer go first. hpcdask roles keep the line only;
+    anything at WARNING or above keeps its traceback."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    shutdown.calm_closed_connections()  # once, however often it is called
+    batched = logging.getLogger("distributed.batched")
+    assert sum(isinstance(f, shutdown.NoClosedConnectionTraceback) for f in batched.filters) == 1
+
+    def log(logger, level, exc):
+        try:
+            raise exc
+        except Exception:
+            logging.getLogger(logger).log(level, "Batched Comm Closed %r", "<TLS ...>",
+                                          exc_info=True)
+
+    with caplog.at_level(logging.DEBUG):
+        log("distributed.batched", logging.INFO, CommClosedError("in <TLS (closed)>"))
+        log("distributed.core", logging.INFO, ConnectionResetError("reset"))
+        log("distributed.batched", logging.ERROR, CommClosedError("real trouble"))
+        log("distributed.batched", logging.INFO, ValueError("not a closed connection"))
+    text = caplog.text
+    assert text.count("Batched Comm Closed") == 4
+    assert "in <TLS (closed)>" not in text and "reset" not in text
+    assert "real trouble" in text and "not a closed connection" in text

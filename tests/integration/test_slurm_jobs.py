@@ -100,14 +100,14 @@ def metrics_of(res, workdir: Path) -> dict:
     return json.loads((workdir / m.group(1)).read_text())
 
 
-def assert_clean(slurm_cluster, res, shared: Path, logs: bool = True) -> None:
+def assert_clean(slurm_cluster, res, shared: Path) -> None:
     """What every job must leave behind: nothing. No folder in the shared dir, nothing in any
-    node's $TMPDIR (the Epilog's record), /tmp or /var/tmp, and (LOGS) no ERROR or traceback."""
+    node's $TMPDIR (the Epilog's record), /tmp or /var/tmp, and no ERROR or traceback."""
     assert not list(shared.iterdir()), (list(shared.iterdir()), str(res))
     left = {k: v for k, v in slurm_cluster.leftovers().items() if f"-job-{res.job_id}." in k}
     assert left == {}, left
     assert slurm_cluster.user_files_in_node_tmp() == []
-    for text in (res.stdout, res.stderr) if logs else ():
+    for text in (res.stdout, res.stderr):
         assert "Traceback" not in text and " - ERROR - " not in text, str(res)
 
 

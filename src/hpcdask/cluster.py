@@ -200,7 +200,8 @@ def job_kwargs(
         scheduler_options=options,
         job_script_prologue=prologue,
         # The worker process's own SIGTERM handling and quiet closed connections (shutdown.py).
-        worker_extra_args=["--preload", "hpcdask.shutdown", *_lifetime_args(walltime),
+        worker_extra_args=["--preload", "hpcdask.shutdown", "--preload-nanny", "hpcdask.shutdown",
+                           *_lifetime_args(walltime),
                            *worker_http, *_gpu_args(gpus, kwargs),
                            *(worker_extra_args or [])],
         shared_temp_directory=str(creds.files),

@@ -239,6 +239,8 @@ with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
         time.sleep(0.2)
     total = sum(client.gather(futures))
     busy_s = time.time() - t0
+    # Released: adapt() never retires the last worker holding data a client still holds.
+    del futures
     t1 = time.time()
     while True:  # back down to minimum=0: every worker retired, its job gone
         peak, n = sample(cluster, client, jobs, peak)

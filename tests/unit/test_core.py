@@ -365,3 +365,35 @@ def test_a_closed_connection_logged_at_info_keeps_its_line_but_no_traceback(capl
     assert text.count("Batched Comm Closed") == 4
     assert "in <TLS (closed)>" not in text and "reset" not in text
     assert "real trouble" in text and "not a closed connection" in text
+
+
+def test_a_tls_handshake_failing_on_a_stopping_listener_is_one_info_line(caplog):
+    """distributed's comm/tcp.py, when a TLS handshake fails (the peer gave up) while its
+    listener stops, reads the stopped listener's address inside its warning and tornado logs
+    the resulting ValueError as an ERROR with two tracebacks (seen when adapt() retired a
+    worker). hpcdask's roles turn exactly that into one INFO line; other ERRORs stay."""
+    import logging
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    tornado = logging.getLogger("tornado.application")
+
+    def log(context, exc):
+        try:
+            try:
+                raise context
+            except OSError:
+                raise exc  # its __context__ is the handshake's OSError
+        except Exception:
+            tornado.error("Exception in callback %r", "partial(...)", exc_info=True)
+
+    with caplog.at_level(logging.DEBUG):
+        log(ConnectionResetError(104, "Connection reset by peer"),
+            ValueError("invalid operation on non-started TCPListener"))
+        log(ConnectionResetError(104, "reset"), ValueError("some other failure"))
+    first, second = caplog.records
+    assert (first.levelname, first.exc_info) == ("INFO", None)
+    assert first.getMessage() == ("a TLS handshake failed ([Errno 104] Connection reset by peer) "
+                                  "while this listener was stopping")
+    assert second.levelname == "ERROR" and "some other failure" in caplog.text

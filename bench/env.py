@@ -212,6 +212,8 @@ class Setup:
             raise Skip(self.cluster_state) from None
 
     def teardown(self) -> None:
+        if self._rig is not None:  # the run's folders in hpcuser's home
+            shutil.rmtree(self._rig.workdir, ignore_errors=True)
         if self.cluster_state in ("started", "starting"):
             log("cluster: tests/cluster/cluster.sh down (this run started it)")
             rig.down()

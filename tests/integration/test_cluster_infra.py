@@ -145,6 +145,18 @@ def test_tasks_have_the_runner_first_on_path(slurm_cluster):
     assert out.strip() == str(runner_bin / "apptainer")
 
 
+def test_a_login_shell_on_the_login_node_finds_apptainer(slurm_cluster):
+    """make cluster-login's shell is a login shell: /etc/profile resets PATH, the user's
+    ~/.profile (written by cluster-up, like a site's `module load apptainer`) puts the runner
+    back, so the README's `apptainer exec $HPCDASK_IMAGE ...` works there."""
+    from cluster.fixtures import CLUSTER_SH
+
+    out = subprocess.run(["bash", str(CLUSTER_SH), "login", "bash", "-l", "-c",
+                          "command -v apptainer; hostname"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == [str(slurm_cluster.src / "tests" / "cluster" / "bin" / "apptainer"), "login"]
+
+
 def test_sbatch_reports_exit_code_and_outputs(slurm_cluster):
     res = slurm_cluster.sbatch(
         "#!/bin/sh\necho out-$SLURM_JOB_NUM_NODES\necho err >&2\nexit 3\n", "-N2"

@@ -18,8 +18,11 @@ NOISY = ("distributed", "tornado", "asyncio")
 #: Where distributed logs a closed connection at INFO *with its traceback*: batched.py's
 #: "Batched Comm Closed" and core.py's "Lost connection to". Routine whenever a peer stops first
 #: (a time limit stops every process of a job within milliseconds, in no particular order).
-#: And tornado.application, which reports distributed's listener stopping under a TLS handshake.
-CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado.application")
+#: And tornado.application, which reports distributed's listener stopping under a TLS handshake,
+#: and distributed.worker, whose heartbeat to a scheduler that is closing fails.
+CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado.application",
+                             "distributed.worker")
+HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
 
 
 class NoClosedConnectionTraceback(logging.Filter):
@@ -28,11 +31,19 @@ class NoClosedConnectionTraceback(logging.Filter):
     with one exception, a race of distributed's own: a TLS handshake that fails (the peer gave
     up) while the listener stops makes comm/tcp.py's warning read the stopped listener's
     address, and tornado logs the ValueError as an ERROR with two tracebacks. That one becomes
-    the INFO line it was meant to be."""
+    the INFO line it was meant to be. And a worker's heartbeat that meets a closed connection
+    (the scheduler stopping in order while a heartbeat was on its way) stays a WARNING, on one
+    line with its cause: distributed retries at the next heartbeat either way."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if record.levelno < logging.WARNING and isinstance(exc, OSError):  # CommClosedError too
+            record.exc_info = None
+            record.exc_text = None
+        elif record.msg == HEARTBEAT_FAILED and isinstance(exc, OSError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "Failed to communicate with scheduler during heartbeat (%s: %s)"
+            record.args = (type(exc).__name__, exc)
             record.exc_info = None
             record.exc_text = None
         elif (isinstance(exc, ValueError) and "non-started TCPListener" in str(exc)

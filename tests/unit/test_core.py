@@ -397,3 +397,31 @@ def test_a_tls_handshake_failing_on_a_stopping_listener_is_one_info_line(caplog)
     assert first.getMessage() == ("a TLS handshake failed ([Errno 104] Connection reset by peer) "
                                   "while this listener was stopping")
     assert second.levelname == "ERROR" and "some other failure" in caplog.text
+
+
+def test_a_heartbeat_meeting_a_closed_scheduler_is_one_warning_line(caplog):
+    """distributed's worker logs a heartbeat that meets a closed connection with
+    logger.exception (seen once in ~10 runs of test_scheduler_sigterm_ends_everything_cleanly:
+    a heartbeat on its way while the scheduler stopped in order). hpcdask's roles keep it as a
+    WARNING on one line with its cause; any other failure keeps its ERROR and traceback."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    worker = logging.getLogger("distributed.worker")
+    with caplog.at_level(logging.DEBUG):
+        for exc in (CommClosedError("in <TLS (closed) ConnectionPool.heartbeat_worker>"),
+                    RuntimeError("unexpected")):
+            try:
+                raise exc
+            except Exception:
+                worker.exception(shutdown.HEARTBEAT_FAILED)
+    first, second = caplog.records
+    assert (first.levelname, first.exc_info) == ("WARNING", None)
+    assert first.getMessage() == ("Failed to communicate with scheduler during heartbeat "
+                                  "(CommClosedError: in <TLS (closed) "
+                                  "ConnectionPool.heartbeat_worker>)")
+    assert second.levelname == "ERROR" and second.exc_info is not None

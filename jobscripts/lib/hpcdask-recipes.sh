@@ -39,6 +39,8 @@ hj_mpi() {
     [ -f "$1" ] || hj_die 2 "script $1 does not exist (from $(pwd)); give your Python script's path after the jobscript, e.g. sbatch -n 4 dask-mpi.sbatch ./my_analysis.py --arg 1"
     # shellcheck disable=SC2034  # hpcdask-job.sh's scheduler file: removed by its exit trap
     HJ_FILE=$file
+    # Here, not only in each rank: a rank that exits first would have srun kill the others.
+    [ "${SLURM_NTASKS:-3}" -ge 3 ] || hj_die 2 "dask-mpi's layout needs at least 3 MPI ranks (scheduler, client, one worker), this job has $SLURM_NTASKS; submit with more, e.g. sbatch -N 2 -n 4 dask-mpi.sbatch $1"
     export UCX_TLS=${UCX_TLS:-tcp,self}
     hj_say "srun ${HPCDASK_SRUN_MPI:---mpi=pmi2}: ${SLURM_NTASKS:-?} ranks (0 scheduler, 1 client, the rest workers)"
     # The workers' scratch: the user's setting, else each node's own $TMPDIR (not HJ_SCRATCH).

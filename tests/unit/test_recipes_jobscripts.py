@@ -256,6 +256,17 @@ def test_mpi_job_options_pass_through(tmp_path):
 ])
 def test_mpi_job_without_a_script_is_one_line_exit_2(tmp_path, args, says):
     proc, _ = _mpi_job(tmp_path, *args)
+    _one_line_exit_2(tmp_path, proc, says)
+
+
+def test_mpi_job_of_fewer_than_3_ranks_is_one_line_exit_2(tmp_path):
+    (tmp_path / "job.py").write_text("print(1)\n")
+    proc, _ = _mpi_job(tmp_path, "job.py", SLURM_NTASKS="2")
+    _one_line_exit_2(tmp_path, proc, "needs at least 3 MPI ranks (scheduler, client, one worker), "
+                     "this job has 2; submit with more, e.g. sbatch -N 2 -n 4 dask-mpi.sbatch job.py")
+
+
+def _one_line_exit_2(tmp_path, proc, says):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], proc.stderr

@@ -190,14 +190,16 @@ hj_pbsdsh_workers() {
 }
 
 # PBS sizing: PBS_NODEFILE has one line per CPU; NCPUS and PBS_VMEM are the job's totals, so
-# each node's workers get their share (unless HPCDASK_NTHREADS / HPCDASK_MEMORY_LIMIT say).
+# each node gets its share (HPCDASK_NTHREADS and HPCDASK_MEMORY_LIMIT, when set, still win).
 hj_pbs_sizing() {
     HJ_NODES=$(sort -u "$PBS_NODEFILE" | wc -l)
     local cpus nw=${HPCDASK_NWORKERS:-1}
     cpus=$(wc -l <"$PBS_NODEFILE")
     export HPCDASK_NTHREADS=${HPCDASK_NTHREADS:-$((cpus / HJ_NODES / nw > 0 ? cpus / HJ_NODES / nw : 1))}
+    # This node's share of the job's memory: hpcdask.memory splits it between the workers,
+    # leaving the nannies' and (on the batch node) the scheduler's and client's headroom.
     if [ -n "${PBS_VMEM:-}" ]; then
-        export HPCDASK_MEMORY_LIMIT=${HPCDASK_MEMORY_LIMIT:-$((PBS_VMEM / HJ_NODES / nw))}
+        export HPCDASK_NODE_MEMORY=$((PBS_VMEM / HJ_NODES))
     fi
 }
 

@@ -295,7 +295,7 @@ def wait_(scheduler_file, n_workers, timeout, tls) -> None:
         try:
             c.wait_for_workers(n_workers, timeout=max(1.0, limit - (time.monotonic() - t0)))
         except TimeoutError:
-            have = len(c.scheduler_info(n_workers=-1)["workers"])
+            have = len(launch.cluster_info(c)["workers"])
             raise click.ClickException(
                 f"only {have} of {n_workers} worker(s) joined within {timeout}; see the worker "
                 f"output for why, or raise --timeout") from None

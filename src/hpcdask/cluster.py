@@ -199,7 +199,10 @@ def job_kwargs(
         protocol="tls://",
         scheduler_options=options,
         job_script_prologue=prologue,
-        worker_extra_args=[*_lifetime_args(walltime), *worker_http, *_gpu_args(gpus, kwargs),
+        # The worker process's own SIGTERM handling and quiet closed connections (shutdown.py).
+        worker_extra_args=["--preload", "hpcdask.shutdown", "--preload-nanny", "hpcdask.shutdown",
+                           *_lifetime_args(walltime),
+                           *worker_http, *_gpu_args(gpus, kwargs),
                            *(worker_extra_args or [])],
         shared_temp_directory=str(creds.files),
         **extra,

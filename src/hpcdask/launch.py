@@ -401,6 +401,14 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
     return client
 
 
+def cluster_info(client: Client) -> dict[str, Any]:
+    """The scheduler's identity with every worker, fetched now: ``Client.scheduler_info()``
+    returns an attribute that the client's own periodic refresh (every
+    ``distributed.client.scheduler-info-interval``, without workers) can overwrite between
+    the fetch and the return, so it sometimes reports no workers at all."""
+    return client.sync(client.scheduler.identity, n_workers=-1)
+
+
 def cluster_reports(client: Client) -> dict[str, dict[str, Any]]:
     """versions.report() of the scheduler, every worker, and this client."""
     out = {"scheduler": client.run_on_scheduler(versions.report)}

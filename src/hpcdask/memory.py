@@ -90,7 +90,8 @@ def allocation(env: Mapping[str, str] | None = None) -> Allocation:
         return Allocation(cpus, min(mem, machine_mem), "slurm", batch)
     if "PBS_JOBID" in env:
         cpus = int(env.get("NCPUS") or env.get("PBS_NCPUS") or machine_cpus)
-        mem = int(env.get("PBS_VMEM") or machine_mem)  # PBS Pro / Gadi: bytes
+        # PBS_VMEM (bytes) is the whole job's; the PBS jobscripts export this node's share.
+        mem = int(env.get("HPCDASK_NODE_MEMORY") or env.get("PBS_VMEM") or machine_mem)
         return Allocation(cpus, min(mem, machine_mem), "pbs", batch)
     return Allocation(machine_cpus, machine_mem, "machine", batch)
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from hpcdask import config, versions
 from hpcdask.errors import BadInput, Refused
 from hpcdask.files import atomic_write
+from hpcdask.launch import cluster_info
 
 logger = logging.getLogger("hpcdask")
 
@@ -122,7 +123,7 @@ class Recorder:
         for addr, rec in sorted(client.run(role_record).items()):
             roles[f"worker {addr}"] = rec
         roles["client"] = role_record()
-        info = client.scheduler_info(n_workers=-1)
+        info = cluster_info(client)
         sec = client.security
         self.record.update(
             roles=roles,

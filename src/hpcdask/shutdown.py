@@ -15,6 +15,43 @@ import logging
 import signal
 
 NOISY = ("distributed", "tornado", "asyncio")
+#: Where distributed logs a closed connection at INFO *with its traceback*: batched.py's
+#: "Batched Comm Closed" and core.py's "Lost connection to". Routine whenever a peer stops first
+#: (a time limit stops every process of a job within milliseconds, in no particular order).
+#: And tornado.application, which reports distributed's listener stopping under a TLS handshake.
+CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado.application")
+
+
+class NoClosedConnectionTraceback(logging.Filter):
+    """Keep the line of an INFO (or DEBUG) record about a closed connection, drop its traceback.
+    WARNING and above are left alone: those are distributed's judgement that something failed,
+    with one exception, a race of distributed's own: a TLS handshake that fails (the peer gave
+    up) while the listener stops makes comm/tcp.py's warning read the stopped listener's
+    address, and tornado logs the ValueError as an ERROR with two tracebacks. That one becomes
+    the INFO line it was meant to be."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.WARNING and isinstance(exc, OSError):  # CommClosedError too
+            record.exc_info = None
+            record.exc_text = None
+        elif (isinstance(exc, ValueError) and "non-started TCPListener" in str(exc)
+              and isinstance(exc.__context__, OSError)):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "a TLS handshake failed (%s) while this listener was stopping"
+            record.args = (exc.__context__,)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def calm_closed_connections() -> None:
+    """Install :class:`NoClosedConnectionTraceback` on distributed's loggers that need it (once).
+    A logger's filters see every record logged through it, whatever the handlers."""
+    for name in CLOSED_CONNECTION_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoClosedConnectionTraceback) for f in logger.filters):
+            logger.addFilter(NoClosedConnectionTraceback())
 
 
 def quiet() -> None:
@@ -38,8 +75,19 @@ def quiet_cluster(client) -> None:
 
 
 def dask_setup(worker=None) -> None:
-    """Preload hook, in the worker process: on SIGTERM, go quiet and let the nanny stop us."""
+    """Preload hook, in the worker process: on SIGTERM, go quiet and let the nanny stop us.
+    As a nanny's preload (``dask worker --preload-nanny``) it only installs the log filters
+    (on import): the nanny's own SIGTERM handling stays distributed's."""
+    from distributed import Nanny
+
+    if isinstance(worker, Nanny):
+        return
+
     def on_term(signum, frame) -> None:
         quiet()
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+# Every hpcdask role imports this module (the worker processes as their preload): install there.
+calm_closed_connections()

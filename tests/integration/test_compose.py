@@ -113,7 +113,10 @@ def test_compose_cluster(image, tmp_path):
             f"{log.read_text()[-6000:]}\n--- client\n{client_log.stdout[-3000:]}{client_log.stderr[-3000:]}")
 
         metrics = json.loads((output / "compose" / "metrics.json").read_text())
-        check_metrics(metrics)
+        try:
+            check_metrics(metrics)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- compose (tail)\n{log.read_text()[-8000:]}") from None
         check_running_cluster(project)
     finally:
         t1 = time.monotonic()

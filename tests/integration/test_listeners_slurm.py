@@ -25,9 +25,10 @@ HOLD_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 import distributed
+from hpcdask.launch import cluster_info
 c = distributed.get_client()
 c.wait_for_workers(int(sys.argv[3]), timeout=200)
-info = c.scheduler_info(n_workers=-1)
+info = cluster_info(c)
 comms = [info["address"], *info["workers"], *(w["nanny"] for w in info["workers"].values() if w["nanny"])]
 Path(sys.argv[1]).write_text(json.dumps(comms))
 while not Path(sys.argv[2]).exists():

@@ -164,15 +164,15 @@ def test_gpu_workers_one_per_gpu_each_with_its_own_device_first(cluster, tmp_pat
     env = {**os.environ, "PATH": f"{b}:{os.environ['PATH']}", "HPCDASK_GPU": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     with launch.connect(cluster["path"], check=False) as c:
-        before = set(c.scheduler_info(n_workers=-1)["workers"])
+        before = set(launch.cluster_info(c)["workers"])
         w = start(["worker", "--scheduler-file", str(cluster["path"]), "--interface", "lo",
                    "--nthreads", "1", "--memory-limit", "300MiB"], tmp_path / "gpu.log", env)
         try:
             c.wait_for_workers(len(before) + 3, timeout=90)
-            new = set(c.scheduler_info(n_workers=-1)["workers"]) - before
+            new = set(launch.cluster_info(c)["workers"]) - before
             seen = c.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"), workers=list(new))
             assert sorted(seen.values()) == ["0,1,2", "1,2,0", "2,0,1"]
-            info = c.scheduler_info(n_workers=-1)["workers"]
+            info = launch.cluster_info(c)["workers"]
             assert all(info[a]["resources"] == {"GPU": 1} for a in new)
         finally:
             assert stop(w) == 0, (tmp_path / "gpu.log").read_text()
@@ -183,12 +183,12 @@ def test_gpu_workers_follow_the_batch_systems_devices(cluster, tmp_path):
     b = fake_bin(tmp_path, "nvidia-smi", "exit 9")
     env = {**os.environ, "PATH": f"{b}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "5,7"}
     with launch.connect(cluster["path"], check=False) as c:
-        before = set(c.scheduler_info(n_workers=-1)["workers"])
+        before = set(launch.cluster_info(c)["workers"])
         w = start(["worker", "--gpus", "--scheduler-file", str(cluster["path"]), "--interface",
                    "lo", "--nthreads", "1", "--memory-limit", "300MiB"], tmp_path / "gpu.log", env)
         try:
             c.wait_for_workers(len(before) + 2, timeout=90)
-            new = set(c.scheduler_info(n_workers=-1)["workers"]) - before
+            new = set(launch.cluster_info(c)["workers"]) - before
             seen = c.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"), workers=list(new))
             assert sorted(seen.values()) == ["5,7", "7,5"]
         finally:
@@ -357,14 +357,14 @@ NOTEBOOK = {
     "cells": [
         {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": [
             "import dask.array as da\n", "import hpcdask\n",
-            "from distributed import get_client\n",
+            "from distributed import get_client\n", "from hpcdask.launch import cluster_info\n",
             "client = hpcdask.client()\n",
             "print('same client:', get_client() is client)\n",
             "print('scheduler:', client.scheduler.address)\n"]},
         {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": [
             "x = da.arange(1_000_000, chunks=100_000)\n",
             "print('sum:', int(x.sum().compute()))\n",
-            "print('workers:', sorted(client.scheduler_info()['workers']))\n"]},
+            "print('workers:', sorted(cluster_info(client)['workers']))\n"]},
     ],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
     "nbformat": 4, "nbformat_minor": 5,

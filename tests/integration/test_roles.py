@@ -90,7 +90,7 @@ def test_cluster_client_runs_work(cluster):
     with launch.connect(cluster["path"]) as c:
         assert c.submit(sum, [1, 2, 3]).result() == 6
         assert c.scheduler.address.startswith("tls://127.0.0.1:")
-        assert len(c.scheduler_info()["workers"]) == 2
+        assert len(launch.cluster_info(c)["workers"]) == 2
 
 
 def test_roles_comms_send_large_frames_unsplit(cluster):
@@ -189,7 +189,7 @@ def test_worker_from_a_different_environment_is_refused(cluster, other_toolz, tm
     assert "toolz" in proc.stderr and "1.0.0" in proc.stderr
     assert "hpcdask: refused:" in proc.stderr and "Traceback" not in proc.stderr
     with launch.connect(cluster["path"]) as c:
-        assert len(c.scheduler_info()["workers"]) == 2  # it never joined
+        assert len(launch.cluster_info(c)["workers"]) == 2  # it never joined
 
 
 def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, other_toolz, tmp_path):
@@ -211,7 +211,7 @@ def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, othe
     sched_log = (cluster["logs"] / "scheduler.log").read_text()
     assert "refused worker" in sched_log and "toolz" in sched_log
     with launch.connect(cluster["path"]) as c:
-        assert len(c.scheduler_info()["workers"]) == 2
+        assert len(launch.cluster_info(c)["workers"]) == 2
 
 
 def _free_port() -> int:
@@ -268,7 +268,7 @@ def test_mismatched_worker_runs_no_task(cluster, foreign, request, tmp_path):
         finally:
             stop(proc, signal.SIGKILL)
         assert done_at_refusal < n, "the foreign worker joined after the map ended: no test"
-        assert len(c.scheduler_info()["workers"]) == 2
+        assert len(launch.cluster_info(c)["workers"]) == 2
     ran = {p.name.split("-")[0] for p in marks.iterdir()}
     assert len(list(marks.iterdir())) >= n
     assert str(proc.pid) not in ran, f"the foreign worker ran tasks: {sorted(ran)}"
@@ -418,7 +418,7 @@ def test_dashboard_off_means_no_http_listener(tmp_path):
     try:
         wait_workers(path, 1)
         with launch.connect(path) as c:
-            info = c.scheduler_info()
+            info = launch.cluster_info(c)
             ((addr, ws),) = info["workers"].items()
             comms = {_port(info["address"]), _port(addr), _port(ws["nanny"])}
         assert _listening(sched, worker) == comms

@@ -39,6 +39,7 @@ import json, os, subprocess, sys, time
 import dask.array as da
 from distributed import Client
 from hpcdask.cluster import slurm_cluster
+from hpcdask.launch import cluster_info
 
 prefix, jobs, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 hold = sys.argv[4:6]  # COMMS_FILE RELEASE_FILE: publish the comm addresses, wait for RELEASE
@@ -60,14 +61,14 @@ with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
     ready = time.time() - t0
     if hold:
         from pathlib import Path
-        info = client.scheduler_info(n_workers=-1)
+        info = cluster_info(client)
         comms = [info["address"], *info["workers"],
                  *(w["nanny"] for w in info["workers"].values() if w.get("nanny"))]
         Path(hold[0]).write_text(json.dumps(comms))
         while not Path(hold[1]).exists():
             time.sleep(0.2)
     total = int(da.arange(1_000_000, chunks=100_000).sum().compute())
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = cluster_info(client)["workers"]
     guard = client.run_on_scheduler(
         lambda dask_scheduler: dict(dask_scheduler.plugins["hpcdask-identity-guard"].refused))
     print("RESULT " + json.dumps({
@@ -118,16 +119,32 @@ def cancel_leftovers(slurm_cluster, workdir: Path) -> list[str]:
     return left
 
 
-def scale_command(slurm_cluster, image: Path, udir: Path, *hold: str) -> tuple[list[str], dict]:
+def scale_command(slurm_cluster, image: Path, udir: Path, *hold: str,
+                  script: str = SCRIPT) -> tuple[list[str], dict]:
     """The login node's command that runs SCRIPT in the image, and its environment."""
     shared = slurm_cluster.mkdtemp("clusters-")
     binds, prefix = host_slurm_in_image(slurm_cluster, udir / "mnt")
     slurm_cluster.give(udir / "mnt")
-    (udir / "scale.py").write_text(SCRIPT)
+    (udir / "scale.py").write_text(script)
     env = {"HPCDASK_IMAGE": str(image), "HPCDASK_SHARED_DIR": str(shared)}
     cmd = ["apptainer", "exec", *(a for b in binds for a in ("--bind", b)), str(image),
            "python", "scale.py", prefix, str(JOBS), str(TIMEOUT), *hold]
     return cmd, env
+
+
+def wait_all_ended(slurm_cluster, udir: Path, jobs: list[str], states=("CANCELLED",)) -> dict:
+    """Each of JOBS ended in one of STATES and none is queued, running or completing (60 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        got = {j: slurm_cluster.job(j, workdir=udir).state for j in jobs}
+        queued = slurm_cluster.run(["squeue", "-h", "-j", ",".join(jobs), "-t", "PD,R,CG"],
+                                   check=False).stdout.strip()
+        done = all(s in states for s in got.values()) and not queued
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert done, (got, queued)
+    return got
 
 
 def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
@@ -175,16 +192,7 @@ def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
 
     # cluster.close() cancelled the jobs: none left queued or running, all CANCELLED.
     assert leftovers == [], f"jobs still pending/running after close(): {leftovers}\n{text}"
-    deadline = time.monotonic() + 60
-    while True:
-        states = {j: slurm_cluster.job(j, workdir=udir).state for j in res["jobs"]}
-        queued = slurm_cluster.run(["squeue", "-h", "-j", ",".join(res["jobs"]),
-                                    "-t", "PD,R,CG"], check=False).stdout.strip()
-        done = all(s == "CANCELLED" for s in states.values()) and not queued
-        if done or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert done, (states, queued)
+    wait_all_ended(slurm_cluster, udir, res["jobs"])
     # The per-cluster credentials folder is the cluster's: nothing of the jobs is left anywhere.
     assert slurm_cluster.user_files_in_node_tmp() == []
     left = {k: v for k, v in slurm_cluster.leftovers().items()
@@ -192,3 +200,95 @@ def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
     assert left == {}, left
     measure(f"slurm_cluster scale(jobs={JOBS})", scale_to_workers_s=res["ready_s"],
             close=re.search(r"^CLOSED after ([\d.]+)s", proc.stdout, re.MULTILINE).group(1))
+
+
+ADAPT_SCRIPT = r"""
+import json, subprocess, sys, time
+from distributed import Client
+from hpcdask.cluster import slurm_cluster
+from hpcdask.launch import cluster_info
+
+prefix, maximum, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+subprocess.run([prefix, "sinfo", "-h"], check=True, timeout=60)
+
+
+def slow(x):
+    time.sleep(0.5)
+    return 2 * x
+
+
+def sample(cluster, client, jobs, peak):
+    jobs.update(j.job_id for j in list(cluster.workers.values()) if getattr(j, "job_id", None))
+    n = len(cluster_info(client)["workers"])
+    return max(peak, n), n
+
+
+with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
+                   scheduler_interface="eth0", submit_prefix=prefix,
+                   dashboard="off") as cluster, Client(cluster) as client:
+    print("JOBSCRIPT-BEGIN\n" + cluster.job_script() + "\nJOBSCRIPT-END", flush=True)
+    cluster.adapt(minimum=0, maximum=maximum)
+    jobs, peak, t0 = set(), 0, time.time()
+    time.sleep(3)  # minimum=0: nothing to do, nothing submitted
+    idle_jobs = len(cluster.workers)
+    futures = client.map(slow, range(240))
+    while not all(f.done() for f in futures):
+        peak, _ = sample(cluster, client, jobs, peak)
+        if time.time() - t0 > timeout:
+            sys.exit(f"the queued work did not finish within {timeout}s")
+        time.sleep(0.2)
+    total = sum(client.gather(futures))
+    busy_s = time.time() - t0
+    # Released: adapt() never retires the last worker holding data a client still holds.
+    del futures
+    t1 = time.time()
+    while True:  # back down to minimum=0: every worker retired, its job gone
+        peak, n = sample(cluster, client, jobs, peak)
+        if n == 0 and not cluster.workers:
+            break
+        if time.time() - t1 > timeout:
+            sys.exit(f"still {n} worker(s), {len(cluster.workers)} job(s) {timeout}s after the work")
+        time.sleep(0.5)
+    print("RESULT " + json.dumps({"sum": total, "peak": peak, "jobs": sorted(jobs),
+                                  "idle_jobs": idle_jobs, "busy_s": round(busy_s, 1),
+                                  "down_s": round(time.time() - t1, 1)}), flush=True)
+"""
+
+
+def test_slurm_cluster_adapts_up_under_queued_work_and_back_to_zero(slurm_cluster, sif, udir):
+    """slurm_cluster(...).adapt(minimum=0, maximum=3) from the login node (the Cedar tutorial's
+    SLURMCluster + scaling, adaptive): no job while idle, worker jobs in the image submitted
+    under a queued workload (never more than 3 at once), the right result, then back to zero
+    workers and every job ended, nothing left on the nodes."""
+    cmd, env = scale_command(slurm_cluster, sif, udir, script=ADAPT_SCRIPT)
+    try:
+        proc = slurm_cluster.run(cmd, env=env, cwd=udir, timeout=2 * TIMEOUT + 180, check=False)
+    finally:
+        leftovers = cancel_leftovers(slurm_cluster, udir)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted(udir.glob("slurm-*.out")))
+    text = (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+            f"--- stderr\n{proc.stderr[-6000:]}\n{logs}")
+    assert proc.returncode == 0, text
+    res = json.loads(re.search(r"^RESULT (.*)$", proc.stdout, re.MULTILINE).group(1))
+    assert res["sum"] == 2 * sum(range(240)), res
+    assert res["idle_jobs"] == 0, res  # minimum=0 and nothing queued: nothing submitted
+    # Scaled up beyond one worker under the queue, never beyond maximum=3.
+    assert 2 <= res["peak"] <= JOBS, res
+    assert len(res["jobs"]) >= res["peak"], res
+    jobscript = re.search(r"JOBSCRIPT-BEGIN\n(.*)\nJOBSCRIPT-END", proc.stdout, re.DOTALL).group(1)
+    assert re.search(rf"apptainer exec .* {re.escape(str(sif))} python -m "
+                     rf"distributed\.cli\.dask_worker tls://", jobscript), jobscript
+    # Scaled down to zero by retiring the workers and cancelling their jobs: none left.
+    assert leftovers == [], f"jobs still pending/running after scaling down: {leftovers}\n{text}"
+    wait_all_ended(slurm_cluster, udir, res["jobs"], states=("CANCELLED", "COMPLETED"))
+    for job_id in res["jobs"]:
+        assert slurm_cluster.job(job_id, workdir=udir).info.get("JobName") == "dask-worker"
+    assert slurm_cluster.user_files_in_node_tmp() == []
+    left = {k: v for k, v in slurm_cluster.leftovers().items()
+            if any(f"-job-{j}." in k for j in res["jobs"])}
+    assert left == {}, left
+    for p in udir.glob("slurm-*.out"):
+        assert "Traceback" not in p.read_text(errors="replace"), (p.name, text)
+    measure("slurm_cluster adapt(0, 3)", peak=res["peak"], jobs=len(res["jobs"]),
+            busy_s=res["busy_s"], down_s=res["down_s"])

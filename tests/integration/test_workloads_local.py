@@ -215,12 +215,12 @@ def test_worker_watch_sees_a_killed_worker():
         quiet = _data.WorkerWatch(c).start().stop()
         assert quiet["killed_or_restarted"] is False and quiet["memory_kills"] == 0
         watch = _data.WorkerWatch(c).start()
-        victim = min(c.scheduler_info(n_workers=-1)["workers"])
+        victim = min(launch.cluster_info(c)["workers"])
         # exit a moment after answering, so that the run call itself returns
         c.run(lambda: threading.Timer(0.2, os._exit, (1,)).start(), workers=[victim])
         deadline = time.monotonic() + 60  # the nanny restarts it: wait for a new address
         while time.monotonic() < deadline:
-            workers = set(c.scheduler_info(n_workers=-1)["workers"])
+            workers = set(launch.cluster_info(c)["workers"])
             if victim not in workers and len(workers) == 2:
                 break
             time.sleep(0.5)

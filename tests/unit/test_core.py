@@ -73,6 +73,18 @@ def test_allocation_from_pbs():
     assert (a.cpus, a.memory, a.source) == (6, 3 * GiB, "pbs")
 
 
+def test_pbs_workers_leave_the_same_headroom_as_slurms():
+    """The PBS jobscripts export this node's share of PBS_VMEM (the job's total); the workers'
+    limits then leave the nannies' and the batch node's headroom, as under Slurm."""
+    mib = 2**20
+    env = {"PBS_JOBID": "9.gadi", "NCPUS": "2", "PBS_VMEM": str(8000 * mib),
+           "HPCDASK_NODE_MEMORY": str(2000 * mib)}
+    a = memory.allocation(env)
+    assert (a.memory, a.source) == (2000 * mib, "pbs")
+    assert memory.worker_sizing(1, None, "auto", a, nanny=160 * mib,
+                                batch_reserve=768 * mib) == (2, 1840 * mib)
+
+
 def test_worker_sizing_splits_the_allocation():
     alloc = memory.Allocation(cpus=8, memory=16 * GiB, source="slurm")
     assert memory.worker_sizing(2, None, "auto", alloc) == (4, 8 * GiB)
@@ -302,3 +314,86 @@ def test_the_sif_id_is_compared_between_roles_that_both_know_it():
     assert versions.summary(rows) == "sif 11 != 22 (worker)"
     rows = versions.differences(sched, {"client": ident("lock:abd")})
     assert rows == [("image", "lock:abc", {"client": "lock:abd"})]
+
+
+def test_cluster_info_always_lists_every_worker_despite_the_clients_own_refresh():
+    """distributed's Client.scheduler_info(n_workers=-1) returns an attribute its periodic
+    refresh (without workers) can overwrite in between: under load it reported "0 workers"
+    (seen in CI's compose test; here, with a 1 ms refresh, ~10 % of 2000 calls). hpcdask
+    reads the workers through launch.cluster_info, which fetches them every time."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from hpcdask.launch import cluster_info
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                         dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        counts = [len(cluster_info(client)["workers"]) for _ in range(2000)]
+    assert counts == [2] * 2000
+
+
+def test_a_closed_connection_logged_at_info_keeps_its_line_but_no_traceback(caplog):
+    """distributed logs "Batched Comm Closed" / "Lost connection to" at INFO with a traceback;
+    at a time limit some role always sees a peer go first. hpcdask roles keep the line only;
+    anything at WARNING or above keeps its traceback."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    shutdown.calm_closed_connections()  # once, however often it is called
+    batched = logging.getLogger("distributed.batched")
+    assert sum(isinstance(f, shutdown.NoClosedConnectionTraceback) for f in batched.filters) == 1
+
+    def log(logger, level, exc):
+        try:
+            raise exc
+        except Exception:
+            logging.getLogger(logger).log(level, "Batched Comm Closed %r", "<TLS ...>",
+                                          exc_info=True)
+
+    with caplog.at_level(logging.DEBUG):
+        log("distributed.batched", logging.INFO, CommClosedError("in <TLS (closed)>"))
+        log("distributed.core", logging.INFO, ConnectionResetError("reset"))
+        log("distributed.batched", logging.ERROR, CommClosedError("real trouble"))
+        log("distributed.batched", logging.INFO, ValueError("not a closed connection"))
+    text = caplog.text
+    assert text.count("Batched Comm Closed") == 4
+    assert "in <TLS (closed)>" not in text and "reset" not in text
+    assert "real trouble" in text and "not a closed connection" in text
+
+
+def test_a_tls_handshake_failing_on_a_stopping_listener_is_one_info_line(caplog):
+    """distributed's comm/tcp.py, when a TLS handshake fails (the peer gave up) while its
+    listener stops, reads the stopped listener's address inside its warning and tornado logs
+    the resulting ValueError as an ERROR with two tracebacks (seen when adapt() retired a
+    worker). hpcdask's roles turn exactly that into one INFO line; other ERRORs stay."""
+    import logging
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    tornado = logging.getLogger("tornado.application")
+
+    def log(context, exc):
+        try:
+            try:
+                raise context
+            except OSError:
+                raise exc  # its __context__ is the handshake's OSError
+        except Exception:
+            tornado.error("Exception in callback %r", "partial(...)", exc_info=True)
+
+    with caplog.at_level(logging.DEBUG):
+        log(ConnectionResetError(104, "Connection reset by peer"),
+            ValueError("invalid operation on non-started TCPListener"))
+        log(ConnectionResetError(104, "reset"), ValueError("some other failure"))
+    first, second = caplog.records
+    assert (first.levelname, first.exc_info) == ("INFO", None)
+    assert first.getMessage() == ("a TLS handshake failed ([Errno 104] Connection reset by peer) "
+                                  "while this listener was stopping")
+    assert second.levelname == "ERROR" and "some other failure" in caplog.text

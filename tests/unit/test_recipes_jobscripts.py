@@ -188,7 +188,8 @@ def test_pbs_array_subjobs_each_have_their_own_env_file(tmp_path):
     files = sorted(p.name for p in (tmp_path / "c").glob("worker-env-*"))
     assert files == ["worker-env-77[1].pbs.sh", "worker-env-77[2].pbs.sh"]
     text = (tmp_path / "c" / "worker-env-77[2].pbs.sh").read_text()
-    assert "export HPCDASK_NTHREADS=2" in text and "export HPCDASK_MEMORY_LIMIT=1000000000" in text
+    assert "export HPCDASK_NTHREADS=2" in text and "export HPCDASK_NODE_MEMORY=1000000000" in text
+    assert "HPCDASK_MEMORY_LIMIT" not in text  # hpcdask.memory sizes it, with the headroom
     assert "--lifetime auto --job-end " in text.splitlines()[-1]
     calls = (tmp_path / "log").read_text()
     assert "qstat -f 77[2].pbs" in calls

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpcdask.launch import cluster_info
+
 #: block index offset of the held-out test blocks: never overlaps the training blocks
 TEST_BLOCKS = 1 << 30
 
@@ -71,7 +73,7 @@ def scatter_array(client, a: np.ndarray, chunk: int):
 
 def min_memory_limit(client) -> int:
     """The smallest worker memory_limit in bytes (0: a worker has no limit)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = cluster_info(client)["workers"].values()
     limits = [w.get("memory_limit") or 0 for w in workers]
     return min(limits) if limits else 0
 
@@ -86,7 +88,7 @@ class WorkerWatch:
         self.client = client
 
     def _addresses(self) -> set[str]:
-        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+        return set(cluster_info(self.client)["workers"])
 
     def _events(self, topic: str) -> list:
         return list(self.client.get_events(topic))

@@ -13,6 +13,8 @@ the scaler's mean/variance (tree reduction vs running update), so accuracy agree
 
 from __future__ import annotations
 
+from hpcdask.launch import cluster_info
+
 DESCRIPTION = ("out-of-core scale + Incremental(SGDClassifier) on data larger than a worker's "
                "memory limit, no worker killed; same model as scikit-learn streaming the blocks")
 
@@ -69,7 +71,7 @@ def run(ctx) -> dict:
     def sample():  # peak worker memory (process RSS as the scheduler sees it) and spilling
         while not done.wait(1.0):
             try:
-                for w in client.scheduler_info(n_workers=-1)["workers"].values():
+                for w in cluster_info(client)["workers"].values():
                     m = w.get("metrics", {})
                     peak["memory"] = max(peak["memory"], m.get("memory") or 0)
                     spilled = (m.get("spilled_bytes") or {}).get("disk") or 0

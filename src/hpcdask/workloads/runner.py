@@ -17,6 +17,7 @@ from distributed import Client, performance_report
 
 from hpcdask import compat
 from hpcdask.errors import BadInput
+from hpcdask.launch import cluster_info
 
 logger = logging.getLogger("hpcdask")
 
@@ -35,7 +36,7 @@ class Context:
 
     @property
     def nworkers(self) -> int:
-        return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+        return max(1, len(cluster_info(self.client)["workers"]))
 
     def step(self, name: str) -> _Step:
         """``with ctx.step("fit"):`` logs progress and records the step's duration."""
@@ -89,7 +90,7 @@ def check_output(output: Path) -> None:
 
 
 def cluster_shape(client: Client) -> dict[str, Any]:
-    info = client.scheduler_info(n_workers=-1)
+    info = cluster_info(client)
     workers = info["workers"].values()
     return {
         "scheduler": info["address"],

@@ -97,4 +97,4 @@ def test_dask_mpi_with_too_few_ranks_is_one_line_and_exit_2(slurm_cluster, job_e
         "hpcdask-job: error: dask-mpi's layout needs at least 3 MPI ranks (scheduler, client, one "
         "worker), this job has 2; submit with more, e.g. sbatch -N 2 -n 4 dask-mpi.sbatch "
         "mpi_check.py"], str(res)
-    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]), logs=False)
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))

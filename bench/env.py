@@ -1,4 +1,5 @@
-"""The bench's setup: the test image, the bare venv of the image's Python, the Slurm test cluster.
+"""The bench's setup: the test image (dask.sif), the bare venv of the image's Python, the Slurm
+test cluster.
 
 Each is found (or made) on first use and pinned for the run; what cannot be had raises Skip.
 """
@@ -6,16 +7,15 @@ Each is found (or made) on first use and pinned for the run; what cannot be had 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import rig
 from common import REPO, RUNNER, Skip, env_clean, log
 
-CLUSTER_SH = REPO / "tests" / "cluster" / "cluster.sh"
 IMAGE_PY = REPO / "tests" / "cluster" / "image.py"
 # Images the bench runs from, hard links of tests/cluster/image.py's cache (outside the repo).
 BENCH_CACHE = Path(os.environ.get("HPCDASK_BENCH_CACHE", "/var/cache/hpcdask-bench"))
@@ -27,9 +27,10 @@ class Setup:
     def __init__(self, args, tmp: Path):
         self.args, self.tmp = args, tmp
         self._image: str | Exception | None = None
+        self._sandbox: str | None = None
         self.image_info: dict = {}
         self.cluster_state: str | None = None  # None: not tried; "up"/"started"/error text
-        self._cluster_env: dict | None = None
+        self._rig = None
         self.bare_info: dict = {}
 
     def bare(self) -> dict:
@@ -42,7 +43,8 @@ class Setup:
         """
         if self.bare_info.get("prefix"):
             return self.bare_info
-        image = Path(self.image())
+        self.image()
+        image = Path(self._sandbox)
         exe = image / "usr" / "bin" / "python3.11"
         site = image / "opt" / "hpcdask" / "venv" / "lib" / "python3.11" / "site-packages"
         if not (exe.exists() and (site / "hpcdask").is_dir()):
@@ -53,7 +55,7 @@ class Setup:
         env.pop("VIRTUAL_ENV", None)
         bare_v = subprocess.run([str(exe), "-c", _VERSION], capture_output=True, text=True,
                                 env=env, timeout=60).stdout.strip()
-        image_v = subprocess.run([str(RUNNER), "exec", str(image), "python", "-c", _VERSION],
+        image_v = subprocess.run([str(RUNNER), "exec", self.image(), "python", "-c", _VERSION],
                                  capture_output=True, text=True, timeout=120,
                                  env=env_clean()).stdout.strip()
         if not bare_v or bare_v != image_v:
@@ -65,20 +67,23 @@ class Setup:
         return self.bare_info
 
     def image(self) -> str:
-        """The test image sandbox, pinned for this run; raises Skip.
+        """The test image as a SIF file (HPCDASK_IMAGE=.../dask-<key>.sif, as the rig and the
+        jobscript tests use it), pinned for this run; raises Skip.
 
-        The image of the current sources if tests/cluster/image.py has it cached (else it is
+        The sandbox of the current sources if tests/cluster/image.py has it cached (else it is
         built, up to --image-timeout; with --quick the newest cached image is used instead and
-        recorded as stale). The chosen image is hard-linked into BENCH_CACHE first, so another
-        build pruning the shared cache cannot remove it mid-run.
+        recorded as stale), assembled into a SIF by tests/cluster/sif.py. The sandbox is only that
+        build step (and the bare side's files: ``bare``). Both are hard-linked into BENCH_CACHE
+        first, so another build pruning the shared cache cannot remove them mid-run.
         """
         if isinstance(self._image, Exception):
             raise self._image
         if self._image:
             return self._image
         try:
-            self._image = self._find_image()
-            self.image_info["path"] = self._image
+            self._sandbox = self._find_image()
+            self._image = self._find_sif(Path(self._sandbox))
+            self.image_info.update(path=self._image, sandbox=self._sandbox)
             return self._image
         except subprocess.TimeoutExpired:
             self._image = Skip(f"image build took longer than {self.args.image_timeout}s")
@@ -95,7 +100,7 @@ class Setup:
             self.image_info = {"source": "--image"}
             path = Path(self.args.image)
             if not (path / "opt" / "hpcdask").is_dir():
-                raise Skip(f"{path} is not an hpcdask image sandbox")
+                raise Skip(f"{path} is not an hpcdask image sandbox (the SIF is assembled from it)")
             return str(path)
         if not shutil.which("bwrap"):
             raise Skip("bubblewrap (bwrap) is not installed: no image runner "
@@ -150,10 +155,41 @@ class Setup:
         self.image_info = info
         return str(mine)
 
-    def cluster_env(self) -> dict[str, str]:
-        """The Slurm test cluster's client environment, bringing the cluster up if needed."""
-        if self._cluster_env is not None:
-            return self._cluster_env
+    def _find_sif(self, sandbox: Path) -> str:
+        """The SIF of ``sandbox``: tests/cluster/sif.py's cached dask-<key>.sif, else assembled
+        here (mksquashfs + siftool, as sif.py does), hard-linked into BENCH_CACHE."""
+        sys.path.insert(0, str(IMAGE_PY.parent))
+        import sif as sifpy
+
+        key = sandbox.name.removeprefix("image-")
+        mine = BENCH_CACHE / f"dask-{key}.sif"
+        if mine.is_file():
+            return str(mine)
+        t0 = time.perf_counter()
+        shared = sifpy.DEFAULT_CACHE / f"dask-{key}.sif"
+        if not shared.is_file():
+            log(f"image: assembling {shared.name} from {sandbox} (tests/cluster/sif.py)")
+            try:
+                sifpy.require_tools()
+                deffile = (sandbox / ".singularity.d" / "Singularity").read_bytes()
+                objs = {"inspect-metadata.json": sifpy.go_json(sifpy.inspect_metadata(sandbox)),
+                        "oci-config.json": sifpy.go_json(sifpy.BOOKWORM_SLIM_CONFIG)}
+                sifpy.assemble(sandbox, deffile, shared, objs)
+            except (sifpy.BuildError, subprocess.CalledProcessError, OSError) as e:
+                raise Skip(f"SIF assembly failed: {e}") from None
+        BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+        for old in BENCH_CACHE.glob("dask-*.sif"):
+            old.unlink(missing_ok=True)
+        sifpy.place(shared, mine)
+        self.image_info.update(sif_source=str(shared), sif_mib=round(mine.stat().st_size / 2**20),
+                               sif_s=round(time.perf_counter() - t0, 1))
+        return str(mine)
+
+    def rig(self):
+        """The strict Slurm test cluster (rig.py: the tests' SlurmCluster handle), brought up
+        with this run's SIF as the users' HPCDASK_IMAGE if it is down; raises Skip."""
+        if self._rig is not None:
+            return self._rig
         if self.cluster_state not in (None, "up", "started"):
             raise Skip(self.cluster_state)
         try:
@@ -161,37 +197,24 @@ class Setup:
                 raise Skip("needs root (network namespaces, slurmd)")
             if not shutil.which("slurmctld"):
                 raise Skip("Slurm is not installed (make cluster-deps)")
-            was_up = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True,
-                                    timeout=60).returncode == 0
-            if not was_up:
-                log("cluster: tests/cluster/cluster.sh up")
-                self.cluster_state = "starting"
-                proc = subprocess.run(["bash", str(CLUSTER_SH), "up"], capture_output=True,
-                                      text=True, timeout=300, stdin=subprocess.DEVNULL)
-                if proc.returncode != 0:
-                    raise Skip(f"cluster.sh up failed: "
-                               f"{' / '.join(proc.stderr.strip().splitlines()[-3:])}")
-            self.cluster_state = "up" if was_up else "started"
-            out = subprocess.run(["bash", str(CLUSTER_SH), "env"], capture_output=True, text=True,
-                                 timeout=60, check=True).stdout
-            env = env_clean()
-            for line in out.splitlines():
-                if line.startswith("export "):
-                    k, _, v = line[len("export "):].partition("=")
-                    env[k] = shlex.split(v)[0] if v else ""
-            self._cluster_env = env
-            return env
+            image = self.image()
+            self.cluster_state = "starting"
+            log(f"cluster: instance {os.environ.get('HPCDASK_CLUSTER_INSTANCE', '0')}, "
+                f"tests/cluster/cluster.sh up unless it is up")
+            self._rig, started = rig.connect(image)
+            self.cluster_state = "started" if started else "up"
+            return self._rig
         except Skip as e:
-            if self.cluster_state != "starting":
-                self.cluster_state = str(e)
+            self.cluster_state = str(e)
             raise
-        except (subprocess.SubprocessError, OSError) as e:
-            self.cluster_state = f"cluster setup failed: {e}"
+        except Exception as e:
+            self.cluster_state = f"cluster setup failed: {type(e).__name__}: {str(e)[-400:]}"
             raise Skip(self.cluster_state) from None
 
     def teardown(self) -> None:
+        if self._rig is not None:  # the run's folders in hpcuser's home
+            shutil.rmtree(self._rig.workdir, ignore_errors=True)
         if self.cluster_state in ("started", "starting"):
             log("cluster: tests/cluster/cluster.sh down (this run started it)")
-            subprocess.run(["bash", str(CLUSTER_SH), "down"], capture_output=True, timeout=300,
-                           stdin=subprocess.DEVNULL)
+            rig.down()
             self.cluster_state = "stopped again"

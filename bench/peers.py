@@ -1,111 +1,196 @@
-"""Section `peers` (Slurm test cluster): hpcdask's all-in-one job, time from its start to 3 workers.
+"""Section `peers` (strict Slurm test cluster): hpcdask's all-in-one job against what a user would
+write instead, side by side, interleaved, in the same image (the .sif), as hpcuser.
 
-Today: the all-in-one jobscript (`sbatch -N3 jobscripts/slurm/dask-cluster.sbatch`) with every
-role in the image, against the same jobscript with `HPCDASK_APPTAINER=bench/bare-exec` (the
-roles from the bench's venv). The peers a user would pick instead (the seeds' hand-written
-recipe, dask-jobqueue's SLURMRunner and SLURMCluster.scale) come with the strict test-cluster
-rig; until then goals.py reports their rows as not measured.
+The four peers and their scripts: peer_scripts.py. For each repetition of each peer:
+
+  ready_s      submission (sbatch; for SLURMCluster, ``scale``) to the user's code holding a
+               client that sees N workers (hpcdask's TLS and identity check included)
+  tasks_per_s  tiny tasks (inc) through that client, the median of 3 rounds
+  teardown_s   the user's code done to every job of the run in a final state (Slurm's Epilog
+               included), as polled every 0.2 s
+  left         jobs still queued/running, files in any node's /tmp or /var/tmp, the Epilog's
+               records of the run's $TMPDIR, hpcuser processes in the cluster's namespaces,
+               new files in the job's working folder
+
+The goals (goals.py) compare hpcdask with the fastest peer, paired repetition by repetition.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
+import peer_scripts as ps
+import rig
 import stats
-from common import HERE, REPO, VENV, Skip, log, ok, pair, private_dir
+from common import REPO, Skip, log, pair
 
-ALL_IN_ONE = REPO / "jobscripts" / "slurm" / "dask-cluster.sbatch"
-BARE_EXEC = HERE / "bare-exec"
+ALL_IN_ONE = "jobscripts/slurm/dask-cluster.sbatch"
+NODES = 3
+POLL = 0.2
+# The run's own files in its working folder: the scripts, Slurm's logs, hpcdask's provenance
+# record (hpcdask-output/, the product's documented output), the Slurm binds (slurmcluster).
+OUTPUTS = re.compile(r"^(slurm-\d+\.(out|err)|.*\.(py|sh)|mnt|hpcdask-output)$")
+# The bubblewrap runner's own squashfuse mount (test infrastructure, tests/cluster/bin/apptainer)
+# can outlive a role that Slurm or the recipe killed; it is recorded apart.
+RUNNER_MOUNT = re.compile(r"^\d+ squashfuse ")
 
 
-def slurm_job(env, job_id: str, timeout: float) -> dict:
+def _write(cluster, wd: Path, name: str, text: str, mode: int = 0o644) -> Path:
+    p = wd / name
+    p.write_text(text)
+    p.chmod(mode)
+    cluster.give(p)
+    return p
+
+
+def _wait_final(cluster, job_ids, timeout: float) -> float:
+    """Poll until every job is in a final state; the time.time() it was seen so."""
     deadline = time.monotonic() + timeout
-    while True:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                             text=True, env=env).stdout
-        rec = dict(re.findall(r"(\w+)=(\S*)", out))
-        if rec.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                   "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
-            return rec
+    pending = set(job_ids)
+    while pending:
+        out = cluster.run(["scontrol", "-o", "show", "job", ",".join(sorted(pending))],
+                          check=False, user=None).stdout
+        for rec in out.splitlines():
+            m = re.search(r"JobId=(\d+) .*JobState=(\S+)", rec)
+            if m and m.group(2) in rig._import_fixtures().FINAL_STATES:
+                pending.discard(m.group(1))
+        if not out.strip():  # forgotten by the controller: long done
+            pending.clear()
+        if not pending:
+            return time.time()
         if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id], env=env, capture_output=True)
-            raise RuntimeError(f"job {job_id} not done after {timeout}s ({rec.get('JobState')})")
-        time.sleep(0.3)
+            cluster.run(["scancel", *pending], check=False, user=None)
+            raise RuntimeError(f"jobs {sorted(pending)} not done after {timeout}s (cancelled)")
+        time.sleep(POLL)
+    return time.time()
 
 
-def _slurm_time(s: str) -> float | None:
-    try:
-        return time.mktime(time.strptime(s, "%Y-%m-%dT%H:%M:%S"))
-    except (ValueError, TypeError):
-        return None
-
-
-def cluster_job(mode: str, env: dict, image: str | None, tmp: Path, nodes: int) -> dict:
-    wd = private_dir(tmp, f"job-{mode}-")
-    shared = private_dir(wd, "clusters-")
-    script = wd / "ready.py"
-    script.write_text("from distributed import get_client\n"
-                      "print('client sees', len(get_client().scheduler_info(n_workers=-1)"
-                      "['workers']), 'workers')\n")
-    jenv = {**env, "HPCDASK_SHARED_DIR": str(shared), "HPCDASK_STOP_TIMEOUT": "20",
-            "HPCDASK_READY_TIMEOUT": "150s"}
-    if mode == "container":
-        jenv["HPCDASK_IMAGE"] = image
+def _batch(cluster, peer: str, wd: Path, image: str, shared: Path) -> tuple[dict, list[str], str]:
+    """One batch-job peer: (PEER record + t_submit + t_gone, job ids, log tail)."""
+    env = {"HPCDASK_IMAGE": image, "HPCDASK_SHARED_DIR": str(shared)}
+    if peer == "hpcdask":
+        script = _write(cluster, wd, "user.py", ps.HPCDASK_SCRIPT)
+        argv = [str(cluster.src / ALL_IN_ONE), str(script), str(NODES)]
+    elif peer == "seeds":
+        job = _write(cluster, wd, "seeds.sh", ps.SEEDS_JOB, 0o755)
+        argv = [str(job), str(_write(cluster, wd, "client.py", ps.SEEDS_CLIENT))]
     else:
-        jenv.update(HPCDASK_IMAGE=str(VENV), HPCDASK_APPTAINER=str(BARE_EXEC))
+        job = _write(cluster, wd, "runner.sh", ps.RUNNER_JOB, 0o755)
+        argv = [str(job), str(_write(cluster, wd, "runner.py", ps.RUNNER_SCRIPT))]
+    opts = [*ps.sbatch_args(peer, NODES), f"--output={wd}/slurm-%j.out",
+            f"--error={wd}/slurm-%j.err"]
     t_submit = time.time()
-    proc = subprocess.run(["sbatch", "--parsable", f"-N{nodes}", "--time=5",
-                           f"--output={wd}/slurm-%j.out", f"--error={wd}/slurm-%j.err",
-                           str(ALL_IN_ONE), str(script)], capture_output=True, text=True, env=jenv,
-                          cwd=wd, timeout=60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
-    job = proc.stdout.strip().split(";")[0]
-    rec = slurm_job(env, job, 240)
-    out = (wd / f"slurm-{job}.out").read_text(errors="replace")
-    err = (wd / f"slurm-{job}.err").read_text(errors="replace")
-    m_at = re.search(r"worker\(s\) ready after [\d.]+s \(at ([\d.]+)\)", out)
-    m_in = re.search(r"hpcdask-job: (\d+) worker\(s\) ready after ([\d.]+)s in the job", err)
-    m_s = re.search(r"scheduler up after ([\d.]+)s", err)
-    if not (m_at and m_in):
-        raise RuntimeError(f"job {job} {rec.get('JobState')} {rec.get('ExitCode')}: "
-                           f"{' / '.join(err.strip().splitlines()[-4:])}")
-    start, submit = _slurm_time(rec.get("StartTime")), _slurm_time(rec.get("SubmitTime"))
-    shutil.rmtree(wd, ignore_errors=True)
-    return {"job": job, "workers": int(m_in.group(1)),
-            "in_job_ready_s": float(m_in.group(2)),
-            "scheduler_in_job_s": float(m_s.group(1)) if m_s else None,
-            "submit_to_ready_s": float(m_at.group(1)) - t_submit,
-            "queue_wait_s": (start - submit) if start and submit else None,
-            "state": rec.get("JobState")}
+    out = cluster.run(["sbatch", "--parsable", *opts, *argv], env=env, cwd=wd).stdout
+    job_id = out.strip().split(";")[0]
+    t_gone = _wait_final(cluster, [job_id], 300)
+    res = cluster.job(job_id, workdir=wd)
+    return ({**(ps.peer_line(res.stdout) or {}), "t_submit": t_submit, "t_gone": t_gone,
+             "state": res.state}, [res.job_id], f"{res.stdout[-600:]} / {res.stderr[-900:]}")
+
+
+def _login(cluster, wd: Path, image: str) -> tuple[dict, list[str], str]:
+    """SLURMCluster(...).scale(N) from the login node, in the image (host Slurm bound in)."""
+    binds, prefix = rig.host_slurm_binds(cluster, wd / "mnt")
+    cluster.give(wd / "mnt")
+    script = _write(cluster, wd, "scale.py", ps.CLUSTER_SCRIPT)
+    cmd = ["apptainer", "exec", *(a for b in binds for a in ("--bind", b)), image, "python",
+           str(script), prefix, str(NODES), image]
+    proc = cluster.run(cmd, env={"HPCDASK_IMAGE": image}, cwd=wd, timeout=400, check=False)
+    rec = ps.peer_line(proc.stdout) or {}
+    jobs = [str(j) for j in rec.get("jobs", [])]
+    t_gone = _wait_final(cluster, jobs, 120) if jobs else time.time()
+    return ({**rec, "t_submit": rec.get("t_scale"), "t_gone": t_gone,
+             "state": f"exit {proc.returncode}"}, jobs,
+            f"{proc.stdout[-600:]} / {proc.stderr[-900:]}")
+
+
+def one_run(cluster, peer: str, image: str) -> dict:
+    wd = cluster.mkdtemp(f"peer-{peer}-")
+    shared = cluster.mkdtemp("clusters-")
+    tmp_before = set(cluster.user_files_in_node_tmp())
+    procs_before = set(rig.user_processes(cluster))
+    if peer == "slurmcluster":
+        rec, jobs, tail = _login(cluster, wd, image)
+    else:
+        rec, jobs, tail = _batch(cluster, peer, wd, image, shared)
+    if "t_ready" not in rec:
+        raise RuntimeError(f"{peer}: no PEER line ({rec.get('state')}): {tail}")
+    time.sleep(1.0)  # what lingers a moment after the jobs end is not "left"
+    left = {"jobs": [j for j in rig.user_jobs(cluster) if j.split()[0] in jobs],
+            "node_tmp": top_level(set(cluster.user_files_in_node_tmp()) - tmp_before),
+            "epilog_tmpdir": rig.epilog_records(cluster, jobs),
+            "processes": [q for q in set(rig.user_processes(cluster)) - procs_before
+                          if not RUNNER_MOUNT.match(q)],
+            "workdir": sorted(str(p.relative_to(wd)) for p in wd.iterdir()
+                              if not OUTPUTS.match(p.name)),
+            "shared_dir": sorted(p.name for p in shared.iterdir())}
+    for p in left["node_tmp"]:  # so the next run starts from clean nodes
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else Path(p).unlink(missing_ok=True)
+    runner_mounts = [q for q in set(rig.user_processes(cluster)) - procs_before
+                     if RUNNER_MOUNT.match(q)]
+    return {"ready_s": rec["t_ready"] - rec["t_submit"], "tasks_per_s": rec["tasks_per_s"],
+            "teardown_s": rec["t_gone"] - rec["t_done"], "workers": rec["workers"],
+            "hosts": rec["hosts"], "scheduler": rec["scheduler"], "jobs": jobs,
+            "create_s": (rec["t_scale"] - rec["t_create"]) if "t_create" in rec else None,
+            "left": left, "n_left": sum(len(v) for v in left.values()),
+            "runner_mounts_left": len(runner_mounts)}
+
+
+def top_level(paths) -> list[str]:
+    """The topmost of PATHS under each node's tmp folder (.../nodes/NODE/tmp/X/... -> that X)."""
+    tops = set()
+    for p in paths:
+        m = re.match(r"^(.*/nodes/[^/]+/(?:var-)?tmp/[^/]+)", p)
+        tops.add(m.group(1) if m else p)
+    return sorted(tops)
+
+
+def fastest(summary: dict, key: str, higher_is_better: bool, exclude: str = "hpcdask"):
+    """The peer (other than EXCLUDE) with the best median of KEY, or None."""
+    cands = [(v[key]["median"], p) for p, v in summary.items()
+             if p != exclude and v.get(key, {}).get("n")]
+    if not cands:
+        return None
+    return (max if higher_is_better else min)(cands)[1]
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per-peer summaries, and hpcdask against the fastest peer (paired by repetition)."""
+    keys = ("ready_s", "tasks_per_s", "teardown_s", "n_left")
+    summary = {p: {k: stats.summarize([r[k] for r in rs if r.get(k) is not None and r[k] == r[k]])
+                   for k in keys} for p, rs in runs.items()}
+    f_ready = fastest(summary, "ready_s", higher_is_better=False)
+    f_tasks = fastest(summary, "tasks_per_s", higher_is_better=True)
+    me = runs.get("hpcdask", [])
+    return {"summary": summary, "fastest_ready": f_ready, "fastest_tasks": f_tasks,
+            "ratio_ready_vs_fastest": pair(me, runs[f_ready], "ready_s") if f_ready else None,
+            "ratio_tasks_vs_fastest": pair(me, runs[f_tasks], "tasks_per_s") if f_tasks else None}
 
 
 def section(args, setup, tmp: Path) -> dict:
-    env = setup.cluster_env()
     image = setup.image()
-    reps = 1 if args.quick else 3
-    nodes = 3
-    runs: dict[str, list[dict]] = {"container": [], "bare": []}
+    if not Path(image).is_file():
+        raise Skip(f"{image} is not a SIF file")
+    cluster = setup.rig()
+    reps = 1 if args.quick else 5
+    runs: dict[str, list[dict]] = {p: [] for p in ps.PEERS}
     errors = []
-    for r, v in stats.interleave(["container", "bare"], reps):
+    for r, peer in stats.interleave(ps.PEERS, reps):
         try:
-            res = cluster_job(v, env, image, tmp, nodes)
-            log(f"cluster {v:9s} rep {r}: in job {res['in_job_ready_s']:.1f}s, "
-                f"from sbatch {res['submit_to_ready_s']:.1f}s")
+            res = one_run(cluster, peer, image)
+            log(f"peers {peer:12s} rep {r}: ready {res['ready_s']:.1f}s, "
+                f"{res['tasks_per_s']:.0f} tasks/s, teardown {res['teardown_s']:.1f}s, "
+                f"{res['n_left']} left")
         except Exception as e:
-            errors.append(str(e)[:400])
-            res = {"in_job_ready_s": float("nan"), "submit_to_ready_s": float("nan"),
-                   "error": str(e)[:400]}
-            log(f"cluster {v} rep {r} FAILED: {e}")
-        runs[v].append(res)
-    if not any(x["in_job_ready_s"] == x["in_job_ready_s"] for x in runs["container"]):
-        raise Skip(f"no cluster job reached ready: {errors[:1]}")
-    return {"nodes": nodes, "workers": nodes, "reps": reps, "runs": runs, "errors": errors,
-            "summary": {v: {k: stats.summarize(ok([x[k] for x in runs[v]]))
-                            for k in ("in_job_ready_s", "submit_to_ready_s")} for v in runs},
-            "ratio_in_job": pair(runs["container"], runs["bare"], "in_job_ready_s"),
-            "ratio_submit": pair(runs["container"], runs["bare"], "submit_to_ready_s")}
+            errors.append(f"{peer}: {e}"[:600])
+            res = {"ready_s": float("nan"), "tasks_per_s": float("nan"), "error": str(e)[:600]}
+            log(f"peers {peer} rep {r} FAILED: {str(e)[:300]}")
+        runs[peer].append(res)
+    if not any(x.get("ready_s") == x.get("ready_s") for x in runs["hpcdask"]):
+        raise Skip(f"hpcdask's job never reached ready: {errors[:1]}")
+    return {"nodes": NODES, "workers": NODES, "reps": reps, "image": image, "runs": runs,
+            "errors": errors, "jobscript": str(REPO / ALL_IN_ONE), **summarize(runs)}

@@ -34,6 +34,7 @@ def _details(S: dict[str, Any]) -> list[str]:
             [[str(n), fmt_value(r["summary"]["container"][str(n)], "s"),
               fmt_value(r["summary"]["bare"][str(n)], "s")] for n in r["workers"]],
             ["workers", "image (runner)", "bare venv"]))
+    out.extend(_peers(S.get("peers", {})))
     t = S.get("throughput", {})
     if t.get("summary"):
         out.append(f"\n## Tiny tasks ({t['tasks']} x inc, 2 workers x 1 thread)\n\n")
@@ -92,6 +93,24 @@ def _details(S: dict[str, Any]) -> list[str]:
             ["workers", "time to ready", "tiny tasks/s", "heartbeats (scheduler load)"]))
         out.append("\nAssumptions:\n\n")
         out.extend(f"- {a}\n" for a in m.get("assumptions", []))
+    return out
+
+
+def _peers(pe: dict[str, Any]) -> list[str]:
+    if not pe.get("summary"):
+        return []
+    out = [f"\n## Peers on the Slurm test cluster ({pe['workers']} workers on {pe['nodes']} nodes, "
+           f"same .sif, {pe['reps']} interleaved repetitions)\n\n"]
+    rows = []
+    for peer, s in pe["summary"].items():
+        left = sorted({f"{k}: {x.rsplit('/', 1)[-1]}" for r in pe["runs"].get(peer, [])
+                       for k, v in r.get("left", {}).items() for x in v})
+        rows.append([peer, fmt_value(s["ready_s"], "s"), fmt_value(s["tasks_per_s"], "tasks/s"),
+                     fmt_value(s["teardown_s"], "s"), "; ".join(left) or "nothing"])
+    out.append(markdown_table(rows, ["peer", "sbatch/scale to ready", "tiny tasks/s",
+                                     "teardown", "left behind"]))
+    if pe.get("errors"):
+        out.append(f"\nFailed repetitions: {len(pe['errors'])} ({pe['errors'][0][:200]}).\n")
     return out
 
 

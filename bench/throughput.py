@@ -30,7 +30,7 @@ def section(args, setup, tmp: Path) -> dict:
 
     from hpcdask import launch
 
-    n = 1000 if args.quick else 5000
+    n = 500 if args.quick else 5000
     reps = 2 if args.quick else 5
     clusters, clients = {}, {}
     try:

@@ -295,6 +295,15 @@ make_users() {
         fi
         chmod 0700 "/home/$u"
         [ "$(id -u "$u")" -ge 1000 ] || die "user $u has uid $(id -u "$u") < 1000"
+        # A login shell (make cluster-login) resets PATH from /etc/profile: the user's profile
+        # puts the apptainer runner back in front, as a site's `module load apptainer` would.
+        if ! grep -qs 'hpcdask test cluster' "/home/$u/.profile"; then
+            cat >>"/home/$u/.profile" <<'PROFILE'
+# hpcdask test cluster: its apptainer (tests/cluster/bin) first on PATH, like `module load apptainer`
+case ":$PATH:" in *":${HPCDASK_SRC:-/nonexistent}/tests/cluster/bin:"*) ;; *) [ -z "${HPCDASK_SRC:-}" ] || PATH="$HPCDASK_SRC/tests/cluster/bin:$PATH" ;; esac
+PROFILE
+            chown "$u:" "/home/$u/.profile"
+        fi
     done
 }
 

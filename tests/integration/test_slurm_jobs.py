@@ -449,7 +449,7 @@ while True:  # longer than the job: Slurm's time limit ends it
 
 
 def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job_env, udir):
-    """sbatch --time=1 on a workload longer than the job: every role gets SIGTERM from Slurm at
+    """A 1-minute time limit on a workload longer than the job: every role gets SIGTERM from Slurm at
     once. The client says so in one line (exit 143), no role prints a traceback or an ERROR,
     no partial results are left, and all of it within KillWait (5 s here): nothing is left in
     the cluster folder or the nodes' $TMPDIR (the Epilog would record it), /tmp or /var/tmp.
@@ -457,9 +457,18 @@ def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job
     line, without distributed's traceback: hpcdask.shutdown.NoClosedConnectionTraceback.)"""
     (udir / "loop.py").write_text(LOOP_SCRIPT)
     out = slurm_cluster.mkdtemp("out-")
-    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
-                 ["-N3", "--mem=1500M", "--time=1"], ["loop.py", str(out)], job_env, udir,
-                 timeout=300)
+    job = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=1500M", "--time=10"], ["loop.py", str(out)], job_env, udir,
+                 wait=False)
+    # The limit is lowered to 1 minute once the workload runs (a user may lower, not raise, a
+    # job's limit): Slurm's own time limit then strikes mid-workload however slowly a loaded
+    # machine started the cluster (--time=1 from the start sometimes struck before it ran).
+    stdout, deadline = udir / f"slurm-{job.job_id}.out", time.monotonic() + 240
+    while not (stdout.exists() and "STARTED" in stdout.read_text()):
+        assert time.monotonic() < deadline, str(slurm_cluster.job(job.job_id, workdir=udir))
+        time.sleep(0.5)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job.job_id}", "TimeLimit=1"])
+    res = slurm_cluster.wait(job.job_id, timeout=300, workdir=udir)
     assert res.state == "TIMEOUT", str(res)
     assert "STARTED" in res.stdout, str(res)
     err = res.stderr.splitlines()

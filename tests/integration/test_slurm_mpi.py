@@ -40,10 +40,14 @@ def test_dask_mpi_layout_runs_every_rank_in_the_image_with_tls_on_ib0(slurm_clus
     script = udir / "mpi_check.py"
     script.write_text(SCRIPT)
     slurm_cluster.give(script)
+    # ib0 is the default, named here too: hpcuser's home is shared by every cluster instance on
+    # this machine, and test_slurm_jobs.py's interface test (run by another instance at the same
+    # time) briefly puts `interface: eth0` into ~/.config/dask/; the variable outranks the file.
+    env = {**job_env, "HPCDASK_INTERFACE": "ib0"}
     # Block distribution of 4 ranks over 3 nodes: ranks 0-1 on the first, one worker on each other.
     t0 = time.monotonic()
     res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-mpi.sbatch"),
-                 ["-N3", "-n4", "--mem=1500M", "--time=5"], [script.name], job_env, udir,
+                 ["-N3", "-n4", "--mem=1500M", "--time=5"], [script.name], env, udir,
                  timeout=300)
     seconds = time.monotonic() - t0
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)

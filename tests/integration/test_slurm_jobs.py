@@ -94,6 +94,13 @@ def submit(slurm_cluster, script: Path, opts: list[str], args: list[str], env: d
     return slurm_cluster.wait(job_id, timeout=timeout, workdir=workdir)
 
 
+def net(addresses: dict[str, str]) -> str:
+    """A regex of any address on the /24 of ADDRESSES (the cluster instance's ib0 or eth0)."""
+    prefixes = {a.rsplit(".", 1)[0] for a in addresses.values()}
+    assert len(prefixes) == 1, addresses
+    return re.escape(prefixes.pop()) + r"\.\d+"
+
+
 def metrics_of(res, workdir: Path) -> dict:
     m = re.search(r"^metrics: (\S+)$", res.stdout, re.M)
     assert m, str(res)
@@ -167,7 +174,7 @@ def test_user_script_gets_a_connected_client(slurm_cluster, job_env, udir):
                  ["my_analysis.py", "--arg", "1"], job_env, udir, timeout=240)
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
     assert re.search(r"^USER-SCRIPT args=\['--arg', '1'\] workers=2 sum=45 "
-                     r"scheduler=tls://10\.253\.71\.\d+:\d+$", res.stdout, re.M), str(res)
+                     rf"scheduler=tls://{net(slurm_cluster.addresses)}:\d+$", res.stdout, re.M), str(res)
     # Worker scratch is in the job's node-local $TMPDIR (bound into the image), not /tmp.
     scratch = re.search(r"^SCRATCH (.*) TMPDIR=(\S+)$", res.stdout, re.M)
     tmpdir = f"{slurm_cluster.state_dir}/local/job-{res.job_id}"
@@ -250,7 +257,8 @@ def test_the_users_own_interface_setting_is_honoured(slurm_cluster, job_env, udi
     finally:
         (conf / "hpcdask-test.yaml").unlink()
     assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
-    assert re.search(r"scheduler=tls://10\.253\.72\.\d+:\d+$", res.stdout, re.M), str(res)
+    assert re.search(rf"scheduler=tls://{net(slurm_cluster.eth_addresses)}:\d+$", res.stdout,
+                     re.M), str(res)
 
 
 RETIRE_SCRIPT = r'''
@@ -332,7 +340,7 @@ def test_scheduler_job_and_short_worker_jobs(slurm_cluster, job_env, udir):
         assert "RESULT ok runs=24" in text, text + out.stderr  # nothing recomputed: data moved
         held = eval(re.search(r"^HELD (.*)$", text, re.M).group(1))  # noqa: S307 - our own dict
         assert len(held) == 2 and all(held.values()), held  # both workers held results
-        assert all(re.match(r"tls://10\.253\.71\.", w) for w in held), held  # ib0
+        assert all(re.match(rf"tls://{net(slurm_cluster.addresses)}:", w) for w in held), held
         sched_info = json.loads((cdir / "scheduler.json").read_text())
         assert sched_info["address"].startswith(f"tls://{slurm_cluster.eth_addresses['node1'][:-2]}")
         metrics = json.loads((udir / "out" / "metrics.json").read_text())
@@ -418,7 +426,8 @@ def test_wrong_interface_fails_fast_listing_the_interfaces(slurm_cluster, job_en
     lines = [ln for ln in res.stderr.splitlines() if "interfaces here" in ln]
     assert len(lines) == 1, str(res)
     assert re.search(r"interface 'ib9' does not exist on node\d; interfaces here: "
-                     r"eth0 \(10\.253\.72\.\d+\), ib0 \(10\.253\.71\.\d+\), lo \(127\.0\.0\.1\); "
+                     rf"eth0 \({net(slurm_cluster.eth_addresses)}\), ib0 \({net(slurm_cluster.addresses)}\), "
+                     r"lo \(127\.0\.0\.1\); "
                      r"pass one: --interface eth0", lines[0]), lines
     assert took < 30, took
     measure("wrong interface", sbatch_to_failure_s=round(took, 1))

@@ -27,11 +27,17 @@ for f in "$lock" "$build/pyproject.toml" "$build/src/hpcdask"; do
     [ -e "$f" ] || { echo "install.sh: missing build input $f" >&2; exit 2; }
 done
 
-step "Debian packages: python3, python3-venv, tini, ca-certificates, graphviz (dot)"
+step "Debian packages: python3, python3-venv, tini, ca-certificates, graphviz (dot), libmpich12 (MPICH)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
-apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates graphviz
+apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates graphviz libmpich12
 python3 --version
+# MPICH's ABI under its upstream name: mpi4py's wheel links libmpi.so.12 (the MPICH ABI soname,
+# as MPICH, Intel MPI, Cray MPICH and MVAPICH ship it); Debian names the same library
+# libmpich.so.12. The ranks are started by the host's srun --mpi=pmi2, which MPICH's PMI
+# client talks to: no MPI launcher is needed in the image (hpcdask mpi, README "dask-mpi").
+libmpich=$(dpkg -L libmpich12 | grep '/libmpich\.so\.12$')
+ln -sf libmpich.so.12 "$(dirname "$libmpich")/libmpi.so.12"
 # Ask pip for the CA bundle only once ca-certificates has made it (or when PIP_CERT names another one).
 if [ -n "${PIP_CERT:-}" ] && [ ! -r "$PIP_CERT" ]; then
     echo "install.sh: PIP_CERT=$PIP_CERT is not readable" >&2

@@ -241,6 +241,12 @@ def client(script, args, scheduler_file, output, tls) -> None:
     if not script.is_file():
         raise BadInput(f"script {script} does not exist; give the path of your Python script, "
                        f"e.g. hpcdask client ./my_analysis.py --scheduler-file F")
+    run_script(script, args, scheduler_file, output, tls)
+
+
+def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool) -> int:
+    """SCRIPT as ``__main__`` with a connected, identity-checked Client, provenance.json
+    written: ``hpcdask client``'s body, also the client rank of ``hpcdask mpi``."""
     from hpcdask import compat
 
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
@@ -251,6 +257,23 @@ def client(script, args, scheduler_file, output, tls) -> None:
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c):  # dask-ml works in the script too
             runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where rank 0 writes the scheduler file; its folder gets the TLS credentials.")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the client rank writes provenance.json (default: hpcdask-output/SCRIPT[-jobID]).")
+@tls_option
+def mpi(script, args, scheduler_file, output, tls) -> None:
+    """dask-mpi's layout, one MPI rank each: rank 0 the scheduler, rank 1 runs SCRIPT with a
+    connected Client, the other ranks are workers (srun --mpi=pmi2 ... hpcdask mpi SCRIPT)."""
+    from hpcdask import mpi as mpi_
+
+    sys.exit(mpi_.run(script, args, scheduler_file, output, tls))
 
 
 @main.command("wait", context_settings=CONTEXT)

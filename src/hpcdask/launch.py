@@ -24,7 +24,7 @@ from typing import Any
 import click
 import dask.config
 from distributed import Client, Nanny, Scheduler
-from distributed.core import rpc
+from distributed.core import Status, rpc
 from distributed.security import Security
 
 from hpcdask import config, gpu, memory, netif, schedfile, security, shutdown, versions
@@ -84,7 +84,10 @@ async def _until_signalled(stop: asyncio.Event, finished) -> str:
 # --- scheduler ---------------------------------------------------------------------------------
 
 def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
-                  dashboard: str | None, tls: bool, job_end: float | None = None) -> None:
+                  dashboard: str | None, tls: bool, job_end: float | None = None,
+                  until=None) -> None:
+    """Serve until the scheduler closes or SIGINT/SIGTERM, or until the coroutine function
+    ``until`` returns (its result says why); then the workers retire and the scheduler closes."""
     iface = interface or config.get("scheduler-interface") or config.get("interface")
     host = netif.address_of(iface)
     port = config.get("scheduler-port", port)
@@ -109,7 +112,8 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
         else:
             warn_no_tls("the scheduler")
             sec = Security()
-        asyncio.run(_serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec))
+        asyncio.run(_serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec,
+                                     until))
     finally:
         # Only this scheduler's own files: its claim, and the credentials it made under it;
         # then the folder, if it made it and nothing else is in it.
@@ -120,7 +124,8 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
                     path.parent.rmdir()
 
 
-async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec) -> None:
+async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec,
+                           until=None) -> None:
     guard = IdentityGuard()
     cls = Scheduler if daddr else NoHTTPScheduler  # off: no HTTP listener at all
     async with cls(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
@@ -133,7 +138,15 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
                 logger.info("hpcdask: dashboard port %s is taken (another cluster?); using %s",
                             dport, s.http_server.port)
             logger.info(tunnel_hint(dmode, s.http_server.port))
-        why = await _until_signalled(asyncio.Event(), s.finished())
+        finished = asyncio.ensure_future(s.finished())
+        asked = asyncio.ensure_future(until()) if until else None
+        ends = [finished, asked] if asked else [finished]
+        why = await _until_signalled(asyncio.Event(), asyncio.wait(
+            ends, return_when=asyncio.FIRST_COMPLETED))
+        if asked and asked.done() and why == "finished" and s.status == Status.running:
+            why = asked.result()
+        for f in ends:
+            f.cancel()
         if why != "finished":
             logger.info("hpcdask scheduler stopping (%s): retiring %d worker(s)", why,
                         len(s.workers))

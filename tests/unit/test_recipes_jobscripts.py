@@ -194,3 +194,82 @@ def test_pbs_array_subjobs_each_have_their_own_env_file(tmp_path):
     calls = (tmp_path / "log").read_text()
     assert "qstat -f 77[2].pbs" in calls
     assert f"pbsdsh -n 0 -- /bin/bash {tmp_path}/c/worker-env-77[2].pbs.sh" in calls
+
+
+# --- dask-mpi ---------------------------------------------------------------------------------
+
+MPI_SBATCH = JOBSCRIPTS / "slurm" / "dask-mpi.sbatch"
+
+
+def test_mpi_jobscript_parses_and_passes_shellcheck():
+    assert subprocess.run(["bash", "-n", str(MPI_SBATCH)], capture_output=True).returncode == 0
+    exe = shutil.which("shellcheck")
+    assert exe, "shellcheck is missing: apt-get install shellcheck (required in CI)"
+    proc = subprocess.run([exe, "-x", "-P", str(JOBSCRIPTS / "lib"), "-s", "bash", str(MPI_SBATCH)],
+                          capture_output=True, text=True, cwd=MPI_SBATCH.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert os.access(MPI_SBATCH, os.X_OK)
+
+
+def _mpi_job(tmp_path, *args: str, **env_extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**fakes(tmp_path, srun='echo "UCX_TLS=$UCX_TLS LOCAL=${HPCDASK_LOCAL_DIRECTORY:-}" >>"$LOG"'),
+           "HPCDASK_IMAGE": str(tmp_path / "img"), "HPCDASK_JOBSCRIPTS": str(JOBSCRIPTS),
+           "SLURM_JOB_ID": "42", "SLURM_NTASKS": "4", "TMPDIR": str(tmp_path / "tmp"),
+           "HPCDASK_SHARED_DIR": str(tmp_path / "shared"), **env_extra}
+    (tmp_path / "img").mkdir(exist_ok=True)
+    fakes(tmp_path, apptainer="")
+    proc = subprocess.run(["bash", str(MPI_SBATCH), *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=tmp_path, timeout=60)
+    return proc, env
+
+
+def test_mpi_job_is_one_srun_pmi2_step_of_hpcdask_mpi_ranks(tmp_path):
+    (tmp_path / "job.py").write_text("print(1)\n")
+    proc, _ = _mpi_job(tmp_path, "job.py", "--arg", "1")
+    assert proc.returncode == 0, proc.stderr
+    srun, env = (tmp_path / "log").read_text().splitlines()
+    d = srun.split("--bind ")[1].split()[0]
+    assert d.startswith(f"{tmp_path}/shared/job-42."), srun
+    assert srun == (f"srun --mpi=pmi2 --kill-on-bad-exit=1 apptainer exec --bind {d} --bind "
+                    f"{tmp_path}/tmp {tmp_path}/img hpcdask mpi --scheduler-file "
+                    f"{d}/scheduler-42.json job.py --arg 1")
+    # UCX over TCP unless the user says otherwise; each node's own $TMPDIR is the ranks' scratch.
+    assert env == "UCX_TLS=tcp,self LOCAL="
+    # The job's cluster folder and the batch node's scratch are gone at the end.
+    assert list((tmp_path / "shared").iterdir()) == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_mpi_job_options_pass_through(tmp_path):
+    (tmp_path / "job.py").write_text("print(1)\n")
+    proc, _ = _mpi_job(tmp_path, "job.py", HPCDASK_SRUN_MPI="--mpi=pmix --cpu-bind=none",
+                       UCX_TLS="rc,sm,self")
+    assert proc.returncode == 0, proc.stderr
+    srun, env = (tmp_path / "log").read_text().splitlines()
+    assert srun.startswith("srun --mpi=pmix --cpu-bind=none --kill-on-bad-exit=1 apptainer exec")
+    assert env.startswith("UCX_TLS=rc,sm,self ")
+
+
+@pytest.mark.parametrize("args, says", [
+    ((), "give your Python script after the jobscript"),
+    (("missing.py",), "script missing.py does not exist"),
+])
+def test_mpi_job_without_a_script_is_one_line_exit_2(tmp_path, args, says):
+    proc, _ = _mpi_job(tmp_path, *args)
+    _one_line_exit_2(tmp_path, proc, says)
+
+
+def test_mpi_job_of_fewer_than_3_ranks_is_one_line_exit_2(tmp_path):
+    (tmp_path / "job.py").write_text("print(1)\n")
+    proc, _ = _mpi_job(tmp_path, "job.py", SLURM_NTASKS="2")
+    _one_line_exit_2(tmp_path, proc, "needs at least 3 MPI ranks (scheduler, client, one worker), "
+                     "this job has 2; submit with more, e.g. sbatch -N 2 -n 4 dask-mpi.sbatch job.py")
+
+
+def _one_line_exit_2(tmp_path, proc, says):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert not (tmp_path / "log").exists() or "srun" not in (tmp_path / "log").read_text()
+    assert list((tmp_path / "shared").iterdir()) == []

@@ -14,6 +14,7 @@ import getpass
 import json
 import os
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,14 +40,20 @@ def claim(path: Path, tls: bool) -> tuple[Path, str]:
     private_dir(path.parent, what="scheduler file folder")
     token = uuid.uuid4().hex
     data = json.dumps({"hpcdask": _stamp(token, tls)}, indent=2) + "\n"
+    # Written whole beside it, then hard-linked into place: link() creates the name only if it
+    # does not exist (atomically, NFS and Lustre included), so no reader ever sees a claim
+    # half-written, and a second scheduler finds the first one's complete stamp.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+        os.link(tmp, path)
     except FileExistsError:
         raise BadInput(f"scheduler file {path} already exists{_describe(path)}; another scheduler "
                        f"uses it: give this one its own file, or, if that scheduler has ended, "
                        f"delete the stale file: rm {path}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
+    finally:
+        os.unlink(tmp)
     return path, token
 
 
@@ -108,7 +115,16 @@ def wait(path: Path, timeout: float) -> dict[str, Any]:
     path = Path(path).expanduser()
     deadline = time.monotonic() + timeout
     while True:
-        content = _load(path) if _exists(path) else None
+        content = None
+        if _exists(path):  # a folder you may not enter fails now
+            try:
+                content = json.loads(path.read_text())
+            except FileNotFoundError:  # removed since: its scheduler ended
+                content = None
+            except ValueError:  # not (yet) a whole JSON file: the one-line error at the end
+                content = _load(path) if time.monotonic() > deadline else {}
+            except PermissionError:
+                _load(path)  # its one-line error, now
         if isinstance(content, dict) and content.get("address"):
             return content
         if time.monotonic() > deadline:

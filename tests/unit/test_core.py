@@ -187,6 +187,31 @@ def test_a_scheduler_file_behind_a_closed_folder_fails_at_once(tmp_path):
             schedfile.wait(closed / "s.json", 300)
 
 
+def test_a_reader_never_fails_on_a_claim_being_written(tmp_path, monkeypatch):
+    """Seen once in a full run: a worker read the scheduler's claim between its O_EXCL create and
+    its write, and exited "is not JSON". The claim is now linked into place whole, and a reader
+    that meets a file not (yet) JSON keeps waiting; only at its timeout does it say so."""
+    import threading
+
+    d = tmp_path / "job"
+    d.mkdir(mode=0o700)
+    path = d / "scheduler.json"
+    path.write_text("")  # a half-made file, as a reader could once see
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(schedfile.wait(path, 30)))
+    reader.start()
+    time.sleep(0.5)
+    path.unlink()
+    path, token = schedfile.claim(path, tls=True)
+    assert [p.name for p in d.iterdir()] == ["scheduler.json"]  # no temporary left
+    schedfile.write(path, {"address": "tls://10.0.0.1:8786"}, token, tls=True)
+    reader.join(30)
+    assert got["address"] == "tls://10.0.0.1:8786"
+    path.write_text("{not json")
+    with pytest.raises(BadInput, match="is not JSON"):
+        schedfile.wait(path, 0.3)
+
+
 def test_scheduler_file_is_claimed_exclusively_then_published_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     path, token = schedfile.claim(tmp_path / "job" / "scheduler-777.json", tls=True)

@@ -244,7 +244,7 @@ def client(script, args, scheduler_file, output, tls) -> None:
     run_script(script, args, scheduler_file, output, tls)
 
 
-def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool) -> int:
+def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool) -> None:
     """SCRIPT as ``__main__`` with a connected, identity-checked Client, provenance.json
     written: ``hpcdask client``'s body, also the client rank of ``hpcdask mpi``."""
     from hpcdask import compat
@@ -257,7 +257,6 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c):  # dask-ml works in the script too
             runpy.run_path(str(script), run_name="__main__")
-    return 0
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})

@@ -115,7 +115,8 @@ def _client(script, args, scheduler_file, output, tls, comm, workers: int) -> in
         timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
         with launch.connect(scheduler_file, tls=tls, check=False) as c:
             c.wait_for_workers(workers, timeout=timeout)
-        rc = cli.run_script(script, args, scheduler_file, output, tls)
+        cli.run_script(script, args, scheduler_file, output, tls)
+        rc = 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else 1
         raise

@@ -147,20 +147,36 @@ def wait_all_ended(slurm_cluster, udir: Path, jobs: list[str], states=("CANCELLE
     return got
 
 
-def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
-    image = sif
-    cmd, env = scale_command(slurm_cluster, image, udir)
+def run_on_login(slurm_cluster, cmd, env, udir: Path, timeout: float):
+    """Run CMD (a script printing ``RESULT {json}``) on the login node; cancel what it left
+    queued or running. Returns the process, its RESULT, the jobs cancelled after it, and a
+    text with its output and the jobs' outputs for assertion messages."""
     try:
-        proc = slurm_cluster.run(cmd, env=env, cwd=udir, timeout=TIMEOUT + 180, check=False)
+        proc = slurm_cluster.run(cmd, env=env, cwd=udir, timeout=timeout, check=False)
     finally:
         leftovers = cancel_leftovers(slurm_cluster, udir)
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                      for p in sorted(udir.glob("slurm-*.out")))
-    text = (f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n"
+    text = (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
             f"--- stderr\n{proc.stderr[-6000:]}\n{logs}")
     assert proc.returncode == 0, text
-    print(proc.stdout.split("JOBSCRIPT-END")[-1].strip())  # jobs, result, close (under -s)
     res = json.loads(re.search(r"^RESULT (.*)$", proc.stdout, re.MULTILINE).group(1))
+    return proc, res, leftovers, text
+
+
+def assert_nothing_of_the_jobs_left(slurm_cluster, jobs) -> None:
+    """Nothing of JOBS in any node's $TMPDIR (the Epilog's record), /tmp or /var/tmp."""
+    assert slurm_cluster.user_files_in_node_tmp() == []
+    left = {k: v for k, v in slurm_cluster.leftovers().items()
+            if any(f"-job-{j}." in k for j in jobs)}
+    assert left == {}, left
+
+
+def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
+    image = sif
+    cmd, env = scale_command(slurm_cluster, image, udir)
+    proc, res, leftovers, text = run_on_login(slurm_cluster, cmd, env, udir, TIMEOUT + 180)
+    print(proc.stdout.split("JOBSCRIPT-END")[-1].strip())  # jobs, result, close (under -s)
 
     # The scheduler ran in the image's process, on the login node's eth0, over TLS.
     assert res["container"] == str(Path(image).resolve()), res
@@ -194,10 +210,7 @@ def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
     assert leftovers == [], f"jobs still pending/running after close(): {leftovers}\n{text}"
     wait_all_ended(slurm_cluster, udir, res["jobs"])
     # The per-cluster credentials folder is the cluster's: nothing of the jobs is left anywhere.
-    assert slurm_cluster.user_files_in_node_tmp() == []
-    left = {k: v for k, v in slurm_cluster.leftovers().items()
-            if any(f"-job-{j}." in k for j in res["jobs"])}
-    assert left == {}, left
+    assert_nothing_of_the_jobs_left(slurm_cluster, res["jobs"])
     measure(f"slurm_cluster scale(jobs={JOBS})", scale_to_workers_s=res["ready_s"],
             close=re.search(r"^CLOSED after ([\d.]+)s", proc.stdout, re.MULTILINE).group(1))
 
@@ -261,16 +274,7 @@ def test_slurm_cluster_adapts_up_under_queued_work_and_back_to_zero(slurm_cluste
     under a queued workload (never more than 3 at once), the right result, then back to zero
     workers and every job ended, nothing left on the nodes."""
     cmd, env = scale_command(slurm_cluster, sif, udir, script=ADAPT_SCRIPT)
-    try:
-        proc = slurm_cluster.run(cmd, env=env, cwd=udir, timeout=2 * TIMEOUT + 180, check=False)
-    finally:
-        leftovers = cancel_leftovers(slurm_cluster, udir)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted(udir.glob("slurm-*.out")))
-    text = (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-            f"--- stderr\n{proc.stderr[-6000:]}\n{logs}")
-    assert proc.returncode == 0, text
-    res = json.loads(re.search(r"^RESULT (.*)$", proc.stdout, re.MULTILINE).group(1))
+    proc, res, leftovers, text = run_on_login(slurm_cluster, cmd, env, udir, 2 * TIMEOUT + 180)
     assert res["sum"] == 2 * sum(range(240)), res
     assert res["idle_jobs"] == 0, res  # minimum=0 and nothing queued: nothing submitted
     # Scaled up beyond one worker under the queue, never beyond maximum=3.
@@ -284,10 +288,7 @@ def test_slurm_cluster_adapts_up_under_queued_work_and_back_to_zero(slurm_cluste
     wait_all_ended(slurm_cluster, udir, res["jobs"], states=("CANCELLED", "COMPLETED"))
     for job_id in res["jobs"]:
         assert slurm_cluster.job(job_id, workdir=udir).info.get("JobName") == "dask-worker"
-    assert slurm_cluster.user_files_in_node_tmp() == []
-    left = {k: v for k, v in slurm_cluster.leftovers().items()
-            if any(f"-job-{j}." in k for j in res["jobs"])}
-    assert left == {}, left
+    assert_nothing_of_the_jobs_left(slurm_cluster, res["jobs"])
     for p in udir.glob("slurm-*.out"):
         assert "Traceback" not in p.read_text(errors="replace"), (p.name, text)
     measure("slurm_cluster adapt(0, 3)", peak=res["peak"], jobs=len(res["jobs"]),

@@ -38,22 +38,27 @@ class NoClosedConnectionTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if record.levelno < logging.WARNING and isinstance(exc, OSError):  # CommClosedError too
-            record.exc_info = None
-            record.exc_text = None
+            _one_line(record)
         elif record.msg == HEARTBEAT_FAILED and isinstance(exc, OSError):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = "Failed to communicate with scheduler during heartbeat (%s: %s)"
-            record.args = (type(exc).__name__, exc)
-            record.exc_info = None
-            record.exc_text = None
+            _one_line(record, logging.WARNING,
+                      "Failed to communicate with scheduler during heartbeat (%s: %s)",
+                      (type(exc).__name__, exc))
         elif (isinstance(exc, ValueError) and "non-started TCPListener" in str(exc)
               and isinstance(exc.__context__, OSError)):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg = "a TLS handshake failed (%s) while this listener was stopping"
-            record.args = (exc.__context__,)
-            record.exc_info = None
-            record.exc_text = None
+            _one_line(record, logging.INFO,
+                      "a TLS handshake failed (%s) while this listener was stopping",
+                      (exc.__context__,))
         return True
+
+
+def _one_line(record: logging.LogRecord, level: int | None = None, msg: str | None = None,
+              args: tuple = ()) -> None:
+    """RECORD without its traceback; with LEVEL, at that level and saying MSG % ARGS instead."""
+    record.exc_info = None
+    record.exc_text = None
+    if level is not None:
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        record.msg, record.args = msg, args
 
 
 def calm_closed_connections() -> None:

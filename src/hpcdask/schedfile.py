@@ -47,7 +47,13 @@ def claim(path: Path, tls: bool) -> tuple[Path, str]:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(data)
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: create it exclusively, then write
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(data)  # readers wait out a claim still being written (see wait())
     except FileExistsError:
         raise BadInput(f"scheduler file {path} already exists{_describe(path)}; another scheduler "
                        f"uses it: give this one its own file, or, if that scheduler has ended, "

@@ -212,6 +212,19 @@ def test_a_reader_never_fails_on_a_claim_being_written(tmp_path, monkeypatch):
         schedfile.wait(path, 0.3)
 
 
+def test_a_claim_on_a_filesystem_without_hard_links_is_still_exclusive(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(schedfile.os, "link", no_links)
+    path, token = schedfile.claim(tmp_path / "job" / "scheduler.json", tls=True)
+    assert json.loads(path.read_text())["hpcdask"]["claim"] == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["scheduler.json"]
+    with pytest.raises(BadInput, match="already exists .*another scheduler uses it"):
+        schedfile.claim(path, tls=True)
+
+
 def test_scheduler_file_is_claimed_exclusively_then_published_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     path, token = schedfile.claim(tmp_path / "job" / "scheduler-777.json", tls=True)

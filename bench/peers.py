@@ -36,7 +36,7 @@ POLL = 0.2
 OUTPUTS = re.compile(r"^(slurm-\d+\.(out|err)|.*\.(py|sh)|mnt|hpcdask-output)$")
 # The bubblewrap runner's own squashfuse mount (test infrastructure, tests/cluster/bin/apptainer)
 # can outlive a role that Slurm or the recipe killed; it is recorded apart.
-RUNNER_MOUNT = re.compile(r"^\d+ squashfuse ")
+RUNNER_MOUNT = re.compile(r"^\d+ squashfuse(_ll)? ")
 
 
 def _write(cluster, wd: Path, name: str, text: str, mode: int = 0o644) -> Path:

@@ -24,6 +24,23 @@ tls_option = click.option("--tls/--no-tls", default=True,
                           help="TLS with the cluster's credentials; --no-tls only knowingly.")
 
 
+def wait_options(f):
+    """--wait-workers/--wait-timeout: start a client together with the workers, and let it wait."""
+    f = click.option("--wait-timeout", default="300s", show_default=True,
+                     help="How long --wait-workers waits (exit 1 after it).")(f)
+    return click.option("--wait-workers", type=click.IntRange(min=0), default=0,
+                        help="First wait until this many workers have joined (0: do not wait).")(f)
+
+
+def _timeout(value: str, option: str) -> float:
+    import dask.utils
+
+    try:
+        return dask.utils.parse_timedelta(value)
+    except (ValueError, KeyError):
+        raise BadInput(f"{option} {value!r} is not a duration; give e.g. {option} 300s or 10m") from None
+
+
 def _logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
@@ -95,9 +112,10 @@ def _private_scratch() -> None:
               help="LocalCluster threads per worker.")
 @click.option("--memory-limit", default=None,
               help="LocalCluster memory per worker, e.g. 2GiB (default: 90% of the machine / workers).")
+@wait_options
 @tls_option
 def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
-        threads_per_worker, memory_limit, tls) -> None:
+        threads_per_worker, memory_limit, wait_workers, wait_timeout, tls) -> None:
     """Run a workload (the main job): on a LocalCluster, or on the cluster given.
 
     Writes metrics.json (scores, baseline, timings, versions of every role, cluster
@@ -112,6 +130,10 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
     name = workloads.resolve(workload or config.get("workload"))
     if scheduler_file and address:
         raise BadInput("give either --scheduler-file or --address, not both")
+    if wait_workers and not (scheduler_file or address):
+        raise BadInput("--wait-workers waits for a cluster's workers; give --scheduler-file F too "
+                       "(a LocalCluster has its workers at once)")
+    wait_s = _timeout(wait_timeout, "--wait-timeout")
     size = config.get("size", size)
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
     output = output or Path(config.get("output")) / f"{name}-{size}{f'-job{job}' if job else ''}"
@@ -122,7 +144,8 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
     with provenance.Recorder(output, provenance.command_line()) as record, \
             _terminate_cleanly() as term:
         if scheduler_file or address:
-            with launch.connect(scheduler_file, address, tls=tls, check=False) as client:
+            with launch.connect(scheduler_file, address, tls=tls, check=False,
+                                wait_workers=wait_workers, wait_timeout=wait_s) as client:
                 record.cluster(client)
                 path = term.run(client, workloads.execute, client, name, size, seed, output)
         else:
@@ -235,16 +258,19 @@ def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_di
               help="The cluster's scheduler file.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where provenance.json goes (default: hpcdask-output/SCRIPT[-jobID]).")
+@wait_options
 @tls_option
-def client(script, args, scheduler_file, output, tls) -> None:
+def client(script, args, scheduler_file, output, wait_workers, wait_timeout, tls) -> None:
     """Run a Python SCRIPT with a Client already connected (distributed.get_client())."""
     if not script.is_file():
         raise BadInput(f"script {script} does not exist; give the path of your Python script, "
                        f"e.g. hpcdask client ./my_analysis.py --scheduler-file F")
-    run_script(script, args, scheduler_file, output, tls)
+    run_script(script, args, scheduler_file, output, tls, wait_workers,
+               _timeout(wait_timeout, "--wait-timeout"))
 
 
-def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool) -> None:
+def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool,
+               wait_workers: int = 0, wait_timeout: float = 300.0) -> None:
     """SCRIPT as ``__main__`` with a connected, identity-checked Client, provenance.json
     written: ``hpcdask client``'s body, also the client rank of ``hpcdask mpi``."""
     from hpcdask import compat
@@ -252,7 +278,8 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
     output = output or Path(config.get("output")) / f"{script.stem}{f'-job{job}' if job else ''}"
     with provenance.Recorder(output, provenance.command_line()) as record, \
-            _terminate_cleanly(), launch.connect(scheduler_file, tls=tls) as c:
+            _terminate_cleanly(), launch.connect(scheduler_file, tls=tls, wait_workers=wait_workers,
+                                                 wait_timeout=wait_timeout) as c:
         record.cluster(c)
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c):  # dask-ml works in the script too
@@ -284,22 +311,9 @@ def mpi(script, args, scheduler_file, output, tls) -> None:
 @tls_option
 def wait_(scheduler_file, n_workers, timeout, tls) -> None:
     """Wait until N workers have joined the cluster: the jobscripts' readiness check."""
-    import time
-
-    import dask.utils
-
-    t0 = time.monotonic()
-    limit = dask.utils.parse_timedelta(timeout)
-    with launch.connect(scheduler_file, tls=tls, check=False) as c:
-        try:
-            c.wait_for_workers(n_workers, timeout=max(1.0, limit - (time.monotonic() - t0)))
-        except TimeoutError:
-            have = len(launch.cluster_info(c)["workers"])
-            raise click.ClickException(
-                f"only {have} of {n_workers} worker(s) joined within {timeout}; see the worker "
-                f"output for why, or raise --timeout") from None
-    click.echo(f"hpcdask: {n_workers} worker(s) ready after {time.monotonic() - t0:.1f}s "
-               f"(at {time.time():.3f})")
+    with launch.connect(scheduler_file, tls=tls, check=False, wait_workers=n_workers,
+                        wait_timeout=_timeout(timeout, "--timeout"), wait_option="--timeout"):
+        pass
 
 
 @main.command("versions", context_settings=CONTEXT)

@@ -25,3 +25,12 @@ class Refused(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"hpcdask: refused: {self.format_message()}", err=True, file=file)
+
+
+class NotReady(click.ClickException):
+    """The cluster did not reach the size asked for in time: exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        click.echo(f"hpcdask: error: {self.format_message()}", err=True, file=file)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from distributed.core import Status, rpc
 from distributed.security import Security
 
 from hpcdask import config, gpu, memory, netif, schedfile, security, shutdown, versions
-from hpcdask.errors import BadInput, Refused
+from hpcdask.errors import BadInput, NotReady, Refused
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler, NoHTTPWorker
 
@@ -366,8 +367,12 @@ def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:
 # --- client ------------------------------------------------------------------------------------
 
 def connect(scheduler_file: Path | None = None, address: str | None = None,
-            tls: bool = True, check: bool = True) -> Client:
-    """A Client of the cluster in ``scheduler_file`` (or at ``address``), identity checked."""
+            tls: bool = True, check: bool = True, wait_workers: int = 0,
+            wait_timeout: float = 300.0, wait_option: str = "--wait-timeout") -> Client:
+    """A Client of the cluster in ``scheduler_file`` (or at ``address``), identity checked.
+
+    With ``wait_workers`` it first waits until that many workers have joined (the jobscripts
+    start the client together with the workers), so the identity check sees all of them."""
     timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
     path = None
     if scheduler_file:
@@ -392,13 +397,30 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
         raise BadInput(f"{hint} ({type(e).__name__})") from None
     except ImportError as e:  # how distributed's Client reports the guard's refusal
         raise Refused(str(e).removeprefix("hpcdask: ")) from None
-    if check:
-        try:
+    try:
+        if wait_workers:
+            wait_for_workers(client, wait_workers, wait_timeout, wait_option)
+        if check:
             check_cluster(client)
-        except BaseException:
-            client.close()
-            raise
+    except BaseException:
+        client.close()
+        raise
     return client
+
+
+def wait_for_workers(client: Client, n: int, timeout: float, option: str) -> None:
+    """Block until ``n`` workers have joined; then say so on stdout, with the Unix time (the
+    jobscripts' and the tests' readiness record)."""
+    t0 = time.monotonic()
+    try:
+        client.wait_for_workers(n, timeout=timeout)
+    except TimeoutError:
+        have = len(cluster_info(client)["workers"])
+        raise NotReady(f"only {have} of {n} worker(s) joined within {timeout:g}s; see the "
+                       f"worker output for why, or wait longer ({option}; HPCDASK_READY_TIMEOUT in "
+                       f"the jobscripts)") from None
+    print(f"hpcdask: {n} worker(s) ready after {time.monotonic() - t0:.1f}s "
+          f"(at {time.time():.3f})", flush=True)
 
 
 def cluster_info(client: Client) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from hpcdask.launch import cluster_info
 c = distributed.get_client()
 c.wait_for_workers(int(sys.argv[3]), timeout=200)
 info = cluster_info(c)
-comms = [info["address"], *info["workers"], *(w["nanny"] for w in info["workers"].values() if w["nanny"])]
+comms = {info["address"]: "scheduler", **{a: "worker" for a in info["workers"]},
+         **{w["nanny"]: "nanny" for w in info["workers"].values() if w["nanny"]}}
 Path(sys.argv[1]).write_text(json.dumps(comms))
 while not Path(sys.argv[2]).exists():
     time.sleep(0.2)
@@ -69,6 +70,27 @@ def _port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def table(found: dict[str, set[tuple[str, int, str]]], roles: dict[tuple[str, int], str]) -> str:
+    """The README's listening-socket table: per node, what listens where (ports as P)."""
+    rows = []
+    for where, socks in found.items():
+        kinds: dict[tuple[str, str], int] = {}
+        for host, port, name in socks:
+            if (host, port) in roles:
+                what = f"{roles[host, port]} (TLS comm)"
+            elif name in SLURM:
+                what = f"{name} (Slurm's own)"
+            elif host.startswith("127.") or host == "::1":
+                what = "dashboard" if port == 8787 else "HTTP (worker)"
+            else:
+                what = f"{name}: NOT EXPECTED"
+            kinds[host, what] = kinds.get((host, what), 0) + 1
+        listed = ", ".join(f"{what} {host}:P" + (f" x{k}" if k > 1 else "")
+                           for (host, what), k in sorted(kinds.items(), key=lambda x: x[0][1]))
+        rows.append(f"| {where} | {listed or 'nothing'} |")
+    return "\n".join(rows)
+
+
 def held_cluster(slurm_cluster, udir: Path, start) -> tuple[set, set]:
     """Start a cluster through ``start(comms_file, release_file)``, list the sockets while the
     hold script runs, release it. Returns (non-loopback listeners, the cluster's comm ports)."""
@@ -80,10 +102,12 @@ def held_cluster(slurm_cluster, udir: Path, start) -> tuple[set, set]:
         while not comms_file.exists():
             assert time.monotonic() < deadline, "the cluster did not come up"
             time.sleep(0.5)
-        comms = {_port(a) for a in json.loads(comms_file.read_text())}
-        table = listeners(slurm_cluster)
-        print("LISTENERS", json.dumps({k: sorted(v) for k, v in table.items()}))
-        found = exposed(table)
+        roles = {_port(a): role for a, role in json.loads(comms_file.read_text()).items()}
+        comms = set(roles)
+        socks = listeners(slurm_cluster)
+        print("LISTENERS", json.dumps({k: sorted(v) for k, v in socks.items()}))
+        print(f"LISTENING-TABLE\n{table(socks, roles)}")
+        found = exposed(socks)
     finally:
         release.write_text("")
         finish()

@@ -455,3 +455,55 @@ def test_taken_dashboard_port_falls_back_with_the_right_tunnel(tmp_path):
             assert "Traceback" not in log and "already in use" not in log
         finally:
             assert stop(sched) == 0
+
+
+_COUNT_SCRIPT = """
+import distributed
+from hpcdask.launch import cluster_info
+print("WORKERS", len(cluster_info(distributed.get_client())["workers"]))
+"""
+
+
+def test_a_client_started_before_its_cluster_waits_for_every_worker(tmp_path):
+    """The all-in-one job's order: the client starts first, waits for the scheduler's file, then
+    for N workers (--wait-workers), and only then checks identities and runs the script. Asking
+    for more workers than come ends in one line and exit 1 at --wait-timeout."""
+    path = tmp_path / "c" / "scheduler.json"
+    script = tmp_path / "count.py"
+    script.write_text(_COUNT_SCRIPT)
+    client = start(["client", str(script), "--scheduler-file", str(path), "--wait-workers", "2"],
+                   tmp_path / "client.log")
+    time.sleep(1)
+    assert client.poll() is None, (tmp_path / "client.log").read_text()
+    sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
+                   "--dashboard", "off"], tmp_path / "s.log")
+    workers = []
+    try:
+        for i in range(2):  # one at a time: the client must not start on the first
+            workers.append(start(["worker", "--scheduler-file", str(path), "--interface", "lo",
+                                  "--nthreads", "1", "--memory-limit", "512MiB"],
+                                 tmp_path / f"w{i}.log"))
+            if i == 0:
+                wait_workers(path, 1)
+                time.sleep(2)
+                assert client.poll() is None, (tmp_path / "client.log").read_text()
+        assert client.wait(120) == 0, (tmp_path / "client.log").read_text()
+        out = (tmp_path / "client.log").read_text()
+        assert "WORKERS 2" in out and "hpcdask: 2 worker(s) ready after" in out, out
+
+        late = subprocess.run([*HPCDASK, "client", str(script), "--scheduler-file", str(path),
+                               "--wait-workers", "3", "--wait-timeout", "3s"],
+                              capture_output=True, text=True, timeout=120)
+        assert late.returncode == 1, late
+        assert late.stderr.strip().splitlines() == [
+            "hpcdask: error: only 2 of 3 worker(s) joined within 3s; see the worker output for "
+            "why, or wait longer (--wait-timeout; HPCDASK_READY_TIMEOUT in the jobscripts)"]
+        assert "WORKERS" not in late.stdout
+    finally:
+        stop(client, signal.SIGKILL)
+        stop(sched)
+        for w in workers:
+            stop(w)
+    for log in tmp_path.glob("*.log"):
+        text = log.read_text()
+        assert "Traceback" not in text and " - ERROR - " not in text, (log.name, text)

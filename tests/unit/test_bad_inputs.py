@@ -53,6 +53,17 @@ def case_open_scheduler_folder(tmp_path):
         f"has mode 0755, open to others; the cluster's credentials need a private folder: chmod 700 {d}"
 
 
+def case_wait_workers_without_a_cluster(tmp_path):
+    return ["run", "--wait-workers", "2"], \
+        "--wait-workers waits for a cluster's workers; give --scheduler-file F too"
+
+
+def case_bad_wait_timeout(tmp_path):
+    return ["client", __file__, "--scheduler-file", str(tmp_path / "s.json"), "--wait-workers", "2",
+            "--wait-timeout", "soon"], \
+        "--wait-timeout 'soon' is not a duration; give e.g. --wait-timeout 300s or 10m"
+
+
 def case_bad_memory_string(tmp_path):
     return ["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo",
             "--memory-limit", "4XB"], "--memory-limit '4XB' is not a size; write it like 4GiB"

@@ -115,12 +115,14 @@ def test_library_key_lines():
     assert ('"${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" ${end:+--job-end "$end"} &'
             in text)
     assert 'rm -rf -- "$HJ_DIR"/tls "$HJ_DIR"/.tls-*' in text
-    # Readiness is real: hpcdask wait for N registered workers.
+    # Readiness is real: the client waits for N registered workers (Jupyter: hpcdask wait).
+    assert 'wait=(--wait-workers "$n" --wait-timeout "$HJ_READY_TIMEOUT")' in text
     assert ('"${HJ_EXEC[@]}" hpcdask wait --scheduler-file "$file" --workers "$n" '
             '--timeout "$HJ_READY_TIMEOUT" &') in text
     # The client: hpcdask run, or the user's script after "--" (its options stay its own).
-    assert '"${HJ_EXEC[@]}" hpcdask run --scheduler-file "$file" "$@" &' in text
-    assert '"${HJ_EXEC[@]}" hpcdask client --scheduler-file "$file" -- "$@" &' in text
+    assert '"${HJ_EXEC[@]}" hpcdask run --scheduler-file "$file" "${wait[@]}" "$@" &' in text
+    assert ('"${HJ_EXEC[@]}" hpcdask client --scheduler-file "$file" "${wait[@]}" -- "$@" &'
+            in text)
     # Orderly end: SIGTERM to the scheduler, which retires the workers; cleanup on any exit.
     assert 'kill -TERM "$HJ_SCHED"' in text
     assert "trap hj_cleanup EXIT" in text
@@ -225,14 +227,18 @@ def test_client_choice(tmp_path):
     script.write_text("")
     # Replace the apptainer prefix by echo: what would run?
     snippet = ('HJ_EXEC=(echo); hj_start_client F "$@"; wait "$HJ_CLIENT"')
-    cases = {(): "hpcdask run --scheduler-file F",
-             ("--workload", "smoke"): "hpcdask run --scheduler-file F --workload smoke",
-             (str(script), "--arg", "1"): f"hpcdask client --scheduler-file F -- {script} --arg 1"}
+    wait = "--wait-workers 3 --wait-timeout 300s"
+    cases = {("3",): f"hpcdask run --scheduler-file F {wait}",
+             ("0",): "hpcdask run --scheduler-file F",
+             ("3", "--workload", "smoke"): f"hpcdask run --scheduler-file F {wait} --workload smoke",
+             ("3", str(script), "--arg", "1"):
+                 f"hpcdask client --scheduler-file F {wait} -- {script} --arg 1",
+             ("0", str(script)): f"hpcdask client --scheduler-file F -- {script}"}
     for args, want in cases.items():
         proc = subprocess.run(["bash", "-c", f'source "{LIB}"; {snippet}', "x", *args],
                               capture_output=True, text=True)
         assert proc.stdout.strip() == want, proc.stderr
-    proc = subprocess.run(["bash", "-c", f'source "{LIB}"; {snippet}', "x", "absent.py"],
+    proc = subprocess.run(["bash", "-c", f'source "{LIB}"; {snippet}', "x", "3", "absent.py"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "script absent.py does not exist" in proc.stderr
 

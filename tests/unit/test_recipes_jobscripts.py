@@ -85,7 +85,7 @@ def test_pbs_gpu_workers_env_file(tmp_path):
 # --- Jupyter ----------------------------------------------------------------------------------
 
 def test_all_in_one_jupyter_is_the_jobs_client(tmp_path):
-    proc = lib('HJ_EXEC=(echo); hj_start_client F "$@"; wait "$HJ_CLIENT"', {}, "--jupyter")
+    proc = lib('HJ_EXEC=(echo); hj_start_client F 0 "$@"; wait "$HJ_CLIENT"', {}, "--jupyter")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "hpcdask jupyter --scheduler-file F"
 

@@ -1,8 +1,9 @@
 """Section `ready`: time to ready on loopback, the image against its own Python run bare.
 
 Both sides run the same commands (`hpcdask scheduler` + N x `hpcdask worker`, TLS, --interface
-lo), timed like the jobscripts: start the scheduler (and `hpcdask wait --workers N`), start the
-workers once its file exists, stop the clock when `hpcdask wait` returns. (The roles' Python is
+lo), timed like the all-in-one job: start the scheduler, the workers and `hpcdask wait --workers
+N` at once (the workers and the waiter wait for the scheduler's file), stop the clock when
+`hpcdask wait` returns. (The roles' Python is
 the image's build, not the bench's: their scheduler refuses a client from the bench's venv.) The image side runs every role through the
 runner (tests/cluster/bin/apptainer exec); the bare side runs the same roles with the image's
 own interpreter and site-packages straight on the host (env.Setup.bare), so the ratio measures
@@ -27,14 +28,16 @@ def _cpu():
 
 def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float = 0,
                       memory: str = "1GiB", timeout: float = 180, env=None,
-                      bench_client: bool = True) -> dict:
+                      bench_client: bool = True, interface: str = "lo",
+                      worker_netns: list[str] | None = None) -> dict:
     """Scheduler + n workers started with ``prefix`` (the hpcdask command), until n are ready.
 
     Returns ready_s, scheduler_s, join_cpu_s (scheduler CPU per join) and, with idle_s, the
     idle scheduler's CPU rate with n workers (heartbeats). Without ``bench_client`` (roles of
     another Python build, whose scheduler refuses the bench's client) the clock stops when
     ``PREFIX wait --workers n`` (the jobscripts' readiness check, started with the scheduler)
-    returns, and only ready_s and scheduler_s are measured.
+    returns, and only ready_s and scheduler_s are measured. With ``worker_netns`` the workers
+    are spread over those network namespaces (nodes) in turn, bound to ``interface`` there.
     """
     from hpcdask import launch
 
@@ -45,17 +48,18 @@ def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float 
     client = None
     try:
         t0 = time.perf_counter()
-        procs.append(spawn([*prefix, "scheduler", "--scheduler-file", f, "--interface", "lo",
+        procs.append(spawn([*prefix, "scheduler", "--scheduler-file", f, "--interface", interface,
                             "--dashboard", "off"], logfile, env=env))
         waiter = None if bench_client else spawn(
             [*prefix, "wait", "--scheduler-file", f, "--workers", str(n), "--timeout",
              f"{timeout:.0f}s"], logfile, env=env)
-        wait_file(f, procs, 120, f"{what} scheduler", logfile)
-        t_sched = time.perf_counter() - t0
-        for i in range(n):
-            procs.append(spawn([*prefix, "worker", "--scheduler-file", f, "--interface", "lo",
+        for i in range(n):  # at once, like the all-in-one job: they wait for the file
+            procs.append(spawn([*prefix, "worker", "--scheduler-file", f, "--interface", interface,
                                 "--nthreads", "1", "--memory-limit", memory, "--name", f"w{i}"],
-                               logfile, env=env))
+                               logfile, env=env,
+                               netns=worker_netns[i % len(worker_netns)] if worker_netns else None))
+        wait_file(f, procs[:1], 120, f"{what} scheduler", logfile)
+        t_sched = time.perf_counter() - t0
         if waiter is not None:
             procs.append(waiter)
             rc = waiter.wait(timeout + 30)

@@ -75,7 +75,9 @@ def _details(S: dict[str, Any]) -> list[str]:
     sc = S.get("scaling", {})
     if sc.get("summary"):
         p = sc["prediction"]
-        out.append(f"\n## Scaling: time to ready, 1-{sc['workers'][-1]} worker processes "
+        where = (f"over the {sc['nodes']} test nodes' {sc['interface']}" if sc.get("nodes")
+                 else "on loopback")
+        out.append(f"\n## Scaling: time to ready, 1-{sc['workers'][-1]} worker processes {where} "
                    f"(model fitted on {p['fitted_on']}, predicted before measuring)\n\n")
         out.append(markdown_table(
             [[str(n), fmt_value(sc["summary"][str(n)], "s"),

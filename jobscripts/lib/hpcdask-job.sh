@@ -215,36 +215,26 @@ hj_launch_workers() {
 # Start the scheduler (FILE) in the background and wait until it has published its address in
 # FILE. An existing FILE is never removed here: hpcdask scheduler refuses it, naming its owner.
 hj_start_scheduler() {
-    hj_spawn_scheduler "$1"
-    hj_await_scheduler
-}
-
-# The scheduler (FILE) in the background; the other roles may start at once, they wait for FILE.
-hj_spawn_scheduler() {
     local file=$1
     HJ_FILE=$file
     local end
     end=$(hj_job_end)  # the credentials expire soon after the job
     "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" ${end:+--job-end "$end"} &
     HJ_SCHED=$!
-}
-
-# Block until the scheduler has published its address in its file (written once it listens);
-# the loop only also notices a scheduler that failed, so an error shows at once instead of
-# after a timeout.
-hj_await_scheduler() {
+    # Its readiness is the file itself (written once it listens); the loop only also notices
+    # a scheduler that failed, so an error shows at once instead of after a timeout.
     local limit=$((SECONDS + 120))
-    until grep -qs '"address"' "$HJ_FILE"; do
+    until grep -qs '"address"' "$file"; do
         if ! kill -0 "$HJ_SCHED" 2>/dev/null; then
             local rc=0
             wait "$HJ_SCHED" || rc=$?
             HJ_SCHED=''
             hj_die "$rc" "the scheduler did not start (exit $rc); the line above says why"
         fi
-        [ "$SECONDS" -lt "$limit" ] || hj_die 1 "the scheduler wrote no $HJ_FILE within 120 s"
+        [ "$SECONDS" -lt "$limit" ] || hj_die 1 "the scheduler wrote no $file within 120 s"
         sleep 0.1
     done
-    hj_say "scheduler up after $(hj_elapsed)s: $HJ_FILE"
+    hj_say "scheduler up after $(hj_elapsed)s: $file"
 }
 
 # Is PID (possibly empty) still running?
@@ -411,18 +401,17 @@ hj_all_in_one() {
     local n=$((nodes * ${HPCDASK_NWORKERS:-1}))
     export HPCDASK_BATCH_HOST
     HPCDASK_BATCH_HOST=$(hostname)
-    # Every role starts at once: the workers and the client wait for the scheduler's file, the
-    # client then for the N workers (--wait-workers), so no start-up waits for another's.
-    # Jupyter's notebooks connect later, when the user opens them: it starts on a full cluster.
-    hj_spawn_scheduler "$file"
+    # The scheduler first: a setting every role shares (the interface, TLS) fails there, once.
+    # Then the workers and the client together: the client waits for the N workers itself
+    # (--wait-workers) while they start. Jupyter's notebooks connect later, when the user opens
+    # them: it starts on a full cluster.
+    hj_start_scheduler "$file"
     hj_launch_workers "$file" "" "$nodes"
     if [ "${1:-}" = --jupyter ]; then
-        hj_await_scheduler
         hj_wait_ready "$file" "$n"
         hj_start_client "$file" 0 "$@"
     else
         hj_start_client "$file" "$n" "$@"
-        hj_await_scheduler
     fi
     hj_wait_client
     local rc=$HJ_RC

@@ -1,13 +1,13 @@
 """Section `ready`: time to ready on loopback, the image against its own Python run bare.
 
 Both sides run the same commands (`hpcdask scheduler` + N x `hpcdask worker`, TLS, --interface
-lo), timed like the all-in-one job: start the scheduler, the workers and `hpcdask wait --workers
-N` at once (the workers and the waiter wait for the scheduler's file), stop the clock when
-`hpcdask wait` returns. (The roles' Python is
-the image's build, not the bench's: their scheduler refuses a client from the bench's venv.) The image side runs every role through the
-runner (tests/cluster/bin/apptainer exec); the bare side runs the same roles with the image's
-own interpreter and site-packages straight on the host (env.Setup.bare), so the ratio measures
-the container.
+lo), timed like the all-in-one job: start the scheduler (and `hpcdask wait --workers N`, as the
+job's client waits), start the workers once its file exists, stop the clock when `hpcdask wait`
+returns. (The roles' Python is the image's build, not the bench's: their scheduler refuses a
+client from the bench's venv.) The image side runs every role through the runner
+(tests/cluster/bin/apptainer exec); the bare side runs the same roles with the image's own
+interpreter and site-packages straight on the host (env.Setup.bare), so the ratio measures the
+container.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float 
         waiter = None if bench_client else spawn(
             [*prefix, "wait", "--scheduler-file", f, "--workers", str(n), "--timeout",
              f"{timeout:.0f}s"], logfile, env=env)
-        for i in range(n):  # at once, like the all-in-one job: they wait for the file
+        wait_file(f, procs, 120, f"{what} scheduler", logfile)
+        t_sched = time.perf_counter() - t0
+        for i in range(n):
             procs.append(spawn([*prefix, "worker", "--scheduler-file", f, "--interface", interface,
                                 "--nthreads", "1", "--memory-limit", memory, "--name", f"w{i}"],
                                logfile, env=env,
                                netns=worker_netns[i % len(worker_netns)] if worker_netns else None))
-        wait_file(f, procs[:1], 120, f"{what} scheduler", logfile)
-        t_sched = time.perf_counter() - t0
         if waiter is not None:
             procs.append(waiter)
             rc = waiter.wait(timeout + 30)

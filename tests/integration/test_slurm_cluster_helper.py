@@ -62,8 +62,8 @@ with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
     if hold:
         from pathlib import Path
         info = cluster_info(client)
-        comms = [info["address"], *info["workers"],
-                 *(w["nanny"] for w in info["workers"].values() if w.get("nanny"))]
+        comms = {info["address"]: "scheduler", **{a: "worker" for a in info["workers"]},
+                 **{w["nanny"]: "nanny" for w in info["workers"].values() if w.get("nanny")}}
         Path(hold[0]).write_text(json.dumps(comms))
         while not Path(hold[1]).exists():
             time.sleep(0.2)

@@ -9,8 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from common import HPCDASK
+import ready
+from common import HPCDASK, pickle_by_value
 from ready import schedfile_cluster
+
+pickle_by_value(ready)  # its functions run on the scheduler, which cannot import the bench
 
 
 def main(argv: list[str]) -> None:

@@ -136,7 +136,7 @@ def all_goals(S: dict) -> list[Goal]:
          "same validation split and test set for both; one value per seed"),
         ("grid search on 2 workers x 1 thread: sequential (1 thread) / joblib-dask", ">=", 1.6, "x",
          "workloads", lambda S: _get(S, "workloads", "gridsearch", "speedup"),
-         "limit 2.0x on 2 cores; fit times in the grid search table"),
+         "limit 2.0x on 2 cores; the loky control and the fit times in the grid search table"),
         *_scaling_goals(S),
     ]
 

@@ -69,9 +69,21 @@ def _details(S: dict[str, Any]) -> list[str]:
     if gs.get("runs"):
         out.append(f"\n## Grid search: {gs['fits']} fits, {gs['samples']:,} samples, "
                    f"mean fit {fmt_value(gs['mean_fit_s'], 's')}\n\n")
+        loky = "loky_s" in gs["runs"][0]
+
+        def fit(q, v):
+            return fmt_num(q.get(f"{v}_mean_fit_s", float("nan")))
         out.append(markdown_table(
-            [[str(i), fmt_num(q["sequential_s"]), fmt_num(q["joblib-dask_s"])]
-             for i, q in enumerate(gs["runs"])], ["rep", "sequential s", "joblib-dask s"]))
+            [[str(i), f"{fmt_num(q['sequential_s'])} ({fit(q, 'sequential')})",
+              f"{fmt_num(q['joblib-dask_s'])} ({fit(q, 'joblib-dask')})",
+              *([f"{fmt_num(q['loky_s'])} ({fit(q, 'loky')})"] if loky else [])]
+             for i, q in enumerate(gs["runs"])],
+            ["rep", "sequential s (mean fit s)", "joblib-dask s (mean fit s)",
+             *(["loky, 2 processes s (mean fit s)"] if loky else [])]))
+        if loky:
+            out.append(f"\nControl: joblib's own loky pool (2 processes, no Dask) runs the same "
+                       f"search at {fmt_value(gs['speedup_loky'], 'x')} of sequential: what two "
+                       f"concurrent fits of this pipeline give on these 2 cores at all.\n")
     sc = S.get("scaling", {})
     if sc.get("summary"):
         p = sc["prediction"]

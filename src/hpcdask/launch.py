@@ -70,16 +70,31 @@ async def _until_signalled(stop: asyncio.Event, finished) -> str:
 
     def on_signal(sig: int) -> None:
         got.append(signal.Signals(sig).name)
+        _ignore_signals()
         shutdown.quiet()
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     waiter = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([waiter, asyncio.ensure_future(finished)],
-                                 return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait([waiter, asyncio.ensure_future(finished)],
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        _ignore_signals()
     waiter.cancel()
     return got[0] if got else "finished"
+
+
+def _ignore_signals() -> None:
+    """Once a role stops, SIGINT/SIGTERM are ignored: the batch system signals every process of
+    the step and the jobscript passes its own signal on, so a second one comes, and it changes
+    nothing (SIGKILL at KillWait still ends a stuck role). It must also never reach asyncio's
+    handler: when it lands while the loop closes (after its wakeup pipe, before its handlers),
+    Python prints a BrokenPipeError traceback ("Exception ignored when trying to write to the
+    signal wakeup fd"), seen at a Slurm time limit."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # --- scheduler ---------------------------------------------------------------------------------

@@ -463,3 +463,34 @@ def test_a_heartbeat_meeting_a_closed_scheduler_is_one_warning_line(caplog):
                                   "(CommClosedError: in <TLS (closed) "
                                   "ConnectionPool.heartbeat_worker>)")
     assert second.levelname == "ERROR" and second.exc_info is not None
+
+
+_SIGNALLED = """
+import asyncio, os, signal
+from hpcdask import launch
+
+async def main():
+    async def forever():
+        await asyncio.sleep(60)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+    why = await launch._until_signalled(asyncio.Event(), forever())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    for _ in range(20):  # the step's and the jobscript's: nothing happens
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(0.1)
+    print(why)
+
+asyncio.run(main())
+"""
+
+
+def test_a_stopping_role_ignores_further_signals():
+    """After the first SIGTERM a role ignores SIGINT/SIGTERM: later ones (the batch system signals
+    every process of the step and the jobscript passes its own on) neither interrupt its orderly
+    stop nor reach asyncio's handler while its loop closes (a BrokenPipeError traceback)."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLED], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "SIGTERM", "")

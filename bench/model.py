@@ -30,7 +30,7 @@ MODEL_ASSUMPTIONS = [
     "handshake + registration) is paid once, not N times; the scheduler then handles the "
     "joins one after another (its event loop is single-threaded).",
     "Per-join scheduler cost = the scheduler process's CPU time while N workers joined, "
-    "divided by N (measured on loopback with TLS; an upper bound: it includes the heartbeats "
+    "divided by N (measured with TLS over the 3 test nodes' ib0; an upper bound: it includes the heartbeats "
     "and client traffic of that window).",
     "The pessimistic time to ready is this machine's straight-line fit of ready time against N "
     "(every worker start competes for the same 2 cores; no cluster is that bad unless the "
@@ -136,5 +136,6 @@ def from_results(sections: dict[str, Any]) -> dict[str, Any]:
     m["fitted_on"] = ns
     m["band_contains"] = {"n": len(inside), "median": sum(inside) / len(inside),
                           "min": sum(inside) / len(inside), "max": sum(inside) / len(inside)}
-    m["from"] = "scaling: hpcdask scheduler-file path, loopback TLS; throughput: hpcdask TLS"
+    m["from"] = ("scaling: hpcdask scheduler-file path, TLS over the test nodes' ib0; "
+                 "throughput: hpcdask TLS")
     return m

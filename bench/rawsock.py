@@ -7,7 +7,8 @@
 ``distributed.Security`` from hpcdask's credentials in CREDENTIALS), so it negotiates the same
 protocol and cipher. Run each side in its namespace (``nsenter --net=/run/netns/NAME``). The
 receiver reads into one preallocated buffer (as Dask does for large frames) and reports the
-time from the connection's first byte to its last, and the negotiated cipher.
+time from the connection's first byte to its last, and the negotiated cipher. The sender sends
+memory it has written, as Dask's worker sends its array.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def recv(kind: str, host: str, portfile: str, nbytes: int, creds: str | None) ->
 
 
 def send(kind: str, host: str, port: int, nbytes: int, creds: str | None) -> None:
-    data = bytes(nbytes)
+    # Written memory, as Dask's source array is (np.ones): bytes(nbytes) would be untouched
+    # zero pages, each read faulting during the send (measured: raw TCP 1.45 GB/s, 2.0 with this).
+    data = bytearray(b"\x01") * nbytes
     with socket.create_connection((host, port)) as s:
         if kind == "ssl":
             with _context(creds, "client").wrap_socket(s, server_hostname=None) as t:

@@ -273,7 +273,8 @@ def client(script, args, scheduler_file, output, wait_workers, wait_timeout, tls
 
 
 def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool,
-               wait_workers: int = 0, wait_timeout: float = 300.0) -> None:
+               wait_workers: int = 0, wait_timeout: float = 300.0,
+               wait_hint: str = launch.READY_HINT) -> None:
     """SCRIPT as ``__main__`` with a connected, identity-checked Client, provenance.json
     written: ``hpcdask client``'s body, also the client rank of ``hpcdask mpi``."""
     from hpcdask import compat
@@ -283,7 +284,8 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
     compat.apply()  # imports dask-ml (~2 s): now, while the workers start, not after they have
     with provenance.Recorder(output, provenance.command_line()) as record, \
             _terminate_cleanly(), launch.connect(scheduler_file, tls=tls, wait_workers=wait_workers,
-                                                 wait_timeout=wait_timeout) as c:
+                                                 wait_timeout=wait_timeout,
+                                                 wait_hint=wait_hint) as c:
         record.cluster(c)
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c):  # dask-ml works in the script too
@@ -316,7 +318,8 @@ def mpi(script, args, scheduler_file, output, tls) -> None:
 def wait_(scheduler_file, n_workers, timeout, tls) -> None:
     """Wait until N workers have joined the cluster: the jobscripts' readiness check."""
     with launch.connect(scheduler_file, tls=tls, check=False, wait_workers=n_workers,
-                        wait_timeout=_timeout(timeout, "--timeout"), wait_option="--timeout"):
+                        wait_timeout=_timeout(timeout, "--timeout"),
+                        wait_hint="--timeout; HPCDASK_READY_TIMEOUT in the jobscripts"):
         pass
 
 

@@ -381,9 +381,13 @@ def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:
 
 # --- client ------------------------------------------------------------------------------------
 
+# How to wait longer for workers, as hpcdask run/client and the jobscripts offer it.
+READY_HINT = "--wait-timeout; HPCDASK_READY_TIMEOUT in the jobscripts"
+
+
 def connect(scheduler_file: Path | None = None, address: str | None = None,
             tls: bool = True, check: bool = True, wait_workers: int = 0,
-            wait_timeout: float = 300.0, wait_option: str = "--wait-timeout") -> Client:
+            wait_timeout: float = 300.0, wait_hint: str = READY_HINT) -> Client:
     """A Client of the cluster in ``scheduler_file`` (or at ``address``), identity checked.
 
     With ``wait_workers`` it first waits until that many workers have joined (the jobscripts
@@ -414,7 +418,7 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
         raise Refused(str(e).removeprefix("hpcdask: ")) from None
     try:
         if wait_workers:
-            wait_for_workers(client, wait_workers, wait_timeout, wait_option)
+            wait_for_workers(client, wait_workers, wait_timeout, wait_hint)
         if check:
             check_cluster(client)
     except BaseException:
@@ -423,17 +427,16 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
     return client
 
 
-def wait_for_workers(client: Client, n: int, timeout: float, option: str) -> None:
+def wait_for_workers(client: Client, n: int, timeout: float, hint: str = READY_HINT) -> None:
     """Block until ``n`` workers have joined; then say so on stdout, with the Unix time (the
-    jobscripts' and the tests' readiness record)."""
+    jobscripts' and the tests' readiness record). ``hint`` names the setting to raise."""
     t0 = time.monotonic()
     try:
         client.wait_for_workers(n, timeout=timeout)
     except TimeoutError:
         have = len(cluster_info(client)["workers"])
         raise NotReady(f"only {have} of {n} worker(s) joined within {timeout:g}s; see the "
-                       f"worker output for why, or wait longer ({option}; HPCDASK_READY_TIMEOUT in "
-                       f"the jobscripts)") from None
+                       f"worker output for why, or wait longer ({hint})") from None
     print(f"hpcdask: {n} worker(s) ready after {time.monotonic() - t0:.1f}s "
           f"(at {time.time():.3f})", flush=True)
 

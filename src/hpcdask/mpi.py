@@ -113,9 +113,8 @@ def _client(script, args, scheduler_file, output, tls, comm, workers: int) -> in
     rc = 1
     try:
         timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
-        with launch.connect(scheduler_file, tls=tls, check=False) as c:
-            c.wait_for_workers(workers, timeout=timeout)
-        cli.run_script(script, args, scheduler_file, output, tls)
+        cli.run_script(script, args, scheduler_file, output, tls, wait_workers=workers,
+                       wait_timeout=timeout, wait_hint="HPCDASK_SCHEDULER_FILE_TIMEOUT")
         rc = 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else 1

@@ -46,7 +46,7 @@ def plots(res: dict[str, Any], outdir: Path) -> list[str]:
         _ax_done(ax, fig, outdir, "goals.png", made)
         plt.close(fig)
 
-    # 2. transfer bandwidth with the two 0.80x goal lines
+    # 2. transfer bandwidth with the 0.80x goal lines
     x = S.get("transfer", {})
     if x.get("summary"):
         s = x["summary"][str(x["sizes"][-1])]
@@ -55,11 +55,17 @@ def plots(res: dict[str, Any], outdir: Path) -> list[str]:
         med = [s[v]["median"] / 1e6 for v in names]
         err = [[(s[v]["median"] - s[v]["min"]) / 1e6 for v in names],
                [(s[v]["max"] - s[v]["median"]) / 1e6 for v in names]]
-        ax.bar(range(len(names)), med, yerr=err, capsize=4, color=["C0", "C1", "C2", "C3"])
-        for limit, i in (("raw ssl", names.index("dask TLS")), ("raw TCP", names.index("dask TCP"))):
+        ax.bar(range(len(names)), med, yerr=err, capsize=4,
+               color=[f"C{i}" for i in range(len(names))])
+        for limit, dask in (("raw ssl", "dask TLS"), ("raw TCP", "dask TCP"),
+                            ("raw ssl cold", "dask TLS cold")):
+            if limit not in s or dask not in s:
+                continue
+            i = names.index(dask)
             g = 0.8 * s[limit]["median"] / 1e6
             ax.plot([i - 0.4, i + 0.4], [g, g], color="red", lw=2)
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), [n.replace(" cold", "\ncold") for n in names],
+                      fontsize=8)
         ax.set_ylabel("MB/s")
         ax.set_title(f"{x['sizes'][-1] / 1e6:.0f} MB worker to worker; red: goal 0.80x of the "
                      f"raw limit", fontsize=9)

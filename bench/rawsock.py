@@ -1,14 +1,26 @@
 """Raw sockets between two namespaces: the limits Dask's worker-to-worker transfer is compared to.
 
-    python bench/rawsock.py recv tcp|ssl HOST PORTFILE NBYTES [CREDENTIALS]  # prints JSON
-    python bench/rawsock.py send tcp|ssl HOST PORT NBYTES [CREDENTIALS]
+    python bench/rawsock.py recv tcp|ssl HOST PORTFILE NBYTES COUNT warm|cold [CREDENTIALS]
+    python bench/rawsock.py send tcp|ssl HOST PORT NBYTES COUNT [CREDENTIALS]
 
-``ssl`` wraps the socket in the very ``ssl.SSLContext`` Dask's workers use (built by
-``distributed.Security`` from hpcdask's credentials in CREDENTIALS), so it negotiates the same
-protocol and cipher. Run each side in its namespace (``nsenter --net=/run/netns/NAME``). The
-receiver reads into one preallocated buffer (as Dask does for large frames) and reports the
-time from the connection's first byte to its last, and the negotiated cipher. The sender sends
-memory it has written, as Dask's worker sends its array.
+COUNT messages of NBYTES go over one connection (as Dask's pooled connection carries its); the
+receiver prints JSON with each message's bandwidth and their median.
+
+Each side handles its socket and its memory as Dask's comm does, so that the raw side differs
+from Dask's only by what Dask adds:
+- ``ssl`` wraps the socket in the very ``ssl.SSLContext`` Dask's workers use (built by
+  ``distributed.Security`` from hpcdask's credentials in CREDENTIALS), so it negotiates the same
+  protocol and cipher;
+- both ends set TCP_NODELAY, as distributed's comm does (without it, over an MTU of 1500, each
+  16 KB TLS record's last segment waits for an ACK: raw ssl measured 337-562 MB/s, 1,154-1,466
+  with it);
+- the receiver reads each message into a fresh buffer from distributed's own ``host_array``,
+  asking for all that is left each time (as tornado's ``read_into`` does), and times from its
+  first byte to its last. ``warm`` first writes and frees as many bytes (the bench does the same in Dask's
+  receiving worker): on this VM a first touch of memory not used lately costs up to ~1 s per
+  400 MB, erratically, and that would swamp what is measured;
+- the sender sends memory it has written, as Dask's worker sends its array.
+Run each side in its namespace (``nsenter --net=/run/netns/NAME``).
 """
 
 from __future__ import annotations
@@ -16,11 +28,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
-
-CHUNK = 4 << 20
 
 
 def _context(creds: str, side: str):
@@ -32,52 +43,69 @@ def _context(creds: str, side: str):
     return args["ssl_context"]
 
 
-def recv(kind: str, host: str, portfile: str, nbytes: int, creds: str | None) -> None:
+def warm(nbytes: int) -> None:
+    """Write and free NBYTES, so the next allocation of that size reuses memory in use lately."""
+    import numpy as np
+
+    np.ones(nbytes, dtype="u1")
+
+
+def recv(kind: str, host: str, portfile: str, nbytes: int, count: int, memory: str,
+         creds: str | None) -> None:
+    from distributed.protocol.utils import host_array
+
     srv = socket.create_server((host, 0))
     tmp = portfile + ".tmp"
     with open(tmp, "w") as f:
         f.write(str(srv.getsockname()[1]))
     os.replace(tmp, portfile)
     conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     cipher = None
     if kind == "ssl":
         conn = _context(creds, "server").wrap_socket(conn, server_side=True)
         cipher = list(conn.cipher())
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
-    got = conn.recv_into(view[:CHUNK])
-    t0 = time.perf_counter()
-    while got < nbytes:
-        n = conn.recv_into(view[got:got + CHUNK])
-        if not n:
-            break
-        got += n
-    dt = time.perf_counter() - t0
+    seconds = []
+    for _ in range(count):
+        if memory == "warm":
+            warm(nbytes)
+        view = host_array(nbytes)
+        got = conn.recv_into(view)
+        t0 = time.perf_counter()
+        while got < nbytes:
+            n = conn.recv_into(view[got:])
+            if not n:
+                raise SystemExit(f"rawsock: the sender stopped after {got} of {nbytes} bytes")
+            got += n
+        seconds.append(time.perf_counter() - t0)
+        del view
     conn.sendall(b"k")  # the sender closes only after this: no RST over unread TLS tickets
     conn.close()
     srv.close()
-    print(json.dumps({"bytes": got, "seconds": dt, "bandwidth": got / dt if dt else None,
+    bw = [nbytes / s for s in seconds]
+    print(json.dumps({"bytes": nbytes, "messages": bw, "bandwidth": statistics.median(bw),
                       "cipher": cipher}))
 
 
-def send(kind: str, host: str, port: int, nbytes: int, creds: str | None) -> None:
+def send(kind: str, host: str, port: int, nbytes: int, count: int, creds: str | None) -> None:
     # Written memory, as Dask's source array is (np.ones): bytes(nbytes) would be untouched
     # zero pages, each read faulting during the send (measured: raw TCP 1.45 GB/s, 2.0 with this).
     data = bytearray(b"\x01") * nbytes
     with socket.create_connection((host, port)) as s:
-        if kind == "ssl":
-            with _context(creds, "client").wrap_socket(s, server_hostname=None) as t:
-                t.sendall(data)
-                t.recv(1)
-            return
-        s.sendall(data)
-        s.recv(1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t = _context(creds, "client").wrap_socket(s, server_hostname=None) if kind == "ssl" else s
+        for _ in range(count):
+            t.sendall(data)
+        t.recv(1)
+        if t is not s:
+            t.close()
 
 
 if __name__ == "__main__":
-    mode, kind, host, where, size = sys.argv[1:6]
-    creds = sys.argv[6] if len(sys.argv) > 6 else None
+    mode, kind, host, where, size, count = sys.argv[1:7]
     if mode == "recv":
-        recv(kind, host, where, int(float(size)), creds)
+        recv(kind, host, where, int(float(size)), int(count), sys.argv[7],
+             sys.argv[8] if len(sys.argv) > 8 else None)
     else:
-        send(kind, host, int(where), int(float(size)), creds)
+        send(kind, host, int(where), int(float(size)), int(count),
+             sys.argv[7] if len(sys.argv) > 7 else None)

@@ -1,9 +1,12 @@
 """Section `transfer`: worker-to-worker bandwidth between two network namespaces, against the limits.
 
-The bench makes two namespaces joined by a veth pair (and removes them at the end). Four
-variants, interleaved: Dask's transfer under TLS (as deployed) and with --no-tls (roles from the
-bench's venv, scheduler and worker ``a`` in namespace A, worker ``b`` in B); raw TCP; and a raw
-Python ``ssl`` socket in the same SSLContext (so the same cipher) as Dask's TLS.
+The bench makes two namespaces joined by a veth pair (and removes them at the end). Variants,
+interleaved: Dask's transfer under TLS (as deployed) and with --no-tls (roles from the bench's
+venv, scheduler and worker ``a`` in namespace A, worker ``b`` in B); raw TCP; and a raw Python
+``ssl`` socket in the same SSLContext (so the same cipher) as Dask's TLS. Each receives into
+memory it has just written and freed ("warm"), so the figures are the network path's; "cold"
+variants of Dask TLS and raw ssl skip that and receive into memory as it comes, which on this VM
+adds an erratic first-touch cost (bench/rawsock.py says how much).
 """
 
 from __future__ import annotations
@@ -17,10 +20,17 @@ import sys
 from pathlib import Path
 
 import stats
-from common import HERE, Skip, log, pair, private_dir, spawn, stop, wait_file
+from common import HERE, Skip, log, pair, private_dir, spawn, stop, tail, wait_file
 
 ADDR = {"a": "10.254.13.1", "b": "10.254.13.2"}
-VARIANTS = ("dask TLS", "dask TCP", "raw ssl", "raw TCP")
+MESSAGES = 3  # per repetition, over one connection; a repetition's figure is their median
+VARIANTS = ("dask TLS", "dask TCP", "raw ssl", "raw TCP", "dask TLS cold", "raw ssl cold")
+
+
+def variant(name: str) -> tuple[str, str, str]:
+    """("dask" or "raw", "tls"/"ssl"/"tcp", "warm" or "cold") of a variant's name."""
+    who, kind, *cold = name.split()
+    return who, kind.lower(), "cold" if cold else "warm"
 
 
 class Namespaces:
@@ -89,25 +99,25 @@ class DaskPair:
         shutil.rmtree(self.d, ignore_errors=True)
 
 
-def raw(kind: str, nbytes: int, nets: Namespaces, tmp: Path, creds: Path | None) -> dict:
+def raw(kind: str, nbytes: int, count: int, memory: str, nets: Namespaces, tmp: Path,
+        creds: Path | None) -> dict:
     d = private_dir(tmp, f"raw-{kind}-")
     portfile = d / "port"
     rlog, slog = d / "recv.log", d / "send.log"
     extra = [creds] if creds else []
     script = HERE / "rawsock.py"
-    recv = spawn([sys.executable, script, "recv", kind, ADDR["b"], portfile, nbytes, *extra],
-                 rlog, netns=nets.ns["b"])
+    recv = spawn([sys.executable, script, "recv", kind, ADDR["b"], portfile, nbytes, count, memory,
+                  *extra], rlog, netns=nets.ns["b"])
     send = None
     try:
         wait_file(portfile, [recv], 30, f"raw {kind} receiver", rlog)
         send = spawn([sys.executable, script, "send", kind, ADDR["b"], portfile.read_text(),
-                      nbytes, *extra], slog, netns=nets.ns["a"])
-        recv.wait(timeout=120)
+                      nbytes, count, *extra], slog, netns=nets.ns["a"])
+        if recv.wait(timeout=120) != 0:
+            raise RuntimeError(f"raw {kind} receiver failed: {tail(rlog)} / {tail(slog)}")
         send.wait(timeout=30)
         res = json.loads(rlog.read_text().strip().splitlines()[-1])
-        if res["bytes"] != nbytes:
-            raise RuntimeError(f"raw {kind} got {res['bytes']} of {nbytes} bytes")
-        return {"bytes": res["bytes"], "transfer_s": res["seconds"],
+        return {"bytes": res["bytes"], "messages": res["messages"],
                 "bandwidth": res["bandwidth"], "cipher": res.get("cipher")}
     finally:
         stop([recv, send])
@@ -126,15 +136,18 @@ def section(args, setup, tmp: Path) -> dict:
         runs = {s: {v: [] for v in VARIANTS} for s in sizes}
         for size in sizes:
             for p in pairs.values():
-                p.ask(f"xfer {size}")  # warm-up: connections, imports
+                p.ask(f"xfer {size} warm 1")  # warm-up: connections, imports
             for r, v in stats.interleave(list(VARIANTS), reps):
-                if v in pairs:
-                    res = pairs[v].ask(f"xfer {size}")
+                who, kind, memory = variant(v)
+                if who == "dask":
+                    res = pairs[f"dask {kind.upper()}"].ask(f"xfer {size} {memory} {MESSAGES}")
                 else:
-                    res = raw(v.split()[1], size, nets, tmp, creds if v == "raw ssl" else None)
+                    res = raw(kind, size, MESSAGES, memory, nets, tmp,
+                              creds if kind == "ssl" else None)
                 runs[size][v].append(res)
-                log(f"transfer {size / 1e6:.0f} MB {v:9s} rep {r}: "
-                    f"{res['bandwidth'] / 1e6:7.0f} MB/s")
+                log(f"transfer {size / 1e6:.0f} MB {v:13s} rep {r}: "
+                    f"{res['bandwidth'] / 1e6:7.0f} MB/s (messages: "
+                    f"{', '.join(f'{b / 1e6:.0f}' for b in res['messages'])})")
         ciphers = {"dask TLS": pairs["dask TLS"].info.get("cipher"),
                    "raw ssl": next((x["cipher"] for x in runs[sizes[0]]["raw ssl"]), None)}
     finally:
@@ -142,7 +155,9 @@ def section(args, setup, tmp: Path) -> dict:
             p.close()
         nets.remove()
     out = {"path": "namespace A -> namespace B over a veth pair (MTU 1500), roles from the "
-                   "bench's venv", "sizes": sizes, "reps": reps, "ciphers": ciphers,
+                   "bench's venv; each repetition the median of "
+                   f"{MESSAGES} messages on one connection; warm: the receiver wrote and freed as "
+                   "many bytes just before each, cold: memory as it comes", "sizes": sizes, "reps": reps, "ciphers": ciphers,
            "runs": {str(s): r for s, r in runs.items()},
            "summary": {}, "ratios": {}}
     for s in sizes:
@@ -153,5 +168,6 @@ def section(args, setup, tmp: Path) -> dict:
             "TLS/raw ssl": pair(rs["dask TLS"], rs["raw ssl"], "bandwidth"),
             "TCP/raw TCP": pair(rs["dask TCP"], rs["raw TCP"], "bandwidth"),
             "TLS/TCP": pair(rs["dask TLS"], rs["dask TCP"], "bandwidth"),
-            "raw ssl/raw TCP": pair(rs["raw ssl"], rs["raw TCP"], "bandwidth")}
+            "raw ssl/raw TCP": pair(rs["raw ssl"], rs["raw TCP"], "bandwidth"),
+            "TLS/raw ssl cold": pair(rs["dask TLS cold"], rs["raw ssl cold"], "bandwidth")}
     return out

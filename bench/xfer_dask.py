@@ -4,18 +4,32 @@
 
 Starts ``hpcdask scheduler`` and worker ``a`` in this namespace and worker ``b`` in NETNS_B (each
 bound to its veth), prints ``READY {json}``, then answers one JSON line per command read from
-stdin: ``xfer NBYTES`` (an array made on ``a`` is needed by a task pinned to ``b``; bandwidth =
-bytes / the duration of ``b``'s own transfer log entry).
+stdin: ``xfer NBYTES warm|cold COUNT``: COUNT messages, each an array made on ``a`` that a task
+pinned to ``b`` needs (bandwidth = bytes / the duration of ``b``'s own transfer log entry); the
+answer holds each message's bandwidth and their median. ``warm``: ``b`` first writes and frees
+NBYTES, as bench/rawsock.py's receiver does (see there why).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HPCDASK, spawn, stop, tail, wait_file  # noqa: E402
+
+
+def _warm(nbytes):
+    import numpy as np
+
+    np.ones(nbytes, dtype="u1")
+
+
+def _nkeys(dask_worker):
+    return len(dask_worker.data)
 
 
 def _last_transfer(dask_worker):
@@ -23,10 +37,32 @@ def _last_transfer(dask_worker):
     return {"duration": e["duration"], "total": e["total"]}
 
 
-def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
+def _xfer(client, addr: dict, n: int, memory: str) -> dict:
     import numpy as np
     from distributed import wait
 
+    x = client.submit(np.ones, n // 8, workers=[addr["a"]], pure=False)
+    wait(x)
+    if memory == "warm":
+        client.run(_warm, n, workers=[addr["b"]])
+    y = client.submit(len, x, workers=[addr["b"]], allow_other_workers=False, pure=False)
+    assert y.result() == n // 8
+    e = client.run(_last_transfer, workers=[addr["b"]])[addr["b"]]
+    if e["total"] != n:
+        raise RuntimeError(f"b's last transfer was {e['total']} bytes, not {n}")
+    # Both copies are freed before the next message, as the raw receiver frees its buffer:
+    # otherwise the workers unmap 400 MB while the next message is being received.
+    x.release()
+    y.release()
+    deadline = time.monotonic() + 60
+    while any(client.run(_nkeys).values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the workers still hold the last message's keys after 60 s")
+        time.sleep(0.01)
+    return {"bytes": e["total"], "bandwidth": e["total"] / e["duration"]}
+
+
+def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
     from hpcdask import launch
 
     tls = kind == "tls"
@@ -50,16 +86,10 @@ def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
         for line in sys.stdin:
             cmd = line.split()
             if cmd[0] == "xfer":
-                n = int(cmd[1])
-                x = client.submit(np.ones, n // 8, workers=[addr["a"]], pure=False)
-                wait(x)
-                y = client.submit(len, x, workers=[addr["b"]], allow_other_workers=False,
-                                  pure=False)
-                assert y.result() == n // 8
-                e = client.run(_last_transfer, workers=[addr["b"]])[addr["b"]]
-                del x, y
-                out = {"bytes": e["total"], "transfer_s": e["duration"],
-                       "bandwidth": e["total"] / e["duration"]}
+                n, memory, count = int(cmd[1]), cmd[2], int(cmd[3])
+                msgs = [_xfer(client, addr, n, memory) for _ in range(count)]
+                out = {"bytes": n, "messages": [m["bandwidth"] for m in msgs],
+                       "bandwidth": statistics.median(m["bandwidth"] for m in msgs)}
             else:
                 break
             print(json.dumps(out), flush=True)

@@ -118,18 +118,21 @@ def test_goal_rows_read_the_sections_and_name_why_not_measured():
         "transfer": {"sizes": [400_000_000], "ratios": {"400000000": {
             "TLS/raw ssl": S.summarize([0.5, 0.55, 0.6]),
             "TCP/raw TCP": S.summarize([0.7, 0.85, 0.9]),
-            "TLS/TCP": S.summarize([0.9, 0.95, 1.0])}}},
+            "TLS/TCP": S.summarize([0.9, 0.95, 1.0]),
+            "TLS/raw ssl cold": S.summarize([0.7, 0.9, 1.1])}}},
         "peers": {"skipped": "the test cluster rig is not there"},
     }
     rows = {r["figure"]: r for r in G.goal_rows({"sections": sections})}
     ready = [r for f, r in rows.items() if f.startswith("time to ready, scheduler + ")]
     assert len(ready) == 2 and all(r["verdict"] == G.MET and r["goal"] == "<= 1.05x"
                                    for r in ready)
-    tls = next(r for f, r in rows.items() if "Dask TLS / raw Python ssl" in f)
+    tls = next(r for f, r in rows.items() if "Dask TLS / raw Python ssl (same cipher)" in f)
     assert tls["verdict"] == G.NOT_MET and tls["goal"] == ">= 0.800x"
     assert tls["measured"] == "0.550x (0.500-0.600, n=3)"
     tcp = next(r for f, r in rows.items() if "Dask TCP / raw TCP" in f)
     assert tcp["verdict"] == G.INCONCLUSIVE
+    cold = next(r for f, r in rows.items() if "cold receive memory: Dask TLS / raw" in f)
+    assert cold["verdict"] == G.INCONCLUSIVE and cold["measured"].startswith("0.900x (0.700-1.10")
     # both measures of TLS's cost are rows: small messages and bulk
     assert any("tiny tasks/s, hpcdask TLS / hpcdask --no-tls" in f for f in rows)
     assert any("Dask TLS / Dask TCP" in f for f in rows)
@@ -231,3 +234,58 @@ def test_render_markdown_opens_with_the_goal_table():
            "needs root |" in md
     assert "| ready | 1.0 / 0.50 / 0.20 | 1.5 / 0.60 / 0.30 | 10.0 |" in md
     assert "- transfer: needs root" in md and "[goals.png](goals.png)" in md
+
+
+# --- the transfer section's raw references -------------------------------------------------------
+
+def test_transfer_variant_names():
+    import transfer as T
+
+    assert T.variant("dask TLS") == ("dask", "tls", "warm")
+    assert T.variant("raw ssl cold") == ("raw", "ssl", "cold")
+    assert {T.variant(v)[:2] for v in T.VARIANTS} == {
+        ("dask", "tls"), ("dask", "tcp"), ("raw", "ssl"), ("raw", "tcp")}
+
+
+@pytest.mark.parametrize("kind,memory", [("tcp", "warm"), ("ssl", "cold")])
+def test_rawsock_moves_every_message_over_one_connection(tmp_path, kind, memory):
+    """The raw limit runs for real on loopback: COUNT messages arrive whole, each timed, and the
+    ssl side negotiates through hpcdask's own credentials (so the same cipher as Dask's TLS)."""
+    import os
+    import subprocess
+    import time
+
+    from hpcdask import security
+
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o700)
+    security.create(creds, "bench-test")
+    extra = [str(creds)] if kind == "ssl" else []
+    portfile = tmp_path / "port"
+    script = str(BENCH / "rawsock.py")
+    recv = subprocess.Popen([sys.executable, script, "recv", kind, "127.0.0.1", str(portfile),
+                             "3000000", "2", memory, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not portfile.exists():
+            assert recv.poll() is None, recv.stderr.read()
+            assert time.monotonic() < deadline, "the receiver wrote no port file in 60 s"
+            time.sleep(0.05)
+        send = subprocess.run([sys.executable, script, "send", kind, "127.0.0.1",
+                               portfile.read_text(), "3000000", "2", *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert send.returncode == 0, send.stderr
+        out, err = recv.communicate(timeout=60)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+    assert recv.returncode == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["bytes"] == 3_000_000 and len(res["messages"]) == 2
+    assert res["bandwidth"] == S.quantile(res["messages"], 0.5) and res["bandwidth"] > 0
+    if kind == "ssl":
+        assert res["cipher"][1] == "TLSv1.3"
+    else:
+        assert res["cipher"] is None
+    assert not os.path.exists(str(portfile) + ".tmp")

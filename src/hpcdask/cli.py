@@ -281,14 +281,16 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
 
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
     output = output or Path(config.get("output")) / f"{script.stem}{f'-job{job}' if job else ''}"
-    compat.apply()  # imports dask-ml (~2 s): now, while the workers start, not after they have
+    # Not dask-ml's import (2-4 s in the image) before the script's first line: the patch it
+    # needs comes when the script imports dask-ml, if it ever does.
+    compat.apply(defer=True)
     with provenance.Recorder(output, provenance.command_line()) as record, \
             _terminate_cleanly(), launch.connect(scheduler_file, tls=tls, wait_workers=wait_workers,
                                                  wait_timeout=wait_timeout,
                                                  wait_hint=wait_hint) as c:
         record.cluster(c)
         sys.argv = [str(script), *args]
-        with c.as_current(), compat.session(c):  # dask-ml works in the script too
+        with c.as_current(), compat.session(c, defer=True):  # dask-ml works in the script too
             runpy.run_path(str(script), run_name="__main__")
 
 

@@ -2,7 +2,9 @@
 
 Wrap work on a client in :func:`session` (hpcdask does for ``hpcdask client`` and ``hpcdask
 run``), or call :func:`apply` once per process before any dask-ml use (it is idempotent,
-thread-safe and safe everywhere).  It decides from
+thread-safe and safe everywhere). ``apply(defer=True)``, what a user's script gets, leaves
+dask-ml unimported (its import takes 2-4 s in the image) and applies the dask-ml patch the
+moment the process imports ``dask_ml.metrics``: a script that never uses dask-ml never pays.  It decides from
 installed versions (``importlib.metadata``, no dask-ml import when they do not
 match) and, for the metric, from a graph-only probe; anything not needed is left
 alone.  It returns the ids of the fixes that are active.
@@ -67,6 +69,7 @@ Patches (each one can be deleted on its own once upstream releases a fix):
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import sys
 import threading
 from collections.abc import Iterator
@@ -168,7 +171,11 @@ def _r2_score_is_broken(original: Any) -> bool:
 
 
 def _apply_r2_score() -> bool:
-    import dask_ml.metrics
+    import importlib
+
+    # by name, not as dask_ml.metrics: a deferred apply runs while dask_ml itself is still
+    # importing, before Python sets the package's ``metrics`` attribute
+    metrics = importlib.import_module("dask_ml.metrics")
     from dask_ml.metrics import regression, scorer
 
     original = regression.r2_score
@@ -180,12 +187,84 @@ def _apply_r2_score() -> bool:
                 module, "r2_score", None
             ) is original:
                 module.r2_score = r2_score
-        dask_ml.metrics.r2_score = r2_score
+        metrics.r2_score = r2_score
         regression.r2_score = r2_score
     if scorer.SCORERS.get("r2", (None,))[0] is not r2_score:
         scorer.r2_scorer = (r2_score, {})
         scorer.SCORERS["r2"] = scorer.r2_scorer
     return True
+
+
+# --------------------------------------------------------------------------- deferral
+
+#: the module whose import completes a deferred apply(): it holds r2_score
+_TRIGGER = "dask_ml.metrics"
+
+
+class _AfterExec(importlib.abc.Loader):
+    """A module's own loader, calling ``after()`` once the module has executed."""
+
+    def __init__(self, loader: Any, after: Any) -> None:
+        self._loader, self._after = loader, after
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        self._after()
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...
+        return getattr(self._loader, name)
+
+
+class _OnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``name`` is imported, wraps the spec the other finders return
+    so that ``callback`` runs right after the module executes (before the importing statement
+    binds anything from it). It removes itself then: it fires once.
+
+    A post-import hook, as ``wrapt.register_post_import_hook`` makes; written here because wrapt
+    is not in the lock, for one hook.
+    """
+
+    def __init__(self, name: str, callback: Any) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _AfterExec(spec.loader, self._fire)
+        return spec
+
+    def _fire(self) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        self.callback()
+
+
+_hook: _OnImport | None = None
+
+
+def _defer() -> tuple[str, ...]:
+    """apply(defer=True): what needs no dask-ml import now, the dask-ml patch on its import."""
+    global _hook
+    if _TRIGGER in sys.modules or _installed("dask-ml") != DASK_ML_VERSION:
+        return apply()  # already imported, or nothing to patch: no import to save
+    with _lock:
+        if _active is None and _hook is None:
+            _hook = _OnImport(_TRIGGER, apply)
+            sys.meta_path.insert(0, _hook)
+    return (INCREMENTAL_PERSIST,) if _incremental_persist_needed() else ()
 
 
 # --------------------------------------------------------------------------- entry
@@ -194,14 +273,18 @@ def _apply_r2_score() -> bool:
 _active: tuple[str, ...] | None = None
 
 
-def apply() -> tuple[str, ...]:
+def apply(defer: bool = False) -> tuple[str, ...]:
     """Apply the patches this environment needs; return their ids (empty: none needed).
 
     Idempotent and thread-safe; after the first call it only returns the cached result.
+    ``defer=True``: do not import dask-ml for it now; the dask-ml patch is applied when the
+    process imports ``dask_ml.metrics`` (the ids returned are those in effect so far).
     """
     global _active
     if _active is not None:
         return _active
+    if defer:
+        return _defer()
     with _lock:
         if _active is not None:
             return _active
@@ -221,11 +304,12 @@ def active() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def session(client: Any) -> Iterator[tuple[str, ...]]:
-    """Work on ``client`` with every fix this environment needs (see the module docstring)."""
+def session(client: Any, defer: bool = False) -> Iterator[tuple[str, ...]]:
+    """Work on ``client`` with every fix this environment needs (see the module docstring);
+    ``defer``: as :func:`apply`'s."""
     import dask.config
 
-    active = apply()
+    active = apply(defer)
     if INCREMENTAL_PERSIST not in active:
         yield active
         return

@@ -366,7 +366,11 @@ def test_killed_scheduler_workers_end_within_bounded_time(tmp_path):
 
 _HYPERBAND_SCRIPT = """
 import json
+import sys
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("dask_ml", "sklearn"))
 import numpy as np
+import dask.array as da
+from dask_ml.metrics import r2_score
 from dask_ml.datasets import make_classification
 from dask_ml.model_selection import HyperbandSearchCV
 from sklearn.linear_model import SGDClassifier
@@ -376,13 +380,17 @@ X, y = make_classification(n_samples=400, n_features=6, n_informative=3, chunks=
 grid = {"alpha": np.logspace(-5, 1, 13).tolist(), "penalty": ["l2", "l1"]}
 search = HyperbandSearchCV(SGDClassifier(tol=None, random_state=0), grid, max_iter=9,
                            random_state=0).fit(X, y, classes=[0, 1])
-print(json.dumps({"best": search.best_params_, "score": search.best_score_}))
+y_true = da.from_array(np.array([1.0, 2.0, 3.0, 4.0]), chunks=2)
+print(json.dumps({"best": search.best_params_, "score": search.best_score_, "before": before,
+                  "r2": float(r2_score(y_true, y_true + 0.5)), "r2_from": r2_score.__module__}))
 """
 
 
 def test_hyperband_in_a_client_script(cluster, tmp_path):
-    """dask/dask-ml#1016 is fixed for user scripts under `hpcdask client` (the all-in-one job's
-    path) too: the same best parameters as on the stack without the bug (tests/unit/test_compat)."""
+    """dask/dask-ml#1016 and #1012 are fixed for user scripts under `hpcdask client` (the
+    all-in-one job's path) too: the same best parameters as on the stack without the bug
+    (tests/unit/test_compat), and dask-ml's r2_score works. hpcdask itself imported neither
+    dask-ml nor scikit-learn before the script's first line (the fix comes on import)."""
     script = tmp_path / "search.py"
     script.write_text(_HYPERBAND_SCRIPT)
     proc = subprocess.run([*HPCDASK, "client", str(script), "--scheduler-file", str(cluster["path"])],
@@ -391,6 +399,8 @@ def test_hyperband_in_a_client_script(cluster, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["best"] == {"penalty": "l1", "alpha": 0.01}
     assert out["score"] == pytest.approx(0.775, abs=1e-12)
+    assert out["before"] == []
+    assert out["r2_from"] == "hpcdask.compat" and out["r2"] == pytest.approx(0.8)  # 1 - 1/5
 
 
 def _listening(*procs: subprocess.Popen) -> set[tuple[str, int]]:

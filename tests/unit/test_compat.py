@@ -169,6 +169,55 @@ def test_apply_reports_both_patches_and_is_idempotent(patched):
     assert scorer.SCORERS["r2"][0] is compat.r2_score
 
 
+def test_deferred_apply_imports_nothing_and_patches_when_dask_ml_is_imported():
+    """apply(defer=True) (a user's script): no dask-ml import; #1016 is in effect at once (it
+    needs none); #1012's patch lands when the script imports dask-ml, through whichever module
+    first pulls in dask_ml.metrics, and the hook is gone after that."""
+    out = _run(
+        """
+        import json, sys
+        from hpcdask import compat
+        res = {"deferred": list(compat.apply(defer=True)), "again": list(compat.apply(defer=True)),
+               "imported": sorted(m for m in sys.modules if m.startswith(("dask_ml", "sklearn"))),
+               "active before": list(compat.active())}
+        from dask_ml.linear_model import LinearRegression  # pulls in dask_ml.metrics itself
+        import dask_ml.linear_model.glm as glm
+        import dask_ml.metrics
+        from dask_ml.metrics import scorer
+        res["patched"] = [f is compat.r2_score for f in (
+            glm.r2_score, dask_ml.metrics.r2_score, scorer.SCORERS["r2"][0])]
+        res["active after"] = list(compat.active())
+        res["hooks left"] = sum(isinstance(f, compat._OnImport) for f in sys.meta_path)
+        import inspect
+        res["source readable"] = "def " in inspect.getsource(dask_ml.metrics.regression)
+        import dask.array as da
+        y = da.arange(4.0, chunks=2)
+        res["r2"] = float(dask_ml.metrics.r2_score(y, y + 0.5))
+        print(json.dumps(res))
+        """
+    )
+    assert out["deferred"] == out["again"] == [compat.INCREMENTAL_PERSIST]
+    assert out["imported"] == [] and out["active before"] == []
+    assert out["patched"] == [True, True, True]
+    assert out["active after"] == [compat.INCREMENTAL_PERSIST, compat.R2_SCORE]
+    assert out["hooks left"] == 0 and out["source readable"]
+    assert out["r2"] == pytest.approx(0.8)
+
+
+def test_deferred_apply_after_dask_ml_is_imported_applies_at_once():
+    out = _run(
+        """
+        import json
+        import dask_ml.metrics
+        from hpcdask import compat
+        active = compat.apply(defer=True)
+        print(json.dumps({"active": list(active), "patched":
+                          dask_ml.metrics.r2_score is compat.r2_score}))
+        """
+    )
+    assert out == {"active": [compat.INCREMENTAL_PERSIST, compat.R2_SCORE], "patched": True}
+
+
 def test_session_names_the_client_as_scheduler_only_inside(client):
     import dask
     import dask.base

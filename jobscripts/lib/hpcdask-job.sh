@@ -37,6 +37,7 @@ HJ_WORKERS=''     # pid of the srun (or pbsdsh) that runs the workers
 HJ_CLIENT=''      # pid of the client
 HJ_WAITER=''      # pid of `hpcdask wait`
 HJ_FILE=''        # the scheduler file this job's scheduler writes
+HJ_WITH_SCHEDULER=0  # 1: the workers start together with the scheduler (hpcdask worker --with-scheduler)
 HJ_SCRATCH=''     # scratch of this node's roles (scheduler, client): removed even if they are killed
 HJ_USER_LOCAL=${HPCDASK_LOCAL_DIRECTORY:-}  # the user's own worker scratch setting, if any
 HJ_T0=$(date +%s.%N)
@@ -145,6 +146,7 @@ hj_job_end() {
 hj_worker_argv() {
     HJ_WORKER_ARGV=("${HJ_EXEC[@]}" hpcdask worker --scheduler-file "$1")
     [ -z "${2:-}" ] || HJ_WORKER_ARGV+=(--lifetime auto --job-end "$2")
+    [ "$HJ_WITH_SCHEDULER" != 1 ] || HJ_WORKER_ARGV+=(--with-scheduler)
     hj_gpu_argv
 }
 
@@ -215,12 +217,23 @@ hj_launch_workers() {
 # Start the scheduler (FILE) in the background and wait until it has published its address in
 # FILE. An existing FILE is never removed here: hpcdask scheduler refuses it, naming its owner.
 hj_start_scheduler() {
+    hj_spawn_scheduler "$1"
+    hj_wait_scheduler "$1"
+}
+
+# The scheduler (FILE) in the background; HJ_SCHED is its pid.
+hj_spawn_scheduler() {
     local file=$1
     HJ_FILE=$file
     local end
     end=$(hj_job_end)  # the credentials expire soon after the job
     "${HJ_EXEC[@]}" hpcdask scheduler --scheduler-file "$file" ${end:+--job-end "$end"} &
     HJ_SCHED=$!
+}
+
+# Wait until the scheduler has published its address in FILE.
+hj_wait_scheduler() {
+    local file=$1
     # Its readiness is the file itself (written once it listens); the loop only also notices
     # a scheduler that failed, so an error shows at once instead of after a timeout.
     local limit=$((SECONDS + 120))
@@ -401,12 +414,14 @@ hj_all_in_one() {
     local n=$((nodes * ${HPCDASK_NWORKERS:-1}))
     export HPCDASK_BATCH_HOST
     HPCDASK_BATCH_HOST=$(hostname)
-    # The scheduler first: a setting every role shares (the interface, TLS) fails there, once.
-    # Then the workers and the client together: the client waits for the N workers itself
-    # (--wait-workers) while they start. Jupyter's notebooks connect later, when the user opens
-    # them: it starts on a full cluster.
-    hj_start_scheduler "$file"
-    hj_launch_workers "$file" "" "$nodes"
+    # Scheduler and workers start together: the workers (--with-scheduler) wait for the
+    # scheduler's file before they look at their interface, so a setting every role shares (the
+    # interface, TLS) fails once, in the scheduler, and the job stops the waiting workers. The client starts once the scheduler
+    # is up and waits for the N workers itself (--wait-workers). Jupyter's notebooks connect
+    # later, when the user opens them: it starts on a full cluster.
+    hj_spawn_scheduler "$file"
+    HJ_WITH_SCHEDULER=1 hj_launch_workers "$file" "" "$nodes"
+    hj_wait_scheduler "$file"
     if [ "${1:-}" = --jupyter ]; then
         hj_wait_ready "$file" "$n"
         hj_start_client "$file" 0 "$@"

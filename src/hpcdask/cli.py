@@ -243,15 +243,19 @@ def scheduler(scheduler_file, interface, port, dashboard, job_end, tls) -> None:
 @click.option("--gpus/--no-gpus", default=None,
               help="One worker process per GPU of this node (CUDA_VISIBLE_DEVICES each; dask-cuda's "
                    "worker when installed); default: hpcdask.gpu (HPCDASK_GPU).")
+@click.option("--with-scheduler", is_flag=True, default=False,
+              help="Started together with its scheduler (the all-in-one job): look at the "
+                   "interface only once the scheduler file exists, so a wrong interface that "
+                   "both share is reported once, by the scheduler.")
 @tls_option
 def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_directory,
-           memory_preset, lifetime, job_end, name, dashboard, gpus, tls) -> None:
+           memory_preset, lifetime, job_end, name, dashboard, gpus, with_scheduler, tls) -> None:
     """Start worker process(es) on this node that join the cluster in SCHEDULER_FILE."""
     launch.run_worker(launch.WorkerSpec(
         scheduler_file=scheduler_file, interface=interface, nthreads=nthreads,
         nworkers=nworkers, memory_limit=memory_limit, local_directory=local_directory,
         memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name,
-        dashboard=dashboard, tls=tls, gpus=gpus))
+        dashboard=dashboard, tls=tls, gpus=gpus, with_scheduler=with_scheduler))
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})

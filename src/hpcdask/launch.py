@@ -219,6 +219,7 @@ class WorkerSpec:
     dashboard: str | None = None
     tls: bool = True
     gpus: bool | None = None
+    with_scheduler: bool = False  # started with its scheduler: the interface checked after its file
 
 
 def local_directory(given: str | None) -> str:
@@ -280,7 +281,7 @@ def refuse_if_different(reference: dict[str, Any], mine: dict[str, Any], me: str
 
 def run_worker(spec: WorkerSpec) -> None:
     iface = config.get("interface", spec.interface)
-    host = netif.address_of(iface)
+    host = None if spec.with_scheduler else netif.address_of(iface)
     nworkers = config.get("nworkers", spec.nworkers)
     gpus = gpu.devices() if config.get("gpu", spec.gpus) else []
     if gpus:
@@ -294,6 +295,10 @@ def run_worker(spec: WorkerSpec) -> None:
     path = Path(spec.scheduler_file).expanduser()
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
     info = schedfile.wait(path, timeout)
+    if host is None:
+        # Started with its scheduler: a wrong interface that both share fails once, in the
+        # scheduler (which then never writes the file, and the job stops this worker).
+        host = netif.address_of(iface)
     sec = connection(info, path, spec.tls, "worker")
     http = worker_http(config.get("dashboard", spec.dashboard))
     with dask.config.set(preset), scratch(local_dir) as d:

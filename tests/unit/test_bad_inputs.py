@@ -237,3 +237,30 @@ def test_bad_input(case, tmp_path):
 
 def test_table_is_large_enough():
     assert len(CASES) >= 15
+
+
+def test_a_worker_started_with_its_scheduler_checks_its_interface_after_the_file(tmp_path):
+    """--with-scheduler (the all-in-one job): a wrong interface is not reported while the
+    scheduler file is missing (the scheduler, sharing the setting, reports it once and the job
+    stops the worker); once a scheduler has published the file, the worker's own one line."""
+    d = private(tmp_path)
+    f = d / "s.json"
+    env = dict(os.environ, HPCDASK_SCHEDULER_FILE_TIMEOUT="60")
+    proc = subprocess.Popen([*HPCDASK, "worker", "--scheduler-file", str(f), "--interface",
+                             "nope0", "--with-scheduler"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        # A plain worker reports this within a second or two (case_unknown_interface_worker).
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=6)
+        tmp = d / "s.json.tmp"
+        tmp.write_text(json.dumps({"address": "tls://127.0.0.1:9"}))
+        tmp.rename(f)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, err
+    assert lines[0].startswith("hpcdask: error: interface 'nope0' does not exist") and \
+        "interfaces here: " in lines[0]

@@ -222,6 +222,24 @@ def test_a_sif_file_is_bound_onto_the_image_placeholder(tmp_path):
     assert proc.stdout.split()[-3:] == ["--bind", f"{img}:/opt/hpcdask/image.sif:ro", str(img)]
 
 
+def test_all_in_one_starts_its_workers_with_the_scheduler():
+    """The workers' srun starts right after the scheduler, before its file exists; only they get
+    --with-scheduler (interface checked after the file); the worker jobs' workers do not."""
+    body = re.search(r"^hj_all_in_one\(\) \{\n(.*?)^\}", LIB.read_text(), re.M | re.S).group(1)
+    calls = [ln.strip() for ln in body.splitlines()
+             if re.match(r"\s*(HJ_WITH_SCHEDULER=1 )?hj_(spawn|wait|launch|start)_", ln)]
+    assert calls[:3] == ['hj_spawn_scheduler "$file"',
+                         'HJ_WITH_SCHEDULER=1 hj_launch_workers "$file" "" "$nodes"',
+                         'hj_wait_scheduler "$file"'], calls
+    show = 'printf "%s\\n" "${HJ_WORKER_ARGV[*]}"'
+    together = run_lib(f"HJ_EXEC=(x); HJ_WITH_SCHEDULER=1 hj_worker_argv F ''; {show}", {})
+    alone = run_lib(f"HJ_EXEC=(x); hj_worker_argv F 1700000000; {show}", {})
+    assert together.stdout.strip() == "x hpcdask worker --scheduler-file F --with-scheduler", \
+        together.stderr
+    assert alone.stdout.strip() == ("x hpcdask worker --scheduler-file F --lifetime auto "
+                                    "--job-end 1700000000"), alone.stderr
+
+
 def test_client_choice(tmp_path):
     script = tmp_path / "my.py"
     script.write_text("")

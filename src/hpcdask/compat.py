@@ -262,9 +262,17 @@ def _defer() -> tuple[str, ...]:
         return apply()  # already imported, or nothing to patch: no import to save
     with _lock:
         if _active is None and _hook is None:
-            _hook = _OnImport(_TRIGGER, apply)
+            _hook = _OnImport(_TRIGGER, _on_import)
             sys.meta_path.insert(0, _hook)
     return (INCREMENTAL_PERSIST,) if _incremental_persist_needed() else ()
+
+
+def _unhook() -> None:
+    global _hook
+    if _hook is not None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(_hook)
+        _hook = None
 
 
 # --------------------------------------------------------------------------- entry
@@ -280,22 +288,39 @@ def apply(defer: bool = False) -> tuple[str, ...]:
     ``defer=True``: do not import dask-ml for it now; the dask-ml patch is applied when the
     process imports ``dask_ml.metrics`` (the ids returned are those in effect so far).
     """
-    global _active
     if _active is not None:
         return _active
     if defer:
         return _defer()
     with _lock:
-        if _active is not None:
-            return _active
-        active: list[str] = []
-        if _installed("dask-ml") == DASK_ML_VERSION:
-            if _incremental_persist_needed():
-                active.append(INCREMENTAL_PERSIST)
-            if _apply_r2_score():
-                active.append(R2_SCORE)
-        _active = tuple(active)
+        _unhook()  # this apply imports dask_ml.metrics itself
+        return _apply_locked()
+
+
+def _apply_locked() -> tuple[str, ...]:
+    global _active
+    if _active is not None:
         return _active
+    active: list[str] = []
+    if _installed("dask-ml") == DASK_ML_VERSION:
+        if _incremental_persist_needed():
+            active.append(INCREMENTAL_PERSIST)
+        if _apply_r2_score():
+            active.append(R2_SCORE)
+    _active = tuple(active)
+    return _active
+
+
+def _on_import() -> None:
+    """The deferred apply, run as ``dask_ml.metrics`` finishes executing. If an apply() is under
+    way (this thread's own, whose import fired this, or another thread's), that one patches:
+    waiting for its lock here would deadlock."""
+    if not _lock.acquire(blocking=False):
+        return
+    try:
+        _apply_locked()
+    finally:
+        _lock.release()
 
 
 def active() -> tuple[str, ...]:

@@ -204,6 +204,28 @@ def test_deferred_apply_imports_nothing_and_patches_when_dask_ml_is_imported():
     assert out["r2"] == pytest.approx(0.8)
 
 
+def test_an_eager_apply_after_a_deferred_one_does_not_deadlock():
+    """A script under `hpcdask client` (deferred) that calls a workload (session(): eager apply,
+    which imports dask_ml.metrics itself while holding apply's lock): the import's own hook must
+    leave the patching to that apply, not wait for its lock (this hung the client once)."""
+    out = _run(
+        """
+        import json, sys
+        from hpcdask import compat
+        compat.apply(defer=True)
+        active = compat.apply()
+        import dask_ml.metrics
+        print(json.dumps({"active": list(active), "patched":
+                          dask_ml.metrics.r2_score is compat.r2_score,
+                          "hooks left": sum(isinstance(f, compat._OnImport)
+                                            for f in sys.meta_path)}))
+        """,
+        timeout=90,
+    )
+    assert out == {"active": [compat.INCREMENTAL_PERSIST, compat.R2_SCORE], "patched": True,
+                   "hooks left": 0}
+
+
 def test_deferred_apply_after_dask_ml_is_imported_applies_at_once():
     out = _run(
         """

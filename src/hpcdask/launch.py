@@ -31,6 +31,7 @@ from distributed.security import Security
 from hpcdask import config, gpu, memory, netif, schedfile, security, shutdown, versions
 from hpcdask.errors import BadInput, NotReady, Refused
 from hpcdask.guard import IdentityGuard
+from hpcdask.taskstream import TaskStream
 from hpcdask.servers import NoHTTPScheduler, NoHTTPWorker
 
 logger = logging.getLogger("hpcdask")
@@ -146,6 +147,7 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
     cls = Scheduler if daddr else NoHTTPScheduler  # off: no HTTP listener at all
     async with cls(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
                    dashboard=daddr is not None, dashboard_address=daddr, plugins=[guard]) as s:
+        s.add_plugin(TaskStream(s))  # before any task: the one get_task_stream will find
         schedfile.write(path, s.identity(), token, tls)
         logger.info("hpcdask scheduler at %s, scheduler file %s, image %s", s.address, path,
                     guard.identity["image"])

@@ -32,16 +32,19 @@ class NoClosedConnectionTraceback(logging.Filter):
     up) while the listener stops makes comm/tcp.py's warning read the stopped listener's
     address, and tornado logs the ValueError as an ERROR with two tracebacks. That one becomes
     the INFO line it was meant to be. And a worker's heartbeat that meets a closed connection
-    (the scheduler stopping in order while a heartbeat was on its way) stays a WARNING, on one
-    line with its cause: distributed retries at the next heartbeat either way."""
+    becomes one line with its cause: an INFO line when this process's workers are closing
+    anyway (an orderly stop closes the worker's connections under a heartbeat on its way), a
+    WARNING otherwise (distributed retries at the next heartbeat)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if record.levelno < logging.WARNING and isinstance(exc, OSError):  # CommClosedError too
             _one_line(record)
         elif record.msg == HEARTBEAT_FAILED and isinstance(exc, OSError):
-            _one_line(record, logging.WARNING,
-                      "Failed to communicate with scheduler during heartbeat (%s: %s)",
+            closing = _workers_closing()
+            _one_line(record, logging.INFO if closing else logging.WARNING,
+                      "Failed to communicate with scheduler during heartbeat (%s: %s)"
+                      + ("; this worker is closing" if closing else ""),
                       (type(exc).__name__, exc))
         elif (isinstance(exc, ValueError) and "non-started TCPListener" in str(exc)
               and isinstance(exc.__context__, OSError)):
@@ -49,6 +52,19 @@ class NoClosedConnectionTraceback(logging.Filter):
                       "a TLS handshake failed (%s) while this listener was stopping",
                       (exc.__context__,))
         return True
+
+
+def _workers_closing() -> bool:
+    """True when this process holds workers and every one of them is closing or closed.
+    distributed keeps no public list of a process's workers; ``Worker._instances`` (a WeakSet,
+    which its own ``get_worker`` reads too) is the one it has."""
+    from distributed import Worker
+    from distributed.core import Status
+
+    workers = list(Worker._instances)
+    return bool(workers) and all(
+        w.status in (Status.closing, Status.closed, Status.closing_gracefully, Status.failed)
+        for w in workers)
 
 
 def _one_line(record: logging.LogRecord, level: int | None = None, msg: str | None = None,

@@ -36,7 +36,8 @@ POLL = 0.2
 OUTPUTS = re.compile(r"^(slurm-\d+\.(out|err)|.*\.(py|sh)|mnt|hpcdask-output)$")
 # The bubblewrap runner's own squashfuse mount (test infrastructure, tests/cluster/bin/apptainer)
 # can outlive a role that Slurm or the recipe killed; it is recorded apart.
-RUNNER_MOUNT = re.compile(r"^\d+ squashfuse(_ll)? ")
+# A /proc line reads "PID CMDLINE", the program named by its full path.
+RUNNER_MOUNT = re.compile(r"^\d+ (?:\S*/)?squashfuse(?:_ll)? ")
 
 
 def _write(cluster, wd: Path, name: str, text: str, mode: int = 0o644) -> Path:
@@ -120,24 +121,28 @@ def one_run(cluster, peer: str, image: str) -> dict:
     if "t_ready" not in rec:
         raise RuntimeError(f"{peer}: no PEER line ({rec.get('state')}): {tail}")
     time.sleep(1.0)  # what lingers a moment after the jobs end is not "left"
+    procs, runner_mounts = split_runner_mounts(set(rig.user_processes(cluster)) - procs_before)
     left = {"jobs": [j for j in rig.user_jobs(cluster) if j.split()[0] in jobs],
             "node_tmp": top_level(set(cluster.user_files_in_node_tmp()) - tmp_before),
             "epilog_tmpdir": rig.epilog_records(cluster, jobs),
-            "processes": [q for q in set(rig.user_processes(cluster)) - procs_before
-                          if not RUNNER_MOUNT.match(q)],
+            "processes": procs,
             "workdir": sorted(str(p.relative_to(wd)) for p in wd.iterdir()
                               if not OUTPUTS.match(p.name)),
             "shared_dir": sorted(p.name for p in shared.iterdir())}
     for p in left["node_tmp"]:  # so the next run starts from clean nodes
         shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else Path(p).unlink(missing_ok=True)
-    runner_mounts = [q for q in set(rig.user_processes(cluster)) - procs_before
-                     if RUNNER_MOUNT.match(q)]
     return {"ready_s": rec["t_ready"] - rec["t_submit"], "tasks_per_s": rec["tasks_per_s"],
             "teardown_s": rec["t_gone"] - rec["t_done"], "workers": rec["workers"],
             "hosts": rec["hosts"], "scheduler": rec["scheduler"], "jobs": jobs,
             "create_s": (rec["t_scale"] - rec["t_create"]) if "t_create" in rec else None,
             "left": left, "n_left": sum(len(v) for v in left.values()),
             "runner_mounts_left": len(runner_mounts)}
+
+
+def split_runner_mounts(procs) -> tuple[list[str], list[str]]:
+    """PROCS ("PID CMDLINE" lines) as (the others, the test runner's squashfuse mounts)."""
+    mounts = sorted(q for q in procs if RUNNER_MOUNT.match(q))
+    return sorted(q for q in procs if not RUNNER_MOUNT.match(q)), mounts
 
 
 def top_level(paths) -> list[str]:

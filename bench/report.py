@@ -117,8 +117,12 @@ def _peers(pe: dict[str, Any]) -> list[str]:
            f"same .sif, {pe['reps']} interleaved repetitions)\n\n"]
     rows = []
     for peer, s in pe["summary"].items():
-        left = sorted({f"{k}: {x.rsplit('/', 1)[-1]}" for r in pe["runs"].get(peer, [])
+        runs = pe["runs"].get(peer, [])
+        left = sorted({f"{k}: {_left_name(k, x)}" for r in runs
                        for k, v in r.get("left", {}).items() for x in v})
+        mounts = max((r.get("runner_mounts_left", 0) for r in runs), default=0)
+        if mounts:
+            left.append(f"the test runner's squashfuse mounts still up 1 s after: up to {mounts}")
         rows.append([peer, fmt_value(s["ready_s"], "s"), fmt_value(s["tasks_per_s"], "tasks/s"),
                      fmt_value(s["teardown_s"], "s"), "; ".join(left) or "nothing"])
     out.append(markdown_table(rows, ["peer", "sbatch/scale to ready", "tiny tasks/s",
@@ -126,6 +130,15 @@ def _peers(pe: dict[str, Any]) -> list[str]:
     if pe.get("errors"):
         out.append(f"\nFailed repetitions: {len(pe['errors'])} ({pe['errors'][0][:200]}).\n")
     return out
+
+
+def _left_name(kind: str, what: str) -> str:
+    """A left-behind entry, short: a process ("PID /path/prog args") by its program's name, a
+    path by its last part."""
+    if kind == "processes":
+        argv = what.split()
+        return argv[1].rsplit("/", 1)[-1] if len(argv) > 1 else what
+    return what.rstrip("/").rsplit("/", 1)[-1]
 
 
 def render_markdown(results: dict[str, Any]) -> str:

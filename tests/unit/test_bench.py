@@ -236,6 +236,34 @@ def test_render_markdown_opens_with_the_goal_table():
     assert "- transfer: needs root" in md and "[goals.png](goals.png)" in md
 
 
+def test_peers_table_names_what_was_left_and_keeps_the_runners_mounts_apart():
+    """The peers' left-behind column, from /proc lines as rig.user_processes reads them (the
+    program by its full path): the test runner's squashfuse mounts are counted apart, anything
+    else is named by its program."""
+    import peers as P
+
+    sif = "/var/cache/hpcdask-bench/dask-0697845bc0595773.sif"
+    mount = f"450 /usr/bin/squashfuse_ll -o ro,offset=53248 {sif} /var/lib/hpcdask-test/hpcd/"
+    stray = "451 /opt/hpcdask/venv/bin/python3 -m distributed.cli.dask_worker tls://10.0.0.1:1"
+    assert P.split_runner_mounts({mount, stray}) == ([stray], [mount])
+    assert P.split_runner_mounts({"9 squashfuse -f a b"}) == ([], ["9 squashfuse -f a b"])
+    assert P.split_runner_mounts({"9 /usr/bin/squashfuser x"}) == (["9 /usr/bin/squashfuser x"], [])
+
+    one = S.summarize([1.0, 1.1, 1.2])
+    nothing = {k: [] for k in ("jobs", "node_tmp", "epilog_tmpdir", "processes", "workdir",
+                               "shared_dir")}
+    runs = {"hpcdask": [{"left": nothing, "runner_mounts_left": 0}],
+            "seeds": [{"left": {**nothing, "processes": [stray],
+                                "node_tmp": ["/x/nodes/node1/tmp/dask-scratch-space"]},
+                       "runner_mounts_left": 3}]}
+    md = "".join(R._peers({"summary": {p: {"ready_s": one, "tasks_per_s": one, "teardown_s": one}
+                                       for p in runs},
+                           "runs": runs, "workers": 3, "nodes": 3, "reps": 1}))
+    assert "| hpcdask | 1.10 s [1.00-1.20] |" in md and md.count("| nothing |") == 1
+    assert ("| node_tmp: dask-scratch-space; processes: python3; the test runner's squashfuse "
+            "mounts still up 1 s after: up to 3 |") in md
+
+
 # --- the transfer section's raw references -------------------------------------------------------
 
 def test_transfer_variant_names():

@@ -153,11 +153,12 @@ start_holder() {
         /bin/sh -c '
             set -e
             hostname "$1"
+            # The checkout first: it may sit under /tmp, which the next binds cover.
+            mount --bind "$4" "$5"
+            mount -o remount,bind,ro "$5"
             mount --bind "$2/tmp" /tmp
             mount --bind "$2/var-tmp" /var/tmp
             mount --bind "$2/local" "$3"
-            mount --bind "$4" "$5"
-            mount -o remount,bind,ro "$5"
             # /dev/fuse usable by every user, as on a normal host (here it is 0600): a device
             # node of our own bound over it, in this machine only.
             mknod -m 0666 "$2/fuse" c 10 229

@@ -28,6 +28,7 @@ LOCK = REPO / "containers" / "requirements.lock"
 DEF = REPO / "containers" / "dask.def"
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 import sif as sif_builder  # noqa: E402
+from cluster.nobody import run_as_nobody  # noqa: E402
 
 pytestmark = [pytest.mark.image, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -146,9 +147,8 @@ def test_an_ordinary_user_runs_the_sif(sif):
         copy = Path(d) / "dask.sif"  # one the ordinary user may read (the cache is root's)
         shutil.copyfile(sif, copy)
         copy.chmod(0o644)
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            str(RUNNER), "exec", str(copy), "sh", "-c", "id -u; hpcdask versions"],
-                           capture_output=True, text=True, env=env, cwd=d, timeout=900, check=False)
+        r = run_as_nobody([RUNNER, "exec", copy, "sh", "-c", "id -u; hpcdask versions"],
+                          env, capture_output=True, text=True, cwd=d, timeout=900, check=False)
         assert r.returncode == 0, r.stderr
         assert r.stdout.splitlines()[0] == "65534"
         assert "image lock:" in r.stdout

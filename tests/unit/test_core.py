@@ -16,6 +16,8 @@ from cryptography import x509
 from hpcdask import config, memory, schedfile, security, versions
 from hpcdask.errors import BadInput
 
+from cluster.nobody import run_as_nobody
+
 GiB = 2**30
 
 
@@ -174,11 +176,10 @@ def test_a_scheduler_file_behind_a_closed_folder_fails_at_once(tmp_path):
     closed = tmp_path / "theirs"
     closed.mkdir(mode=0o700)
     if os.geteuid() == 0:  # root enters any folder: check as an ordinary user
-        proc = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-             "-c", "from hpcdask import schedfile; schedfile.wait(__import__('pathlib').Path("
-                   f"'{closed}/s.json'), 300)"],
-            capture_output=True, text=True, timeout=60)
+        proc = run_as_nobody(
+            [sys.executable, "-c", "from hpcdask import schedfile; schedfile.wait("
+             f"__import__('pathlib').Path('{closed}/s.json'), 300)"],
+            dict(os.environ), capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0
         assert "is not readable by you" in proc.stderr
     else:

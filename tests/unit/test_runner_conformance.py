@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.nobody import run_as_nobody
+
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "tests" / "cluster" / "bin" / "apptainer"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -380,9 +382,8 @@ def _run_as_nobody(tiny_sif: Path, tmp_path: Path) -> None:
     out.mkdir()
     out.chmod(0o777)
     env = {"PATH": os.environ["PATH"], "HOME": str(out), "TMPDIR": str(out)}
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        str(RUNNER), "exec", str(sif), "/bin/sh", "-c", 'id -u; echo hi > "$HOME/f"'],
-                       capture_output=True, text=True, env=env, cwd=out, timeout=300, check=False)
+    r = run_as_nobody([RUNNER, "exec", sif, "/bin/sh", "-c", 'id -u; echo hi > "$HOME/f"'],
+                      env, capture_output=True, text=True, cwd=out, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "65534\n"
     assert (out / "f").stat().st_uid == 65534

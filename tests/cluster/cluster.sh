@@ -154,8 +154,7 @@ start_holder() {
             set -e
             hostname "$1"
             # The checkout first: it may sit under /tmp, which the next binds cover.
-            mount --bind "$4" "$5"
-            mount -o remount,bind,ro "$5"
+            sh "$4/tests/cluster/bind-checkout.sh" "$4" "$5"
             mount --bind "$2/tmp" /tmp
             mount --bind "$2/var-tmp" /var/tmp
             mount --bind "$2/local" "$3"

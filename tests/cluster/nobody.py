@@ -1,12 +1,12 @@
 """Run a command of this checkout as an ordinary user (nobody, 65534), from wherever the
 checkout sits.
 
-The checkout may be out of other users' reach: ``d=$(mktemp -d) && git clone . "$d"`` puts it
-in root's 0700 folder. So the command runs in a mount namespace of its own, where the checkout
-is bound read-only at a folder every user may enter. Paths into the checkout in ARGV are
-rewritten to that folder. The checkout's ``src/`` goes first on PYTHONPATH, because the editable
-install's .pth names the original path. The namespace, and the bind with it, ends with the
-command, so there is nothing to unmount.
+The checkout may be out of other users' reach: ``d=$(mktemp -d) && git clone . "$d"`` makes
+it a 0700 folder of root's. So the command runs in a mount namespace of its own, where the
+checkout is shown read-only at a folder every user may enter (bind-checkout.sh). Paths into
+the checkout in ARGV are rewritten to that folder. The checkout's ``src/`` goes first on
+PYTHONPATH, because the editable install's .pth names the original path. The namespace, and
+the mounts with it, end with the command, so there is nothing to unmount.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-_BIND = 'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"'
+_BIND = 'sh "$1/tests/cluster/bind-checkout.sh" "$1" "$2" && shift 2 && exec "$@"'
 
 
 def run_as_nobody(argv, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:

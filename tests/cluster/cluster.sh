@@ -18,8 +18,8 @@
 #   nodes     nodeI: its own network (ib0 = the fast fabric, eth0 = the management/ethernet
 #             network), hostname (UTS namespace) and /tmp, /var/tmp (mount namespace: folders under
 #             $STATE/nodes/nodeI/ bound there). Only /home and the rest of the host's filesystem are
-#             shared; the checkout is bound read-only at $STATE/src (hpcuser cannot reach the
-#             original: it may sit in root's private /tmp).
+#             shared; the checkout is shown read-only at $STATE/src (bind-checkout.sh: hpcuser
+#             cannot reach the original, which may be a 0700 folder in root's /tmp).
 #   devices   each machine gets a /dev/fuse every user may open (a node of its own bound over
 #             the host's 0600 one), so the runner mounts .sif files with squashfuse as users do.
 #   login     a `login` namespace with eth0 only (no ib0), its own hostname and /tmp: where users

@@ -16,14 +16,18 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 def client(scheduler_file=None):
     """A Client of the cluster in ``scheduler_file`` (default: ``HPCDASK_SCHEDULER_FILE``, which
     ``hpcdask jupyter`` gives its notebooks): TLS with the cluster's credentials, every role's
-    identity checked. It becomes the default client, so ``distributed.get_client()`` returns it."""
+    identity checked. It becomes the default client, so ``distributed.get_client()`` returns it.
+    The workers import the user's modules from the current folder (a notebook's) too."""
+    import os
     from pathlib import Path
 
-    from hpcdask import config, launch
+    from hpcdask import config, launch, project
     from hpcdask.errors import BadInput
 
     path = scheduler_file or config.get("scheduler-file")
     if not path:
         raise BadInput("no cluster named: pass hpcdask.client('/path/to/scheduler.json') or set "
                        "HPCDASK_SCHEDULER_FILE (hpcdask jupyter sets it for its notebooks)")
-    return launch.connect(Path(path))
+    c = launch.connect(Path(path))
+    project.share(c, Path(os.getcwd()))
+    return c

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 import hpcdask
-from hpcdask import config, launch, provenance, shutdown, versions
+from hpcdask import config, launch, project, provenance, shutdown, versions
 from hpcdask.errors import BadInput, Refused
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -288,11 +288,14 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
     # Not dask-ml's import (2-4 s in the image) before the script's first line: the patch it
     # needs comes when the script imports dask-ml, if it ever does.
     compat.apply(defer=True)
+    folder = project.script_folder(script)
+    project.put_first(str(folder))  # as `python SCRIPT`: its helper modules import
     with provenance.Recorder(output, provenance.command_line()) as record, \
             _terminate_cleanly(), launch.connect(scheduler_file, tls=tls, wait_workers=wait_workers,
                                                  wait_timeout=wait_timeout,
                                                  wait_hint=wait_hint) as c:
         record.cluster(c)
+        project.share(c, folder)  # and on every worker, from the shared filesystem
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c, defer=True):  # dask-ml works in the script too
             runpy.run_path(str(script), run_name="__main__")

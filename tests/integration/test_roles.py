@@ -403,6 +403,30 @@ def test_hyperband_in_a_client_script(cluster, tmp_path):
     assert out["r2_from"] == "hpcdask.compat" and out["r2"] == pytest.approx(0.8)  # 1 - 1/5
 
 
+def test_a_helper_module_beside_the_script_imports_in_the_client_and_the_workers(cluster, tmp_path):
+    """issue 31: as with `python analysis.py`, the script's folder is sys.path[0] in the client,
+    and the workers import its helper module from the same folder (run from elsewhere)."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "helpers.py").write_text("import os\ndef square(x):\n    return x * x\n"
+                                     "def where():\n    return os.path.realpath(__file__)\n")
+    (proj / "analysis.py").write_text(
+        "import json, sys\nimport dask.bag as db\nimport distributed\nimport helpers\n"
+        "c = distributed.get_client()\n"
+        "total = sum(db.from_sequence(range(10), npartitions=5).map(helpers.square).compute())\n"
+        "print(json.dumps({'path0': sys.path[0], 'file': __file__, 'total': total,\n"
+        "                  'where': sorted(set(c.run(helpers.where).values()))}))\n")
+    proc = subprocess.run([*HPCDASK, "client", "proj/analysis.py", "--scheduler-file",
+                           str(cluster["path"])], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["path0"] == os.path.realpath(proj)
+    assert out["file"] == "proj/analysis.py"
+    assert out["total"] == 285
+    assert out["where"] == [os.path.realpath(proj / "helpers.py")]
+
+
 def _listening(*procs: subprocess.Popen) -> set[tuple[str, int]]:
     pids = set()
     for proc in procs:

@@ -186,6 +186,51 @@ def test_user_script_gets_a_connected_client(slurm_cluster, job_env, udir):
     assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
 
 
+HELPERS = """\
+import os, socket
+
+def square(x):
+    return x * x
+
+def where():
+    return f"{socket.gethostname()} {os.path.realpath(__file__)}"
+"""
+
+ANALYSIS = """\
+import sys
+import dask.bag as db
+import distributed
+import helpers  # beside the script, as with `python analysis.py`
+
+client = distributed.get_client()
+print(f"PATH0 {sys.path[0]} FILE {__file__}")
+total = sum(db.from_sequence(range(30), npartitions=6).map(helpers.square).compute())
+print(f"TOTAL {total}")
+for addr, w in sorted(client.run(helpers.where).items()):
+    print(f"WORKER {w}")
+"""
+
+
+def test_a_helper_module_beside_the_script_imports_in_the_client_and_every_worker(
+        slurm_cluster, job_env, udir):
+    proj = udir / "project"
+    proj.mkdir()
+    (proj / "helpers.py").write_text(HELPERS)
+    (proj / "analysis.py").write_text(ANALYSIS)
+    slurm_cluster.give(proj)
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=1500M", "--time=5"], ["project/analysis.py"], job_env, udir,
+                 timeout=240)
+    assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
+    real = os.path.realpath(proj)
+    assert re.search(rf"^PATH0 {re.escape(real)} FILE \S*analysis.py$", res.stdout, re.M), str(res)
+    assert re.search(r"^TOTAL 8555$", res.stdout, re.M), str(res)
+    workers = re.findall(r"^WORKER (\S+) (\S+)$", res.stdout, re.M)
+    assert len(workers) == 3 and len({h for h, _ in workers}) == 3, str(res)
+    assert {f for _, f in workers} == {f"{real}/helpers.py"}, workers
+    assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))
+
+
 def test_user_script_exit_code_is_the_jobs(slurm_cluster, job_env, udir):
     (udir / "fails.py").write_text("import sys\nsys.exit(5)\n")
     res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),

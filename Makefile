@@ -18,19 +18,25 @@ help:
 	@echo "make run | test | lock | sif | docker | image | compose-test | cluster-up | cluster-login | cluster-down | cluster-env | bench | clean"
 
 # --- environments -----------------------------------------------------------------------------
+# Every Client in a venv proves its identity to the scheduler: the venv's own Dask configuration
+# (<venv>/etc/dask) names hpcdask's client preload, as the image's does (containers/install.sh).
+CLIENT_PROOF := src/hpcdask/etc/hpcdask-client.yaml
+
 # .venv is exactly the lock (+ hpcdask itself): what `make run` uses and what the lock test checks.
-$(VENV)/.done: $(LOCK) pyproject.toml
+$(VENV)/.done: $(LOCK) pyproject.toml $(CLIENT_PROOF)
 	@$(PYTHON) -c 'import sys; v=sys.version_info[:2]; sys.exit(0 if v==(3,11) else "hpcdask: the lock is for Python 3.11, found %d.%d; run: make PYTHON=python3.11 ..." % v)'
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) --require-hashes --no-deps -r $(LOCK)
 	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps --no-build-isolation --no-index -e .
+	install -D -m 0644 $(CLIENT_PROOF) $(VENV)/etc/dask/hpcdask-client.yaml
 	touch $@
 
 # .venv-test is the same lock plus the test tools (tests/requirements-dev.lock).
-$(TVENV)/.done: $(LOCK) $(DEVLOCK) pyproject.toml
+$(TVENV)/.done: $(LOCK) $(DEVLOCK) pyproject.toml $(CLIENT_PROOF)
 	rm -rf $(TVENV) && $(PYTHON) -m venv $(TVENV)
 	$(TVENV)/bin/pip install $(PIP_QUIET) --require-hashes --no-deps -r $(LOCK) -r $(DEVLOCK)
 	$(TVENV)/bin/pip install $(PIP_QUIET) --no-deps --no-build-isolation --no-index -e .
+	install -D -m 0644 $(CLIENT_PROOF) $(TVENV)/etc/dask/hpcdask-client.yaml
 	touch $@
 
 venv: $(VENV)/.done

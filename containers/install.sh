@@ -84,6 +84,8 @@ cat >"$prefix/etc/dask/image.yaml" <<'EOF'
 # never the read-only image nor the working directory. Set it to node-local disk where there is one.
 temporary-directory: null
 EOF
+# Every Client in the image proves its identity to the scheduler (hpcdask/proof.py).
+install -m 0644 "$build/src/hpcdask/etc/hpcdask-client.yaml" "$prefix/etc/dask/hpcdask-client.yaml"
 
 step "clean up: apt lists and caches, build inputs"
 apt-get clean

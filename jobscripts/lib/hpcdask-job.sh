@@ -359,12 +359,17 @@ hj_shutdown() {
 # Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:
 # inside Slurm's KillWait), then remove what this job made, and nothing else.
 hj_cleanup() {
-    local pids=() p ours=0
+    local pids=() p ours=0 claim=''
     # First, so no worker or client finds a cluster that is going away (the scheduler removes
-    # it too, but Slurm's KillWait may SIGKILL it before it gets there).
-    if [ -n "$HJ_FILE" ] && hj_ours "$HJ_FILE"; then
-        ours=1
-        rm -f -- "$HJ_FILE"
+    # it too, but Slurm's KillWait may SIGKILL it before it gets there). Its claim beside it
+    # (schedfile.claim_path) goes last, once the credentials are gone.
+    if [ -n "$HJ_FILE" ]; then
+        claim="$(dirname -- "$HJ_FILE")/.$(basename -- "$HJ_FILE").claim"
+        hj_ours "$claim" && ours=1
+        if hj_ours "$HJ_FILE"; then
+            ours=1
+            rm -f -- "$HJ_FILE"
+        fi
     fi
     for p in "$HJ_CLIENT" "$HJ_WAITER" "$HJ_SCHED" "$HJ_WORKERS"; do
         hj_alive "$p" && pids+=("$p")
@@ -387,6 +392,7 @@ hj_cleanup() {
     elif [ "$ours" = 1 ]; then
         # A kept folder (HPCDASK_CLUSTER_DIR) loses only this job's dead cluster's credentials.
         rm -rf -- "$HJ_DIR"/tls "$HJ_DIR"/.tls-*
+        rm -f -- "$claim"
     fi
 }
 

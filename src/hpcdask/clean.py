@@ -96,7 +96,10 @@ def judge(folder: Path, now: float | None = None) -> Folder:
         return Folder(folder, "foreign", f"belongs to uid {st.st_uid}, not you")
     sched = next((p for pattern in SCHEDULER_FILES for p in sorted(folder.glob(pattern))), None)
     info = _read(sched) if sched else {}
-    meta = info.get("hpcdask", {}) if info else _read(folder / STAMP)
+    # A scheduler killed before it published its file left only its claim (schedfile.claim_path).
+    claim = next(iter(sorted(folder.glob(".scheduler*.json.claim"))), None)
+    meta = (info.get("hpcdask", {}) if info else
+            _read(claim).get("hpcdask", {}) if claim else _read(folder / STAMP))
     address = info.get("address")
     if address and _answers(address):
         return Folder(folder, "live", f"its scheduler answers at {address}")

@@ -9,10 +9,14 @@ worker that differs, or cannot answer, is removed and the difference table goes 
 scheduler's log; a worker that matches is set running. It cannot set itself running earlier:
 its status changes are held back until it has been vetted.
 
-Clients: a client has no server to ask, so the guard compares what every client sends when
-registering (distributed's packages and Python) and refuses a differing one before serving
-it; the client's own constructor then raises with one line naming the difference. hpcdask's
-``connect()`` additionally compares the client's full identity with the scheduler's.
+Clients: a client has no server to ask, so the guard first compares what every client sends
+when registering (distributed's packages and Python) and refuses a differing one before serving
+it; the client's own constructor then raises with one line naming the difference. Then no graph
+from a client runs until that client has proven its full identity: its preload
+(:mod:`hpcdask.proof`, in the image's and the venv's Dask configuration) sends it right after
+registering, before ``Client(...)`` returns. Each graph of a client whose identity differs, or
+that sent none (a client from an environment without hpcdask), is refused before any of its
+tasks exists: its futures err with one line naming the difference or the missing proof.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import asyncio
 import logging
 from typing import Any
 
-from distributed.core import Status
+from distributed.core import Status, error_message
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from hpcdask import versions
+from hpcdask import proof, versions
 
 logger = logging.getLogger(__name__)
 _versions = versions  # the client handler's argument is called versions too
@@ -42,6 +46,8 @@ class IdentityGuard(SchedulerPlugin):
         self.refused: dict[str, str] = {}
         self.vetted: set[str] = set()
         self._held: dict[str, str] = {}  # unvetted worker -> the status it last asked for
+        self.proven_clients: set[str] = set()
+        self.refused_clients: dict[str, str] = {}  # client -> why its graphs are refused
 
     async def start(self, scheduler) -> None:
         scheduler.handlers["hpcdask_identity"] = self._identity
@@ -72,6 +78,25 @@ class IdentityGuard(SchedulerPlugin):
         scheduler.handlers["register-client"] = guarded_register_client
         scheduler.stream_handlers["worker-status-change"] = guarded_status_change
 
+        # Clients: the proof (hpcdask.proof) and no graph without it.
+        identity = scheduler.handlers["identity"]
+        update_graph = scheduler.stream_handlers["update-graph"]
+
+        def guarded_identity(n_workers: int = -1) -> dict[str, Any]:
+            # Tells a client's preload that this scheduler asks for its proof.
+            return {**identity(n_workers=n_workers), "hpcdask": {"proof": proof.HANDLER}}
+
+        async def guarded_update_graph(client: str, keys, **kwargs) -> None:
+            why = self._unproven(client)
+            if why is None:
+                await update_graph(client=client, keys=keys, **kwargs)
+            else:
+                self._refuse_graph(scheduler, client, keys, why)
+
+        scheduler.handlers["identity"] = guarded_identity
+        scheduler.handlers[proof.HANDLER] = self._prove_client
+        scheduler.stream_handlers["update-graph"] = guarded_update_graph
+
     def _identity(self, comm=None) -> dict[str, Any]:
         return self.identity
 
@@ -79,6 +104,44 @@ class IdentityGuard(SchedulerPlugin):
         """Rows of what differs among what a role sent when registering."""
         return versions.differences(self.identity, {role: versions.from_distributed(sent or {})},
                                     only_theirs=True)
+
+    # --- clients -------------------------------------------------------------------------
+
+    def _prove_client(self, client: str, identity: dict[str, Any]) -> str | None:
+        """The handler of :mod:`hpcdask.proof`: None when the client's identity is the
+        scheduler's, else the one line naming what differs."""
+        rows = versions.differences(self.identity, {f"client {client}": identity})
+        if not rows:
+            self.proven_clients.add(client)
+            self.refused_clients.pop(client, None)
+            return None
+        why = f"this client's environment differs: {versions.summary(rows)}"
+        self.proven_clients.discard(client)
+        self.refused_clients[client] = why
+        logger.error("hpcdask: refused client %s: %s\n%s", client, why, versions.table(rows))
+        return why
+
+    def _unproven(self, client: str) -> str | None:
+        """Why ``client``'s graphs are refused, or None when it has proven its identity."""
+        if client in self.proven_clients:
+            return None
+        return self.refused_clients.get(client) or (
+            "this client has not proven its identity (its Dask configuration lacks the "
+            f"client preload {proof.MODULE}, so it is not from the cluster's image or lock)")
+
+    def _refuse_graph(self, scheduler, client: str, keys, why: str) -> None:
+        """Err every key of the graph for this client only; none of its tasks is created."""
+        logger.error("hpcdask: refused a graph of %d key(s) from client %s: %s", len(keys),
+                     client, why)
+        comm = scheduler.client_comms.get(client)
+        if comm is None:
+            return
+        err = error_message(PermissionError(
+            f"hpcdask: refused by the scheduler: {why}; run the client from the cluster's image "
+            f"or lock (a plain Client(scheduler_file=...) there proves itself)"))
+        for key in keys:
+            comm.send({"op": "task-erred", "key": key, "exception": err["exception"],
+                       "traceback": None})
 
     # --- workers -------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from distributed import Client, Nanny, Scheduler
 from distributed.core import Status, rpc
 from distributed.security import Security
 
-from hpcdask import config, gpu, memory, netif, schedfile, security, shutdown, versions
+from hpcdask import config, gpu, memory, netif, proof, schedfile, security, shutdown, versions
 from hpcdask.errors import BadInput, NotReady, Refused
 from hpcdask.guard import IdentityGuard
 from hpcdask.taskstream import TaskStream
@@ -134,8 +134,10 @@ def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
     finally:
         # Only this scheduler's own files: its claim, and the credentials it made under it;
         # then the folder, if it made it and nothing else is in it.
-        if schedfile.remove_if_ours(path, token) and creds is not None:
-            security.remove(creds)
+        if schedfile.remove_if_ours(path, token):
+            if creds is not None:
+                security.remove(creds)
+            schedfile.release(path, token)
             if made_folder:
                 with contextlib.suppress(OSError):
                     path.parent.rmdir()
@@ -392,6 +394,13 @@ def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:
 READY_HINT = "--wait-timeout; HPCDASK_READY_TIMEOUT in the jobscripts"
 
 
+def with_proof() -> list[str]:
+    """The client preloads configured, and hpcdask's proof of identity (:mod:`hpcdask.proof`)
+    even when a user's own Dask configuration names other preloads."""
+    preload = list(dask.config.get("distributed.client.preload") or [])
+    return preload if proof.MODULE in preload else [*preload, proof.MODULE]
+
+
 def connect(scheduler_file: Path | None = None, address: str | None = None,
             tls: bool = True, check: bool = True, wait_workers: int = 0,
             wait_timeout: float = 300.0, wait_hint: str = READY_HINT) -> Client:
@@ -417,7 +426,8 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
         warn_no_tls("the client")
         sec = Security()
     try:
-        client = Client(address, security=sec, timeout=timeout)
+        with dask.config.set({"distributed.client.preload": with_proof()}):
+            client = Client(address, security=sec, timeout=timeout)
     except (OSError, asyncio.TimeoutError) as e:
         hint = schedfile.stale_hint(path) if path else f"the scheduler at {address} does not answer"
         raise BadInput(f"{hint} ({type(e).__name__})") from None

@@ -1,9 +1,10 @@
 """The scheduler file: how workers and clients on other nodes find the scheduler.
 
 hpcdask writes it itself (not through ``Scheduler(scheduler_file=...)``) so that it is claimed
-exclusively before anything else is written (two schedulers never share a file or its folder's
-credentials), published atomically with mode 0600, names its job and owner, and a stale one is
-refused.
+exclusively before anything else is written (a claim file beside it: two schedulers never share a
+file or its folder's credentials), published whole by a rename with mode 0600 (its path never
+holds a file without an address, which the tutorials' ``json.load(...)["address"]`` and
+distributed's own readers would fail on), names its job and owner, and a stale one is refused.
 Distributed's ``Client(scheduler_file=...)`` and ``dask worker --scheduler-file`` read it
 unchanged: the extra ``hpcdask`` block is ignored by them.
 """
@@ -28,38 +29,52 @@ def job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
 
 
-def claim(path: Path, tls: bool) -> tuple[Path, str]:
-    """For a new scheduler: a private folder, and ``path`` created exclusively (O_EXCL).
+def claim_path(path: Path) -> Path:
+    """Where the claim on ``path`` lives: beside it, hidden (``.scheduler.json.claim``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.claim")
 
-    The claim holds the stamp (job, owner, host, ...) but no address yet: readers wait for the
-    address, and a second scheduler given the same file is refused instead of overwriting the
-    first one's file and credentials. Returns the absolute path and the claim's token, which
-    :func:`write` keeps and :func:`remove_if_ours` checks.
+
+def claim(path: Path, tls: bool) -> tuple[Path, str]:
+    """For a new scheduler: a private folder, and the claim on ``path`` created exclusively.
+
+    The claim is a file of its own beside ``path`` (:func:`claim_path`) holding the stamp (job,
+    owner, host, pid, ...): a second scheduler given the same file is refused instead of
+    overwriting the first one's file and credentials, and ``path`` itself appears only when
+    :func:`write` publishes it whole, so a reader there never finds a file without an address.
+    Returns the absolute path and the claim's token, which :func:`write` keeps and
+    :func:`remove_if_ours` checks.
     """
     path = Path(path).expanduser().absolute()
     private_dir(path.parent, what="scheduler file folder")
     token = uuid.uuid4().hex
     data = json.dumps({"hpcdask": _stamp(token, tls)}, indent=2) + "\n"
+    where = claim_path(path)
     # Written whole beside it, then hard-linked into place: link() creates the name only if it
-    # does not exist (atomically, NFS and Lustre included), so no reader ever sees a claim
-    # half-written, and a second scheduler finds the first one's complete stamp.
+    # does not exist (atomically, NFS and Lustre included), so a second scheduler finds the first
+    # one's complete stamp.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "w") as f:
             f.write(data)
         try:
-            os.link(tmp, path)
+            os.link(tmp, where)
         except FileExistsError:
             raise
         except OSError:  # a filesystem without hard links: create it exclusively, then write
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                f.write(data)  # readers wait out a claim still being written (see wait())
+            with os.fdopen(os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(data)
     except FileExistsError:
-        raise BadInput(f"scheduler file {path} already exists{_describe(path)}; another scheduler "
+        raise BadInput(f"scheduler file {path} is claimed{_describe(where)}; another scheduler "
                        f"uses it: give this one its own file, or, if that scheduler has ended, "
-                       f"delete the stale file: rm {path}") from None
+                       f"delete the stale claim: rm {where} {path}") from None
     finally:
         os.unlink(tmp)
+    if path.exists():  # published by a scheduler that left no claim (killed, or an older hpcdask)
+        where.unlink()
+        raise BadInput(f"scheduler file {path} already exists{_describe(path)}; another "
+                       f"scheduler uses it: give this one its own file, or, if that scheduler "
+                       f"has ended, delete the stale file: rm {path}")
     return path, token
 
 
@@ -90,7 +105,7 @@ def _stamp(token: str, tls: bool) -> dict[str, Any]:
 
 
 def write(path: Path, identity: dict[str, Any], token: str, tls: bool) -> None:
-    """Publish the scheduler's identity over its claim, atomically, mode 0600."""
+    """Publish the scheduler's identity and stamp at ``path``, whole (a rename), mode 0600."""
     content = dict(identity)
     content["hpcdask"] = _stamp(token, tls)
     atomic_write(path, json.dumps(content, indent=2, default=str) + "\n")
@@ -134,6 +149,11 @@ def wait(path: Path, timeout: float) -> dict[str, Any]:
         if isinstance(content, dict) and content.get("address"):
             return content
         if time.monotonic() > deadline:
+            claimed = claim_path(path)
+            if content is None and claimed.exists():
+                raise BadInput(f"the scheduler claimed {path}{_describe(claimed)} but published "
+                               f"no address within {timeout:.0f}s; if it has died, delete the "
+                               f"stale claim: rm {claimed}")
             if content is None:
                 raise BadInput(f"scheduler file {path} did not appear within {timeout:.0f}s; "
                                f"start the scheduler first (hpcdask scheduler --scheduler-file "
@@ -162,12 +182,22 @@ def stale_hint(path: Path) -> str:
             f"ended, delete the stale file: rm {path}")
 
 
-def remove_if_ours(path: Path, token: str) -> bool:
-    """Delete the file on shutdown unless it is not this scheduler's claim; True if it was."""
+def _is_ours(path: Path, token: str) -> bool:
     try:
-        if json.loads(Path(path).read_text()).get("hpcdask", {}).get("claim") == token:
-            Path(path).unlink()
-            return True
+        return json.loads(Path(path).read_text()).get("hpcdask", {}).get("claim") == token
     except (OSError, ValueError, AttributeError):
-        pass
-    return False
+        return False
+
+
+def remove_if_ours(path: Path, token: str) -> bool:
+    """Unpublish the file on shutdown unless it is not this scheduler's; True if the claim is
+    this scheduler's (then its credentials are its own to remove, before :func:`release`)."""
+    if _is_ours(path, token):
+        Path(path).unlink(missing_ok=True)
+    return _is_ours(claim_path(path), token)
+
+
+def release(path: Path, token: str) -> None:
+    """Give up the claim (last: the folder is free for another scheduler once it is gone)."""
+    if _is_ours(claim_path(path), token):
+        claim_path(path).unlink(missing_ok=True)

@@ -86,6 +86,15 @@ def other_threadpoolctl(tmp_path_factory):
     return target
 
 
+@pytest.fixture(scope="module")
+def extra_termcolor(tmp_path_factory):
+    """A package the lock lacks (termcolor), to put on PYTHONPATH: the lock plus one package."""
+    target = tmp_path_factory.mktemp("termcolor")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(target), "termcolor"], check=True)
+    return target
+
+
 def test_cluster_client_runs_work(cluster):
     with launch.connect(cluster["path"]) as c:
         assert c.submit(sum, [1, 2, 3]).result() == 6
@@ -311,6 +320,63 @@ def test_plain_identical_client_works(cluster):
     assert "result 6" in proc.stdout
 
 
+# A user's script that never imports hpcdask: distributed's Client(scheduler_file=...) with the
+# cluster's credentials, one task whose side effect (a file) shows whether it ran.
+_PLAIN_FILE_CLIENT = """
+import sys
+from distributed import Client
+from distributed.security import Security
+assert "hpcdask" not in sys.modules, "not a plain client"
+path, mark = sys.argv[1], sys.argv[2]
+d = path.rsplit("/", 1)[0] + "/tls"
+sec = Security(require_encryption=True, tls_ca_file=d + "/ca.pem", tls_client_cert=d + "/cluster.pem",
+               tls_client_key=d + "/cluster.key")
+def touch(p):
+    open(p, "w").close()
+    return 6
+with Client(scheduler_file=path, security=sec, timeout=20) as c:
+    print("result", c.submit(touch, mark).result())
+"""
+
+
+def _plain_file_client(cluster, env, mark: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PLAIN_FILE_CLIENT, str(cluster["path"]),
+                           str(mark)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_plain_client_from_the_same_venv_proves_itself_and_runs(cluster, tmp_path):
+    """Client(scheduler_file=...) in the lock's venv, hpcdask never imported: the venv's Dask
+    configuration runs hpcdask's proof, and its task runs."""
+    proc = _plain_file_client(cluster, os.environ.copy(), tmp_path / "ran")
+    assert proc.returncode == 0, proc.stderr
+    assert "result 6" in proc.stdout and (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("foreign, difference", [
+    ("extra_termcolor", r"termcolor - != \S+ \(client "),  # the lock + one package
+    ("other_threadpoolctl", r"threadpoolctl \S+ != 3\.5\.0 \(client "),  # not one of distributed's
+    (None, r"this client has not proven its identity .*hpcdask\.proof"),  # no proof at all
+])
+def test_plain_client_that_does_not_prove_the_clusters_identity_runs_no_task(
+        cluster, foreign, difference, request, tmp_path):
+    """...before any of its tasks runs (the task would leave a file); one line says why."""
+    import re
+
+    if foreign:
+        env = dict(os.environ, PYTHONPATH=str(request.getfixturevalue(foreign)))
+    else:  # a client from an environment without hpcdask's client preload
+        env = dict(os.environ, DASK_DISTRIBUTED__CLIENT__PRELOAD="[]")
+    mark = tmp_path / "ran"
+    proc = _plain_file_client(cluster, env, mark)
+    assert proc.returncode != 0 and "result" not in proc.stdout, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("PermissionError: hpcdask: refused by the scheduler: "), proc.stderr
+    assert re.search(difference, last), last
+    time.sleep(1)  # a task that had been scheduled would have run by now
+    assert not mark.exists(), "a task of an unproven client ran"
+    assert "refused a graph of 1 key(s) from client" in (cluster["logs"] / "scheduler.log").read_text()
+
+
 def test_versions_names_a_mismatched_client(cluster, other_toolz):
     env = dict(os.environ, PYTHONPATH=str(other_toolz))
     proc = subprocess.run([*HPCDASK, "versions", "--scheduler-file", str(cluster["path"])],
@@ -344,6 +410,52 @@ def test_scheduler_sigterm_ends_everything_cleanly(tmp_path):
     for log in ("s.log", "w.log"):
         text = (tmp_path / log).read_text()
         assert "Traceback" not in text and " - ERROR - " not in text, (log, text)
+
+
+def test_the_published_scheduler_file_always_has_an_address(tmp_path):
+    """A reader doing what the tutorials do, ``json.load(open(SCHEDULER_FILE))["address"]``,
+    every 10 ms across repeated scheduler starts and stops on the same file, never finds the
+    file without an address (the claim lives beside it until the file is published whole)."""
+    import threading
+
+    path = tmp_path / "c" / "scheduler.json"
+    seen, bad, stop_reading = [], [], threading.Event()
+
+    def read() -> None:
+        while not stop_reading.is_set():
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except FileNotFoundError:
+                pass
+            else:
+                try:
+                    seen.append(json.loads(text)["address"])
+                except (ValueError, KeyError) as e:
+                    bad.append(f"{type(e).__name__}: {text[:200]!r}")
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        for i in range(4):
+            sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
+                           "--dashboard", "off"], tmp_path / f"s{i}.log")
+            before = len(seen)
+            try:
+                deadline = time.time() + 60
+                while len(seen) == before:
+                    assert sched.poll() is None, (tmp_path / f"s{i}.log").read_text()
+                    assert time.time() < deadline, "no address published"
+                    time.sleep(0.01)
+            finally:
+                assert stop(sched) == 0
+            assert not path.exists()
+    finally:
+        stop_reading.set()
+        reader.join(5)
+    assert len(set(seen)) >= 2  # schedulers each read at their published address
+    assert not bad, f"{len(bad)} reads without an address, e.g. {bad[0]}"
 
 
 def test_killed_scheduler_workers_end_within_bounded_time(tmp_path):

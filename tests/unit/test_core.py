@@ -204,7 +204,7 @@ def test_a_reader_never_fails_on_a_claim_being_written(tmp_path, monkeypatch):
     time.sleep(0.5)
     path.unlink()
     path, token = schedfile.claim(path, tls=True)
-    assert [p.name for p in d.iterdir()] == ["scheduler.json"]  # no temporary left
+    assert [p.name for p in d.iterdir()] == [".scheduler.json.claim"]  # no temporary left
     schedfile.write(path, {"address": "tls://10.0.0.1:8786"}, token, tls=True)
     reader.join(30)
     assert got["address"] == "tls://10.0.0.1:8786"
@@ -219,23 +219,27 @@ def test_a_claim_on_a_filesystem_without_hard_links_is_still_exclusive(tmp_path,
 
     monkeypatch.setattr(schedfile.os, "link", no_links)
     path, token = schedfile.claim(tmp_path / "job" / "scheduler.json", tls=True)
-    assert json.loads(path.read_text())["hpcdask"]["claim"] == token
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in path.parent.iterdir()] == ["scheduler.json"]
-    with pytest.raises(BadInput, match="already exists .*another scheduler uses it"):
+    claimed = schedfile.claim_path(path)
+    assert json.loads(claimed.read_text())["hpcdask"]["claim"] == token
+    assert stat.S_IMODE(claimed.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == [claimed.name]
+    with pytest.raises(BadInput, match="is claimed .*another scheduler uses it"):
         schedfile.claim(path, tls=True)
 
 
 def test_scheduler_file_is_claimed_exclusively_then_published_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     path, token = schedfile.claim(tmp_path / "job" / "scheduler-777.json", tls=True)
-    # The claim is there at once (mode 0600, stamped) but has no address: readers keep waiting.
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert json.loads(path.read_text())["hpcdask"]["job"] == "777"
-    with pytest.raises(BadInput, match="published no address within 0s; .* rm "):
+    # The claim is beside the file (mode 0600, stamped); the file itself is not there yet, so a
+    # reader at its path never finds one without an address.
+    claimed = schedfile.claim_path(path)
+    assert stat.S_IMODE(claimed.stat().st_mode) == 0o600
+    assert json.loads(claimed.read_text())["hpcdask"]["job"] == "777"
+    assert not path.exists()
+    with pytest.raises(BadInput, match="claimed .*job 777.* published no address within 0s; .* rm "):
         schedfile.wait(path, 0)
     # A second scheduler given the same file is refused, naming the first one's job.
-    with pytest.raises(BadInput, match="already exists .*job 777.*another scheduler uses it"):
+    with pytest.raises(BadInput, match="is claimed .*job 777.*another scheduler uses it"):
         schedfile.claim(path, tls=True)
     schedfile.write(path, {"address": "tls://10.0.0.1:8786", "id": "Scheduler-x"}, token, tls=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -243,11 +247,25 @@ def test_scheduler_file_is_claimed_exclusively_then_published_atomically(tmp_pat
     assert content["address"] == "tls://10.0.0.1:8786"
     assert content["hpcdask"]["job"] == "777" and content["hpcdask"]["tls"] is True
     assert content["hpcdask"]["owner"]
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    assert sorted(p.name for p in path.parent.iterdir()) == [claimed.name, path.name]  # no temp
+    with pytest.raises(BadInput, match="is claimed .*another scheduler uses it"):
+        schedfile.claim(path, tls=True)
     assert schedfile.remove_if_ours(path, "another-token") is False
     assert path.exists()
     assert schedfile.remove_if_ours(path, token) is True
-    assert not path.exists()
+    assert not path.exists() and claimed.exists()  # held until its credentials are gone
+    schedfile.release(path, token)
+    assert list(path.parent.iterdir()) == []
+    schedfile.claim(path, tls=True)  # free again
+
+
+def test_a_published_file_without_a_claim_is_refused_as_stale(tmp_path):
+    d = tmp_path / "job"
+    d.mkdir(mode=0o700)
+    (d / "scheduler.json").write_text('{"address": "tls://10.0.0.1:8786"}')
+    with pytest.raises(BadInput, match="already exists.* rm .*scheduler.json"):
+        schedfile.claim(d / "scheduler.json", tls=True)
+    assert [p.name for p in d.iterdir()] == ["scheduler.json"]  # the refused claim is gone
 
 
 def test_identity_covers_python_image_and_every_package():

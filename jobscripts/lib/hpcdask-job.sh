@@ -351,9 +351,36 @@ hj_shutdown() {
         hj_wait_pid "$HJ_SCHED" "$HJ_STOP_TIMEOUT" || hj_say "the scheduler did not stop within ${HJ_STOP_TIMEOUT}s"
     fi
     HJ_SCHED=''
-    if hj_alive "$HJ_WORKERS"; then
-        hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT" || hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
+    if hj_alive "$HJ_WORKERS" && ! hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT"; then
+        hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
+        hj_end_workers
     fi
+}
+
+# The workers' step did not end: say which nodes do not answer (a crashed node: Slurm would
+# hold the job until it declares the node down, minutes later, and then cancel the job), and
+# end the step now, so the job ends with the client's exit code whatever that node's step does.
+hj_end_workers() {
+    local quiet=''
+    [ -n "${SLURM_JOB_ID:-}" ] && quiet=$(hj_silent_nodes)
+    [ -z "$quiet" ] || hj_say "node(s) $quiet did not answer; ending the job without them"
+}
+
+# Nodes of this job, other than this one, whose slurmd does not start a step within 10 s.
+hj_silent_nodes() {
+    local node me pids=() nodes=() i quiet=()
+    me=$(hostname -s)
+    for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+        [ "$node" = "$me" ] && continue
+        timeout -s KILL 10 srun --overlap --nodes=1 --ntasks=1 --mem=0 -w "$node" true \
+            >/dev/null 2>&1 &
+        pids+=($!)
+        nodes+=("$node")
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || quiet+=("${nodes[$i]}")
+    done
+    echo "${quiet[*]}"
 }
 
 # Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 import hpcdask
-from hpcdask import config, launch, project, provenance, shutdown, versions
+from hpcdask import config, launch, memory, project, provenance, shutdown, versions
 from hpcdask.errors import BadInput, Refused
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -298,7 +298,24 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
         project.share(c, folder)  # and on every worker, from the shared filesystem
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c, defer=True):  # dask-ml works in the script too
-            runpy.run_path(str(script), run_name="__main__")
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except Exception as e:
+                hint = memory.killed_hint(e)
+                if hint:
+                    _after_traceback(hint)
+                raise
+
+
+def _after_traceback(line: str) -> None:
+    """Print LINE on stderr right after the traceback Python prints as this process ends."""
+    previous = sys.excepthook
+
+    def hook(*exc) -> None:
+        previous(*exc)
+        print(line, file=sys.stderr)
+
+    sys.excepthook = hook
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})

@@ -46,6 +46,9 @@ class IdentityGuard(SchedulerPlugin):
         self.refused: dict[str, str] = {}
         self.vetted: set[str] = set()
         self._held: dict[str, str] = {}  # unvetted worker -> the status it last asked for
+        # Every nanny whose worker ever joined, kept after its worker left (killed for memory,
+        # being restarted): at the cluster's end each is told to stop (scheduler.retire_all).
+        self.nannies: set[str] = set()
         self.proven_clients: set[str] = set()
         self.refused_clients: dict[str, str] = {}  # client -> why its graphs are refused
 
@@ -147,6 +150,8 @@ class IdentityGuard(SchedulerPlugin):
 
     def add_worker(self, scheduler, worker: str) -> None:
         ws = scheduler.workers[worker]
+        if ws.nanny:
+            self.nannies.add(ws.nanny)
         # Out of scheduling before add_worker gets to schedule anything on it.
         self._held[worker] = ws.status.name
         scheduler.handle_worker_status_change(Status.paused, ws, "hpcdask-identity-unproven")

@@ -178,8 +178,11 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
     distributed's worker processes expect), then the scheduler closes once all have left."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    # Also the nannies whose worker left (killed for memory, being restarted): none may start a
+    # worker again, and the credentials stay until every one of them has gone.
+    known = set().union(*[g.nannies for g in s.plugins.values() if isinstance(g, IdentityGuard)])
     try:
-        nannies = [ws.nanny for ws in s.workers.values() if ws.nanny]
+        nannies = sorted({ws.nanny for ws in s.workers.values() if ws.nanny} | known)
         plain = [addr for addr, ws in s.workers.items() if not ws.nanny]
         if nannies:
             # Fire and forget (reply=False): a nanny closes its comm as it terminates, which
@@ -192,9 +195,28 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
         # Let each worker close its own stream, so nothing is cut mid-read.
         while s.workers and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        await asyncio.wait_for(_gone(s, nannies), max(0.1, deadline - loop.time()))
     except asyncio.TimeoutError:
         logger.warning("hpcdask: workers did not stop within %ss; closing anyway", timeout)
     await s.close(reason="hpcdask-shutdown")
+
+
+async def _gone(s: Scheduler, nannies: list[str]) -> None:
+    """Until no nanny answers any more: it refuses (stopped), or did not answer three times in a
+    row (its node is gone). One busy restarting its worker still answers, if slowly."""
+    missed = dict.fromkeys(nannies, 0)
+    while missed:
+        for nanny in list(missed):
+            try:
+                await asyncio.wait_for(s.rpc(nanny).identity(), 2)
+                missed[nanny] = 0
+            except asyncio.TimeoutError:
+                missed[nanny] += 1
+            except Exception:  # noqa: BLE001 - refused or closed: it has stopped
+                missed[nanny] = 3
+        missed = {n: k for n, k in missed.items() if k < 3}
+        if missed:
+            await asyncio.sleep(0.2)
 
 
 async def _terminate(s: Scheduler, nanny: str) -> None:

@@ -152,3 +152,22 @@ def lifetime(job_end: float | None, margin: float, stagger: float,
             f"{margin:.0f}s; ask for more time (sbatch --time) or lower HPCDASK_LIFETIME_MARGIN"
         )
     return left
+
+
+def killed_hint(exc: BaseException) -> str | None:
+    """One line to follow distributed's ``KilledWorker`` in a script's traceback: which task,
+    the workers' memory limit, and the fix; None for any other exception.
+
+    A task that ends every worker running it is nearly always one that needs more memory than a
+    worker's limit (the nanny restarts the worker, or the batch system's memory limit kills it),
+    and distributed's own message only says to read the workers' logs."""
+    from distributed.scheduler import KilledWorker
+
+    if not isinstance(exc, KilledWorker):
+        return None
+    limit = getattr(exc.last_worker, "memory_limit", None)
+    each = f"a memory limit of {dask.utils.format_bytes(limit)} each" if limit else "no memory limit"
+    return (f"hpcdask: task {exc.task!r} was running on each of the {exc.allowed_failures + 1} "
+            f"workers that died ({each}); if it needs more memory than that, give the job more "
+            f"memory (sbatch --mem), run fewer workers per node (HPCDASK_NWORKERS), or split "
+            f"its work into smaller chunks")

@@ -458,6 +458,50 @@ def test_the_published_scheduler_file_always_has_an_address(tmp_path):
     assert not bad, f"{len(bad)} reads without an address, e.g. {bad[0]}"
 
 
+_HOG = """
+import distributed
+c = distributed.get_client()
+limit = max(w["memory_limit"] for w in c.scheduler_info()["workers"].values())
+def hog(n):
+    import numpy as np
+    return int(np.ones(n, dtype="uint8").sum())
+c.submit(hog, 3 * limit, key="hog-3x").result()
+"""
+
+
+def test_a_task_killed_for_memory_gets_one_line_and_the_cluster_stops_cleanly(tmp_path):
+    """KilledWorker (distributed's message, the user's traceback) is followed by one hpcdask
+    line naming the task, the workers' memory limit and the fix. Then the cluster stops at
+    once: no nanny restarts its worker into removed credentials (no traceback in any log)."""
+    path = tmp_path / "c" / "scheduler.json"
+    sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
+                   "--dashboard", "off"], tmp_path / "s.log")
+    worker = start(["worker", "--scheduler-file", str(path), "--interface", "lo", "--nthreads", "1",
+                    "--nworkers", "2", "--memory-limit", "256MiB"], tmp_path / "w.log")
+    (tmp_path / "hog.py").write_text(_HOG)
+    try:
+        client = subprocess.run([*HPCDASK, "client", str(tmp_path / "hog.py"), "--scheduler-file",
+                                 str(path), "--wait-workers", "2"], capture_output=True,
+                                text=True, timeout=240, cwd=tmp_path)
+        assert stop(sched) == 0
+        assert worker.wait(30) == 0
+    finally:
+        stop(sched, signal.SIGKILL)
+        stop(worker, signal.SIGKILL)
+    assert client.returncode == 1, client.stderr
+    assert client.stderr.count("Traceback (most recent call last)") == 1, client.stderr
+    lines = client.stderr.strip().splitlines()
+    assert lines[-2].startswith("distributed.scheduler.KilledWorker: "), client.stderr
+    assert lines[-1].startswith("hpcdask: task 'hog-3x' was running on each of the 4 workers "
+                                "that died (a memory limit of 256.00 MiB each)"), lines[-1]
+    assert "--mem" in lines[-1] and "fewer workers per node" in lines[-1], lines[-1]
+    assert "smaller chunks" in lines[-1], lines[-1]
+    for log in ("s.log", "w.log"):
+        text = (tmp_path / log).read_text()
+        assert "Traceback" not in text and "FileNotFoundError" not in text, (log, text)
+    assert not path.parent.exists()
+
+
 def test_killed_scheduler_workers_end_within_bounded_time(tmp_path):
     path = tmp_path / "c" / "scheduler.json"
     sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",

@@ -460,6 +460,45 @@ def test_a_killed_scheduler_ends_the_job(slurm_cluster, job_env, udir):
     measure("scheduler killed", kill_to_job_end_s=round(took, 1))
 
 
+MEMORY_HOG_SCRIPT = """\
+import distributed
+c = distributed.get_client()
+limit = max(w["memory_limit"] for w in c.scheduler_info()["workers"].values())
+def hog(n):
+    import numpy as np
+    return int(np.ones(n, dtype="uint8").sum())
+print("SUBMITTED", flush=True)
+c.submit(hog, 3 * limit, key="hog-3x").result()
+"""
+
+
+def test_a_task_killed_for_memory_ends_the_job_cleanly(slurm_cluster, job_env, udir):
+    """A task allocating 3x a worker's memory limit: distributed retries it and raises
+    KilledWorker, which is right. Then the job ends within seconds, with the script's exit
+    code, the user's traceback as the only one, and one hpcdask line naming the task, the
+    workers' memory limits and the fix; no nanny restarts a worker into removed credentials."""
+    (udir / "hog.py").write_text(MEMORY_HOG_SCRIPT)
+    res = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N2", "--mem=1500M", "--time=5"], ["hog.py"], job_env, udir, timeout=300)
+    assert res.state == "FAILED" and res.exit_code == 1, str(res)
+    text = res.stdout + res.stderr
+    assert text.count("Traceback (most recent call last)") == 1, str(res)
+    lines = res.stderr.splitlines()
+    killed = next(i for i, ln in enumerate(lines) if ln.startswith("distributed.scheduler.KilledWorker"))
+    hint = lines[killed + 1]
+    assert hint.startswith("hpcdask: task 'hog-3x' "), str(res)
+    assert re.search(r"memory limit of [\d.]+ [KMG]iB each", hint) and "--mem" in hint, hint
+    assert "fewer workers per node" in hint and "smaller chunks" in hint, hint
+    client_end = float(re.search(r"client ended \(exit 1\) after ([\d.]+)s", res.stderr).group(1))
+    start = time.mktime(time.strptime(res.info["StartTime"], "%Y-%m-%dT%H:%M:%S"))
+    end = time.mktime(time.strptime(res.info["EndTime"], "%Y-%m-%dT%H:%M:%S"))
+    measure("task killed for memory", client_end_s=client_end,
+            client_end_to_job_end_s=round(end - start - client_end, 1))
+    assert end - start - client_end < 30, str(res)  # not the workers' 60 s stop timeout
+    assert not list(Path(job_env["HPCDASK_SHARED_DIR"]).iterdir())
+    assert slurm_cluster.user_files_in_node_tmp() == []
+
+
 NODE_LOSS_SCRIPT = """\
 import time, distributed
 c = distributed.get_client()

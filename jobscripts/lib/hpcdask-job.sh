@@ -368,17 +368,17 @@ hj_end_workers() {
 
 # Nodes of this job, other than this one, whose slurmd does not start a step within 10 s.
 hj_silent_nodes() {
-    local node me pids=() nodes=() i quiet=()
+    local node me pids=() names=() i quiet=()
     me=$(hostname -s)
     for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
         [ "$node" = "$me" ] && continue
         timeout -s KILL 10 srun --overlap --nodes=1 --ntasks=1 --mem=0 -w "$node" true \
             >/dev/null 2>&1 &
         pids+=($!)
-        nodes+=("$node")
+        names+=("$node")
     done
     for i in "${!pids[@]}"; do
-        wait "${pids[$i]}" || quiet+=("${nodes[$i]}")
+        wait "${pids[$i]}" || quiet+=("${names[$i]}")
     done
     echo "${quiet[*]}"
 }

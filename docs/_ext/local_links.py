@@ -6,10 +6,15 @@ on GitHub, not built, so this extension reads their links with markdown-it (MyST
 warns, under ``-W`` fails, when a relative link names a file that does not exist or a heading
 anchor (``docs/slurm.md#memory``) that the target file does not have. External links
 (``https:`` and the like) are never fetched: this build must work without the internet.
+
+The same pass reads every inline code span of those files and of the pages under docs/ that
+names a path in the repository (```src/hpcdask/project.py```, ```tests/cluster/cluster.sh```):
+a path that no longer exists, because a file moved, is a warning too.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -18,6 +23,7 @@ from myst_parser.mdit_to_docutils.base import default_slugify
 from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
+REPO_PATH = re.compile(r"^((?:src|tests|containers|jobscripts|bench|docs)/[A-Za-z0-9_.+/-]*[A-Za-z0-9_/])")
 
 
 def _tokens(text: str):
@@ -61,14 +67,29 @@ def bad_links(path: Path) -> list[str]:
     return problems
 
 
+def missing_paths(path: Path, root: Path) -> list[str]:
+    """Repository paths named in ``path``'s inline code that do not exist under ``root``."""
+    out = []
+    for token in _tokens(path.read_text()):
+        m = REPO_PATH.match(token.content) if token.type == "code_inline" else None
+        if m and not m[1].startswith("docs/_build") and not (root / m[1]).exists() \
+                and m[1] not in out:
+            out.append(m[1])
+    return out
+
+
 def check(app, exception) -> None:
     if exception is not None:
         return
     root = Path(app.srcdir)
-    for name in app.config.local_links_files:
-        path = (root / name).resolve()
+    repo = root.parent
+    files = [(root / name).resolve() for name in app.config.local_links_files]
+    for path in files:
         for problem in bad_links(path):
-            logger.warning("%s: broken link %s", path.relative_to(root.parent), problem)
+            logger.warning("%s: broken link %s", path.relative_to(repo), problem)
+    for path in files + sorted(root.glob("*.md")):
+        for name in missing_paths(path, repo):
+            logger.warning("%s: names %s, which does not exist", path.relative_to(repo), name)
 
 
 def setup(app):

@@ -2,7 +2,7 @@
 
 `make docs` runs the same sphinx-build; here it runs into a temporary folder so `make test` (and
 CI) fails on a broken page, a link between pages or to a heading that does not resolve, a broken
-relative link in README.md, or a setting of hpcdask.yaml without its comment. No network: the
+relative link in README.md, a repository path named in `code` that no longer exists, or a setting of hpcdask.yaml without its comment. No network: the
 build never fetches anything (no intersphinx, no linkcheck).
 """
 
@@ -52,7 +52,7 @@ def test_docs_build_without_warnings(tmp_path):
     assert first_row.split("|")[3].strip() in bench  # included, so the committed run's figure
 
 
-def test_checks_fail_on_a_broken_link_anchor_and_an_uncommented_key(tmp_path):
+def test_checks_fail_on_broken_links_a_moved_path_and_an_uncommented_key(tmp_path):
     """A small project using the same extensions: each defect is one error naming it."""
     src = tmp_path / "docs"
     (src / "_ext").mkdir(parents=True)
@@ -82,6 +82,7 @@ def test_checks_fail_on_a_broken_link_anchor_and_an_uncommented_key(tmp_path):
 
         [fine](docs/index.md#present) [gone](docs/nowhere.md) [no anchor](docs/index.md#nope)
         [external](https://example.invalid/never-fetched)
+        `src/hpcdask/gone.py` moved away; `docs/index.md` is there.
         """))
     result = sphinx(src, tmp_path / "out")
     output = result.stdout + result.stderr
@@ -94,3 +95,5 @@ def test_checks_fail_on_a_broken_link_anchor_and_an_uncommented_key(tmp_path):
     assert "docs/index.md#nope: index.md has no heading with anchor #nope" in output
     assert "docs/index.md#present" not in output
     assert "example.invalid" not in output
+    assert "README.md: names src/hpcdask/gone.py, which does not exist" in output
+    assert "names docs/index.md" not in output

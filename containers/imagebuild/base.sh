@@ -7,7 +7,7 @@
 # The tree lives outside the repository, keyed by the hash of this script and of the host's apt
 # sources, and is reused when present.
 #
-# Usage: containers/imagebuild/base.sh [CACHE_DIR]      (default: $HPCDASK_TEST_CACHE or /var/cache/hpcdask-test)
+# Usage: tests/cluster/base.sh [CACHE_DIR]      (default: $HPCDASK_TEST_CACHE or /var/cache/hpcdask-test)
 # Needs root and debootstrap. Progress goes to stderr, the path alone to stdout.
 set -euo pipefail
 

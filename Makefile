@@ -12,7 +12,7 @@ DEVLOCK := tests/requirements-dev.lock
 ARGS ?=
 PYTEST_ARGS ?=
 PIP_QUIET := --quiet --disable-pip-version-check
-# The test cluster's batch system (tests/testcluster/BATCH.sh): slurm.
+# The test cluster's batch system: tests/testcluster/$(BATCH).sh (slurm).
 BATCH ?= slurm
 CLUSTER := BATCH=$(BATCH) bash tests/testcluster/cluster.sh
 # The image builder used when there is no Apptainer (containers/imagebuild), run from the root.
@@ -25,7 +25,8 @@ CMD ?=
         cluster-env cluster-login cluster-deps host-deps bench clean
 
 help:
-	@echo "make run | test | lock | sif | docker | image | compose-test | cluster-up | cluster-login | cluster-down | cluster-env | bench | clean"
+	@echo "make run | test | test-unit | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
+	@echo "make cluster-login [CMD='squeue'] [AS=otheruser]   (BATCH=slurm selects the test cluster's batch system)"
 
 # --- environments -----------------------------------------------------------------------------
 # .venv is exactly the lock (+ hpcdask itself): what `make run` uses and what the lock test checks.

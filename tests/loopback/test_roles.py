@@ -389,7 +389,7 @@ print(json.dumps({"best": search.best_params_, "score": search.best_score_, "bef
 def test_hyperband_in_a_client_script(cluster, tmp_path):
     """dask/dask-ml#1016 and #1012 are fixed for user scripts under `hpcdask client` (the
     all-in-one job's path) too: the same best parameters as on the stack without the bug
-    (tests/unit/test_compat), and dask-ml's r2_score works. hpcdask itself imported neither
+    (tests/loopback/test_compat), and dask-ml's r2_score works. hpcdask itself imported neither
     dask-ml nor scikit-learn before the script's first line (the fix comes on import)."""
     script = tmp_path / "search.py"
     script.write_text(_HYPERBAND_SCRIPT)

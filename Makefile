@@ -18,7 +18,8 @@ CLUSTER := BATCH=$(BATCH) bash tests/testcluster/cluster.sh
 # The image builder used when there is no Apptainer (containers/imagebuild), run from the root.
 IMAGEBUILD := PYTHONPATH=$(CURDIR)/containers
 # cluster-login: CMD runs as AS (default hpcuser) on the login node; without CMD, a login shell.
-AS ?= hpcuser
+# (AS is also make's assembler: its built-in default counts as unset.)
+LOGIN_AS := $(if $(filter default undefined,$(origin AS)),hpcuser,$(AS))
 CMD ?=
 
 .PHONY: help run test test-unit lock venv sif docker image compose-test cluster-up cluster-down \
@@ -116,7 +117,7 @@ cluster-env:
 
 # make cluster-login CMD='squeue -u hpcuser' [AS=otheruser]: one command, its exit status passed on.
 cluster-login:
-	@$(CLUSTER) login -u $(AS) $(if $(strip $(CMD)),bash -lc $(call shq,$(CMD)),)
+	@$(CLUSTER) login -u $(LOGIN_AS) $(if $(strip $(value CMD)),bash -lc $(call shq,$(value CMD)),)
 
 # --- benchmarks -------------------------------------------------------------------------------
 bench: host-deps $(VENV)/.done $(VENV)/.paths

@@ -289,7 +289,9 @@ def read_labels(path: Path) -> dict[str, str]:
     return out
 
 
-KEEP_IMAGES = 3  # each is ~1.3 GB, and every source edit makes a new one
+# Each is ~1.3 GB and every source edit makes a new one; several checkouts (worktrees) may test
+# at once, each with its own sources: HPCDASK_TEST_KEEP_IMAGES keeps more.
+KEEP_IMAGES = int(os.environ.get("HPCDASK_TEST_KEEP_IMAGES", "3"))
 
 
 def prune(cache: Path, keep: int) -> None:

@@ -48,7 +48,7 @@ ARCHES = {"x86_64": ("amd64", 2), "i686": ("386", 1), "armv7l": ("arm", 3), "aar
           "riscv64": ("riscv64", 12)}
 # siftool --datatype: 1 Deffile, 4 Partition, 6 GenericJSON; --partfs 1 Squash; --parttype 2 PrimSys
 DEFFILE_T, PARTITION_T, JSON_T, SQUASH_FS, PRIMSYS = 1, 4, 6, 1, 2
-KEEP_SIFS = 2
+KEEP_SIFS = int(os.environ.get("HPCDASK_TEST_KEEP_IMAGES", "2"))  # as image.KEEP_IMAGES
 # The config of the image `From:` names (debian:bookworm-slim): what Apptainer's OCI
 # conveyor packer stores as oci-config.json for `Bootstrap: docker`.
 BOOKWORM_SLIM_CONFIG = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],

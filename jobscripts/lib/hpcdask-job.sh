@@ -361,9 +361,22 @@ hj_shutdown() {
 # hold the job until it declares the node down, minutes later, and then cancel the job), and
 # end the step now, so the job ends with the client's exit code whatever that node's step does.
 hj_end_workers() {
-    local quiet=''
+    local quiet='' keep node tmp
     [ -n "${SLURM_JOB_ID:-}" ] && quiet=$(hj_silent_nodes)
-    [ -z "$quiet" ] || hj_say "node(s) $quiet did not answer; ending the job without them"
+    [ -z "$quiet" ] && return 0
+    # Let the silent nodes go: a job shrunk to its live nodes ends as soon as its batch script
+    # does (COMPLETED with the client's exit code), instead of waiting for Slurm to declare the
+    # node down and then recording NODE_FAIL. scontrol writes slurm_job_<id>_resize.{sh,csh}
+    # into its working directory: a private temporary one, removed.
+    keep=$(for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+        [[ " $quiet " == *" $node "* ]] || echo "$node"; done | paste -sd, -)
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && scontrol update JobId="$SLURM_JOB_ID" NodeList="$keep" >/dev/null 2>&1); then
+        hj_say "node(s) $quiet did not answer; the job lets them go and ends without them"
+    else
+        hj_say "node(s) $quiet did not answer; ending the job without them"
+    fi
+    rm -rf -- "$tmp"
 }
 
 # Nodes of this job, other than this one, whose slurmd does not start a step within 10 s.

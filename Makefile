@@ -81,6 +81,7 @@ compose-test: host-deps $(TVENV)/.done
 	$(TVENV)/bin/python -m pytest -m compose -s tests/integration/test_compose.py $(PYTEST_ARGS)
 
 # --- the test cluster -------------------------------------------------------------------------
+# BATCH=slurm (default) or BATCH=sge: the batch system the cluster speaks (tests/cluster/cluster.sh).
 cluster-deps:
 	bash tests/cluster/cluster.sh deps
 

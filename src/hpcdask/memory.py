@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import socket
 import time
 from collections.abc import Mapping
@@ -74,7 +75,7 @@ def node_memory() -> int:
 
 
 def allocation(env: Mapping[str, str] | None = None) -> Allocation:
-    """CPUs and memory of this node's share of the job: SLURM, PBS, else the machine."""
+    """CPUs and memory of this node's share of the job: Slurm, PBS, Grid Engine, else the machine."""
     env = os.environ if env is None else env
     machine_cpus = len(os.sched_getaffinity(0))
     machine_mem = node_memory()
@@ -93,6 +94,13 @@ def allocation(env: Mapping[str, str] | None = None) -> Allocation:
         # PBS_VMEM (bytes) is the whole job's; the PBS jobscripts export this node's share.
         mem = int(env.get("HPCDASK_NODE_MEMORY") or env.get("PBS_VMEM") or machine_mem)
         return Allocation(cpus, min(mem, machine_mem), "pbs", batch)
+    if env.get("SGE_TASK_ID") and "NSLOTS" in env:
+        # Grid Engine: the job's slots on this host; its memory is what it may map (h_vmem, set
+        # per job as RLIMIT_AS), as the SGE jobscripts also export (HPCDASK_NODE_MEMORY).
+        cpus = int(env.get("NSLOTS") or machine_cpus)
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        mem = int(env.get("HPCDASK_NODE_MEMORY") or (limit if limit > 0 else machine_mem))
+        return Allocation(cpus, min(mem, machine_mem), "sge", batch)
     return Allocation(machine_cpus, machine_mem, "machine", batch)
 
 

@@ -25,7 +25,9 @@ from hpcdask.files import atomic_write, private_dir
 
 
 def job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
+    """The batch job's ID: Slurm's, PBS's, or Grid Engine's (JOB_ID, in a job: SGE_TASK_ID is set)."""
+    sge = os.environ.get("JOB_ID") if os.environ.get("SGE_TASK_ID") else None
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or sge
 
 
 def claim(path: Path, tls: bool) -> tuple[Path, str]:

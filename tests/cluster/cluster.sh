@@ -2,6 +2,7 @@
 # A Slurm cluster on this one machine, as strict as a real HPC site, for the integration tests.
 #
 #   tests/cluster/cluster.sh up       users, munged, slurmctld, a login node and N compute nodes (idempotent)
+#                                     (BATCH=sge: sge_qmaster and one sge_execd per node instead, sge.sh)
 #   tests/cluster/cluster.sh down     stop everything; remove every namespace, link, mount and user process
 #   tests/cluster/cluster.sh env      the exports a user needs (eval "$(... env)"), HPCDASK_IMAGE included
 #   tests/cluster/cluster.sh login [-u USER] [CMD...]
@@ -39,6 +40,8 @@
 #
 # Settings (environment):
 #   HPCDASK_CLUSTER_INSTANCE  0-9 (default 0): names hpcd-* (hpcdN-* for N > 0)
+#   HPCDASK_CLUSTER_BATCH     slurm (default) or sge (BATCH is read too): the batch system, the one
+#                             part that differs; everything else (machines, users, image) is shared
 #   HPCDASK_CLUSTER_NODES     number of compute nodes (default 3; NODES is read too)
 #   HPCDASK_CLUSTER_STATE     state directory (default /var/lib/hpcdask-test/<name>)
 #   HPCDASK_CLUSTER_SUBNET    first three octets of the ib0 /24 (default 10.253.71+2N)
@@ -63,6 +66,8 @@ ETH_SUBNET=${HPCDASK_CLUSTER_ETH_SUBNET:-10.253.$((72 + 2 * INSTANCE))}
 CPUS=${HPCDASK_CLUSTER_CPUS:-2}
 MEMORY=${HPCDASK_CLUSTER_MEMORY:-4000}
 PORT=${HPCDASK_CLUSTER_PORT:-$((6817 + 10 * INSTANCE))}
+BATCH=${HPCDASK_CLUSTER_BATCH:-${BATCH:-slurm}}
+case $BATCH in slurm | sge) ;; *) echo "cluster.sh: BATCH must be slurm or sge, not $BATCH" >&2; exit 2 ;; esac
 [[ $STATE == /?* && $STATE != *..* ]] || { echo "cluster.sh: HPCDASK_CLUSTER_STATE must be an absolute path" >&2; exit 2; }
 PREFIX=$NAME-   # every namespace and link this script makes starts with it
 IB_BRIDGE=${PREFIX}ib
@@ -91,6 +96,8 @@ login_ns() { echo "${PREFIX}login"; }
 
 # Clients (sinfo, scontrol, ...) read the generated config.
 export SLURM_CONF=$CONF
+# shellcheck source=tests/cluster/sge.sh
+. "$here/sge.sh"
 
 # --- processes -----------------------------------------------------------------------------------
 
@@ -141,9 +148,10 @@ ns_pids() {
 # process whose namespaces every daemon and user command of that machine enters.
 holder_pid() { pid_of "$STATE/run/holder-$1.pid" sleep; }
 
-# Start the holder of MACHINE (node1.., login) in network namespace NS.
+# Start the holder of MACHINE (node1.., login) in network namespace NS, with hostname HOSTNAME
+# (default: MACHINE). When $STATE/etc/hosts exists (BATCH=sge), it is the machine's /etc/hosts.
 start_holder() {
-    local machine=$1 ns=$2 dir=$STATE/nodes/$1
+    local machine=$1 ns=$2 dir=$STATE/nodes/$1 hostname=${3:-$1}
     mkdir -p "$dir/tmp" "$dir/var-tmp" "$dir/local"
     chmod 1777 "$dir/tmp" "$dir/var-tmp"
     chmod 0755 "$dir/local"
@@ -158,13 +166,15 @@ start_holder() {
             mount --bind "$2/tmp" /tmp
             mount --bind "$2/var-tmp" /var/tmp
             mount --bind "$2/local" "$3"
+            [ ! -e "$7" ] || mount --bind "$7" /etc/hosts
             # /dev/fuse usable by every user, as on a normal host (here it is 0600): a device
             # node of our own bound over it, in this machine only.
             mknod -m 0666 "$2/fuse" c 10 229
             mount --bind "$2/fuse" /dev/fuse
             echo $$ >"$6.pid"
             touch "$6.ready"
-            exec sleep infinity' sh "$machine" "$dir" "$LOCAL" "$repo" "$SRC" "$STATE/run/holder-$machine" \
+            exec sleep infinity' sh "$hostname" "$dir" "$LOCAL" "$repo" "$SRC" "$STATE/run/holder-$machine" \
+        "$STATE/etc/hosts" \
         9>&- </dev/null >>"$STATE/log/holder-$machine.out" 2>&1 &
     local i
     for ((i = 0; i < 100; i++)); do
@@ -188,9 +198,12 @@ user_env() {
     local user=$1 home
     home=$(getent passwd "$user" | cut -d: -f6)
     printf '%s\n' "HOME=$home" "USER=$user" "LOGNAME=$user" "SHELL=/bin/bash" "LANG=C.UTF-8" \
-        "PATH=$SRC/tests/cluster/bin:$USER_PATH" "SLURM_CONF=$CONF" "HPCDASK_IMAGE=$(image_path)" \
-        "HPCDASK_SRC=$SRC"
+        "PATH=$SRC/tests/cluster/bin:$USER_PATH" "HPCDASK_IMAGE=$(image_path)" "HPCDASK_SRC=$SRC"
+    if [ "$(running_batch)" = sge ]; then sge_user_env; else echo "SLURM_CONF=$CONF"; fi
 }
+
+# The batch system of the cluster that is up (or being brought up): recorded by `up`.
+running_batch() { cat "$STATE/batch" 2>/dev/null || echo "$BATCH"; }
 
 # Run CMD... as USER in MACHINE, from USER's home, with user_env plus KEY=VALUE words given
 # before CMD in EXTRA (an array name).
@@ -226,6 +239,12 @@ nodes_ready() {
 }
 
 healthy() {
+    [ "$(cat "$STATE/batch" 2>/dev/null)" = "$BATCH" ] || return 1
+    if [ "$BATCH" = sge ]; then
+        [ "$(cat "$STATE/repo" 2>/dev/null)" = "$repo" ] && sge_alive \
+            && [ "$(cat "$STATE/nodes.count")" -eq "$NODES" ] && [ "$(sge_nodes_ready)" -eq "$NODES" ]
+        return
+    fi
     # ... and made from this checkout, not from another clone on the machine.
     [ -s "$CONF" ] && [ "$(cat "$STATE/repo" 2>/dev/null)" = "$repo" ] \
         && daemons_alive && [ "$(nodes_ready)" -eq "$(cat "$STATE/nodes.count")" ] \
@@ -243,6 +262,7 @@ do_down() {
             timeout 10 scancel --quiet --full --user="$p" 2>/dev/null || true
         done
     fi
+    sge_stop
     pids=()
     for p in "$STATE"/run/slurmd-*.pid; do
         [ -e "$p" ] && p=$(pid_of "$p" slurmd) && pids+=("$p")
@@ -270,16 +290,16 @@ do_down() {
     fi
     # Node-local folders die with the nodes (jobs' $TMPDIR included).
     rm -rf "${STATE:?}/nodes"
-    rm -f "$STATE"/run/*.pid "$STATE"/run/*.ready "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    rm -f "$STATE"/run/*.pid "$STATE"/run/*.ready "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock" "$STATE/batch"
     say "down in $(took "$t0")s (logs kept in $STATE/log)"
 }
 
 # --- up ------------------------------------------------------------------------------------------
 
 check_deps() {
-    local missing=()
-    for c in slurmctld slurmd sinfo srun sbatch scontrol munged munge unmunge ip nsenter unshare \
-        setpriv flock setsid ss useradd; do
+    local missing=() batch_cmds=(slurmctld slurmd sinfo srun sbatch scontrol munged munge unmunge)
+    [ "$BATCH" = slurm ] || batch_cmds=(/usr/sbin/sge_qmaster /usr/sbin/sge_execd qsub qconf qstat qdel qhost)
+    for c in "${batch_cmds[@]}" ip nsenter unshare setpriv flock setsid ss useradd; do
         command -v "$c" >/dev/null || missing+=("$c")
     done
     [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]} (run: $0 deps)"
@@ -356,6 +376,13 @@ make_network() {
     ip netns add "$ns"
     ip -n "$ns" link set lo up
     add_port "$ns" "$ETH_BRIDGE" "${PREFIX}el" eth0 "$LOGIN_ETH"
+    if [ "$BATCH" = sge ]; then
+        # Grid Engine's master is a machine of its own (sge.sh).
+        ns=${PREFIX}master
+        ip netns add "$ns"
+        ip -n "$ns" link set lo up
+        add_port "$ns" "$ETH_BRIDGE" "${PREFIX}em" eth0 "$SGE_MASTER_ETH"
+    fi
 }
 
 # Render tests/cluster/slurm/* into $STATE/etc (slurmd reads them inside the nodes' namespaces).
@@ -476,7 +503,7 @@ do_up() {
     do_down 2>/dev/null
     trap on_up_exit EXIT
     trap 'exit 130' INT TERM
-    if ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; then
+    if [ "$BATCH" = slurm ] && ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; then
         die "port $PORT is in use: stop what listens there or set HPCDASK_CLUSTER_PORT"
     fi
     # The previous run's logs are kept one generation back.
@@ -488,13 +515,21 @@ do_up() {
     chmod 0755 "$STATE" "$STATE/src" "$STATE/local"
     chmod 0700 "$STATE/leftovers"
     make_users
-    write_conf
-    start_munge
-    make_network
-    start_slurm
-    wait_idle 60
+    echo "$BATCH" >"$STATE/batch"
+    if [ "$BATCH" = sge ]; then
+        sge_write_conf
+        make_network
+        sge_start
+        sge_wait_idle 60
+    else
+        write_conf
+        start_munge
+        make_network
+        start_slurm
+        wait_idle 60
+    fi
     trap - EXIT INT TERM
-    say "up in $(took "$t0")s: $NODES nodes ($(for ((i = 1; i <= NODES; i++)); do printf '%s=%s ' "$(node_name "$i")" "$(node_addr "$i")"; done| sed 's/ $//')), login=$LOGIN_ETH"
+    say "$BATCH up in $(took "$t0")s: $NODES nodes ($(for ((i = 1; i <= NODES; i++)); do printf '%s=%s ' "$(node_name "$i")" "$(node_addr "$i")"; done| sed 's/ $//')), login=$LOGIN_ETH"
     say "use: $0 login   (a shell on the login node as hpcuser), or eval \"\$($0 env)\""
 }
 
@@ -507,7 +542,7 @@ do_env() {
     path=${path//:$bin:/:}
     path=${path#:}; path=${path%:}
     printf 'export PATH=%q\n' "$bin${path:+:$path}"
-    printf 'export SLURM_CONF=%q\n' "$CONF"
+    if [ "$(running_batch)" = sge ]; then sge_print_env; else printf 'export SLURM_CONF=%q\n' "$CONF"; fi
     line=$(image_path)
     [ -z "$line" ] || printf 'export HPCDASK_IMAGE=%q\n' "$line"
     printf 'export HPCDASK_CLUSTER_LOGIN=%q\n' "$(login_ns)"
@@ -530,6 +565,12 @@ do_node() {
 
 do_status() {
     local ok=0 i f p
+    if [ "$(running_batch)" = sge ]; then
+        sge_status || ok=1
+        if p=$(holder_pid login); then echo "login: up (namespace $(login_ns), eth0 $LOGIN_ETH)"; else echo "login: down"; ok=1; fi
+        if [ $ok -eq 0 ] && healthy; then echo "status: up ($STATE)"; else echo "status: down or unhealthy"; return 1; fi
+        return 0
+    fi
     for f in munged slurmctld; do
         if p=$(pid_of "$STATE/run/$f.pid" "$f"); then echo "$f: running (pid $p)"; else echo "$f: not running"; ok=1; fi
     done
@@ -551,7 +592,7 @@ do_status() {
 do_deps() {
     [ "$(id -u)" -eq 0 ] || die "needs root"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        slurm-wlm munge iproute2 util-linux procps passwd
+        slurm-wlm munge gridengine-master gridengine-exec gridengine-client iproute2 util-linux procps passwd
 }
 
 cmd=${1:-}

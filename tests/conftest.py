@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from cluster.fixtures import job_env, slurm_cluster, udir  # noqa: E402, F401
+from cluster.sge_fixtures import sge_cluster, sge_env, sge_udir  # noqa: E402, F401
 
 
 def _built(script: str, what: str, ok) -> Path:
@@ -66,6 +67,8 @@ REQUIRED = {
 
 
 def pytest_configure(config):
+    # (Declared here, not in pyproject.toml, which is an input of the test image.)
+    config.addinivalue_line("markers", "sge: needs the Grid Engine test cluster (BATCH=sge tests/cluster/cluster.sh)")
     from ciguard import CIGuard
 
     config.pluginmanager.register(CIGuard(REPO / "tests", REQUIRED), "hpcdask-ci-guard")

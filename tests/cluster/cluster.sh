@@ -39,13 +39,13 @@
 # $STATE, never in the repository.
 #
 # Settings (environment):
-#   HPCDASK_CLUSTER_INSTANCE  0-9 (default 0): names hpcd-* (hpcdN-* for N > 0)
+#   HPCDASK_CLUSTER_INSTANCE  0-9 (default 0): names hpcd-* (hpcdN-* for N > 0; Grid Engine: hpcs*)
 #   HPCDASK_CLUSTER_BATCH     slurm (default) or sge (BATCH is read too): the batch system, the one
 #                             part that differs; everything else (machines, users, image) is shared
 #   HPCDASK_CLUSTER_NODES     number of compute nodes (default 3; NODES is read too)
 #   HPCDASK_CLUSTER_STATE     state directory (default /var/lib/hpcdask-test/<name>)
-#   HPCDASK_CLUSTER_SUBNET    first three octets of the ib0 /24 (default 10.253.71+2N)
-#   HPCDASK_CLUSTER_ETH_SUBNET  ... of the eth0 /24 (default 10.253.72+2N)
+#   HPCDASK_CLUSTER_SUBNET    first three octets of the ib0 /24 (default 10.253.71+2N; sge 171+2N)
+#   HPCDASK_CLUSTER_ETH_SUBNET  ... of the eth0 /24 (default 10.253.72+2N; sge 172+2N)
 #   HPCDASK_CLUSTER_CPUS      CPUs per node (default 2)      HPCDASK_CLUSTER_MEMORY  MiB per node (default 4000)
 #   HPCDASK_CLUSTER_PORT      slurmctld port (default 6817+10N)
 #   HPCDASK_IMAGE             the image for `env` (default: the test image as a SIF, dask-<key>.sif,
@@ -58,16 +58,19 @@ repo=$(cd "$here/../.." && pwd)
 
 INSTANCE=${HPCDASK_CLUSTER_INSTANCE:-0}
 [[ $INSTANCE =~ ^[0-9]$ ]] || { echo "cluster.sh: HPCDASK_CLUSTER_INSTANCE must be 0-9, not $INSTANCE" >&2; exit 2; }
-if [ "$INSTANCE" = 0 ]; then NAME=hpcd; else NAME=hpcd$INSTANCE; fi
+BATCH=${HPCDASK_CLUSTER_BATCH:-${BATCH:-slurm}}
+case $BATCH in slurm | sge) ;; *) echo "cluster.sh: BATCH must be slurm or sge, not $BATCH" >&2; exit 2 ;; esac
+# A Grid Engine cluster has names and subnets of its own (hpcs*, 10.253.171+), so it runs beside
+# the same instance's Slurm cluster (one test session uses both).
+if [ "$BATCH" = sge ]; then NAME=hpcs; NET0=171; else NAME=hpcd; NET0=71; fi
+[ "$INSTANCE" = 0 ] || NAME=$NAME$INSTANCE
 STATE=${HPCDASK_CLUSTER_STATE:-/var/lib/hpcdask-test/$NAME}
 NODES=${HPCDASK_CLUSTER_NODES:-${NODES:-3}}
-SUBNET=${HPCDASK_CLUSTER_SUBNET:-10.253.$((71 + 2 * INSTANCE))}
-ETH_SUBNET=${HPCDASK_CLUSTER_ETH_SUBNET:-10.253.$((72 + 2 * INSTANCE))}
+SUBNET=${HPCDASK_CLUSTER_SUBNET:-10.253.$((NET0 + 2 * INSTANCE))}
+ETH_SUBNET=${HPCDASK_CLUSTER_ETH_SUBNET:-10.253.$((NET0 + 1 + 2 * INSTANCE))}
 CPUS=${HPCDASK_CLUSTER_CPUS:-2}
 MEMORY=${HPCDASK_CLUSTER_MEMORY:-4000}
 PORT=${HPCDASK_CLUSTER_PORT:-$((6817 + 10 * INSTANCE))}
-BATCH=${HPCDASK_CLUSTER_BATCH:-${BATCH:-slurm}}
-case $BATCH in slurm | sge) ;; *) echo "cluster.sh: BATCH must be slurm or sge, not $BATCH" >&2; exit 2 ;; esac
 [[ $STATE == /?* && $STATE != *..* ]] || { echo "cluster.sh: HPCDASK_CLUSTER_STATE must be an absolute path" >&2; exit 2; }
 PREFIX=$NAME-   # every namespace and link this script makes starts with it
 IB_BRIDGE=${PREFIX}ib

@@ -14,7 +14,7 @@
 #   memory    h_vmem is a consumable (MEMORY per host, default 2G per job slot) and Grid Engine
 #             enforces it as every site does: the job's address-space limit (setrlimit).
 #   $TMPDIR   Grid Engine's own: sge_execd makes <tmpdir>/<job>.<task>.all.q, owned by the job's
-#             user, on the node's own folder ($LOCAL), and removes it when the job ends; the queue's
+#             user, in the node's own /tmp (Grid Engine's default tmpdir), and removes it when the job ends; the queue's
 #             epilog first records anything left there in $STATE/leftovers/.
 #   users     min_uid 1000: jobs run as hpcuser/otheruser, never root. The cell-wide sge_request
 #             puts the apptainer runner (tests/cluster/bin) first on every job's PATH, as a
@@ -109,6 +109,7 @@ EOF
         -e "s|^max_unheard .*|max_unheard            00:01:00|" \
         -e "s|^execd_params .*|execd_params           ENABLE_ADDGRP_KILL=TRUE|" \
         -e "s|^mailer .*|mailer                 /bin/true|" \
+        -e "s|^reporting_params .*|reporting_params       accounting=true reporting=false flush_time=00:00:01 joblog=false sharelog=00:00:00 accounting_flush_time=00:00:00|" \
         -e "s|^administrator_mail .*|administrator_mail     none|" \
         /usr/share/gridengine/default-configuration >"$init/configuration"
     # h_vmem: a consumable, as sites make it, so memory is booked per slot and enforced per job.

@@ -3,7 +3,7 @@
 # job's $TMPDIR): what the job left there is listed in @STATE@/leftovers/<host>-job-<id>.<task>.txt
 # (the tests read it), as tests/cluster/slurm/epilog.sh does for Slurm.
 dir=${TMPDIR:-}
-case $dir in @LOCAL@/?*) ;; *) exit 0 ;; esac
+case $dir in /tmp/?*) ;; *) exit 0 ;; esac
 if [ -d "$dir" ]; then
     left=$(find "$dir" -mindepth 1 -maxdepth 3 2>/dev/null | head -n 50)
     task=${SGE_TASK_ID:-undefined}

@@ -11,7 +11,7 @@
 #             own /etc/hosts gets one line naming the master, marked, removed again by `down`.
 #   nodes     one sge_execd per node namespace; queue all.q on @allhosts with CPUS slots per node,
 #             h_rt (HPCDASK_CLUSTER_SGE_H_RT, default 4:00:00) as its limit.
-#   memory    h_vmem is a consumable (MEMORY per host, default 2G per job slot) and Grid Engine
+#   memory    h_vmem is a consumable (MEMORY per host, default MEMORY/CPUS per job) and Grid Engine
 #             enforces it as every site does: the job's address-space limit (setrlimit).
 #   $TMPDIR   Grid Engine's own: sge_execd makes <tmpdir>/<job>.<task>.all.q, owned by the job's
 #             user, in the node's own /tmp (Grid Engine's default tmpdir), and removes it when the job ends; the queue's
@@ -101,13 +101,14 @@ worker_threads          2
 scheduler_threads       1
 EOF
     # Every job's default request: the apptainer runner first on PATH (a site's module/default).
-    printf '%s\n' "-v PATH=$SRC/tests/cluster/bin:$USER_PATH" >"$cell/common/sge_request"
-    # The global configuration: the package's defaults with this cluster's spool, quick reports,
-    # and the job's whole process group killed at its end.
+    # Jobs start in a login shell (bash is in login_shells), whose /etc/profile resets PATH: the
+    # users' ~/.profile (cluster.sh make_users) puts the runner back when HPCDASK_SRC is set.
+    printf '%s\n' "-v PATH=$SRC/tests/cluster/bin:$USER_PATH,HPCDASK_SRC=$SRC" >"$cell/common/sge_request"
+    # The global configuration: the package's defaults with this cluster's spool, quick reports.
+    # (Not ENABLE_ADDGRP_KILL: here it kills other jobs' processes as a job ends.)
     sed -e "s|^execd_spool_dir .*|execd_spool_dir        $SGE_SPOOL/execd|" \
         -e "s|^load_report_time .*|load_report_time       00:00:05|" \
         -e "s|^max_unheard .*|max_unheard            00:01:00|" \
-        -e "s|^execd_params .*|execd_params           ENABLE_ADDGRP_KILL=TRUE|" \
         -e "s|^mailer .*|mailer                 /bin/true|" \
         -e "s|^reporting_params .*|reporting_params       accounting=true reporting=false flush_time=00:00:01 joblog=false sharelog=00:00:00 accounting_flush_time=00:00:00|" \
         -e "s|^administrator_mail .*|administrator_mail     none|" \
@@ -115,7 +116,7 @@ EOF
     # h_vmem: a consumable, as sites make it, so memory is booked per slot and enforced per job.
     cp -r /usr/share/gridengine/util/resources/centry "$init/centry"
     rm -f "$init/centry/README"
-    sed -i -e 's/^consumable .*/consumable  YES/' -e 's/^default .*/default     2G/' "$init/centry/h_vmem"
+    sed -i -e 's/^consumable .*/consumable  YES/' -e "s/^default .*/default     $((MEMORY / CPUS))M/" "$init/centry/h_vmem"
     chown -R sgeadmin: "$STATE/sge"
     chmod -R a+rX "$STATE/sge"
     (
@@ -164,6 +165,10 @@ sge_configure() {
             "user_lists NONE" "xuser_lists NONE" "projects NONE" "xprojects NONE" \
             "usage_scaling NONE" "report_variables NONE" >"$tmp/host-$node"
         sge_admin qconf -ah "$node" >>"$STATE/log/sge-qconf.out" 2>&1
+        # The nodes share one PID namespace: each execd tracks its jobs' processes by an extra
+        # group ID from gid_range, so the ranges must differ, or a job's end kills another's.
+        printf 'gid_range %s-%s\n' $((20000 + 100 * i)) $((20099 + 100 * i)) >"$tmp/$node"
+        sge_admin qconf -Aconf "$tmp/$node" >>"$STATE/log/sge-qconf.out" 2>&1
         sge_admin qconf -Ae "$tmp/host-$node" >>"$STATE/log/sge-qconf.out" 2>&1
     done
     for node in login "$(hostname)" $hosts; do sge_admin qconf -as "$node" >>"$STATE/log/sge-qconf.out" 2>&1; done
@@ -193,6 +198,14 @@ sge_start() {
         sge_daemon_env setsid nsenter -t "$(holder_pid "$node")" --net --uts --mount --wd=/ \
             /usr/sbin/sge_execd 9>&- </dev/null >>"$STATE/log/sge_execd-$node.out" 2>&1 \
             || { tail -n 30 "$STATE/log/sge_execd-$node.out" >&2; die "sge_execd $node failed"; }
+    done
+    # sge_execd writes its pid file once it runs as a daemon.
+    local deadline=$((SECONDS + 30))
+    for ((i = 1; i <= NODES; i++)); do
+        until sge_execd_pid "$(node_name "$i")" >/dev/null; do
+            [ $SECONDS -lt $deadline ] || die "sge_execd on $(node_name "$i") wrote no pid file (see $SGE_SPOOL/execd/$(node_name "$i")/messages)"
+            sleep 0.2
+        done
     done
     start_holder login "$(login_ns)"
 }

@@ -76,8 +76,10 @@ def test_scheduler_job_with_a_script_and_an_array_of_three_worker_tasks(sge_clus
     (sge_udir / "my_analysis.py").write_text(USER_SCRIPT)
     c.give(sge_udir / "my_analysis.py")
     t0 = time.time()
-    sched = c.qsub(str(jobscript(c, "dask-scheduler.sge")), "my_analysis.py", "--arg", "1",
-                   env=env, wait=False, workdir=sge_udir)
+    # Memory decides the placement (4000M of h_vmem per node): the scheduler job and one worker
+    # fit on a node, two workers do not, so the three workers land on three hosts.
+    sched = c.qsub("-l", "h_vmem=1000M", str(jobscript(c, "dask-scheduler.sge")), "my_analysis.py",
+                   "--arg", "1", env=env, wait=False, workdir=sge_udir)
     jobs = [sched.job_id]
     try:
         # The workers need the scheduler's folder: submit them once it is there.
@@ -87,8 +89,8 @@ def test_scheduler_job_with_a_script_and_an_array_of_three_worker_tasks(sge_clus
             time.sleep(0.5)
         denied = c.run(["ls", str(cdir)], user=c.OTHER_USER, check=False)
         assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
-        workers = c.qsub("-t", "1-3", str(jobscript(c, "dask-workers.sge")), env=env, wait=False,
-                         workdir=sge_udir)
+        workers = c.qsub("-t", "1-3", "-l", "h_vmem=3000M", str(jobscript(c, "dask-workers.sge")),
+                         env=env, wait=False, workdir=sge_udir)
         jobs.append(workers.job_id)
         res = c.wait(sched.job_id, timeout=400, workdir=sge_udir)
         done = time.time()

@@ -20,14 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from hpcdask import batch
 from hpcdask.errors import BadInput
 from hpcdask.files import atomic_write, private_dir
-
-
-def job_id() -> str | None:
-    """The batch job's ID: Slurm's, PBS's, or Grid Engine's (JOB_ID, in a job: SGE_TASK_ID is set)."""
-    sge = os.environ.get("JOB_ID") if os.environ.get("SGE_TASK_ID") else None
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or sge
 
 
 def claim(path: Path, tls: bool) -> tuple[Path, str]:
@@ -80,7 +75,7 @@ def _describe(path: Path) -> str:
 
 def _stamp(token: str, tls: bool) -> dict[str, Any]:
     return {
-        "job": job_id(),
+        "job": batch.job_id(),
         "owner": getpass.getuser(),
         "uid": os.getuid(),
         "host": socket.gethostname(),

@@ -133,7 +133,8 @@ def test_the_dask_docs_binary_recipe_word_for_word(sge_cluster, sge_env, sge_udi
                          "--scheduler-file", str(f), wait=False, workdir=sge_udir)
         jobs.append(workers.job_id)
         client = c.qsub("-b", "y", "apptainer", "exec", img, "hpcdask", "client",
-                        "--scheduler-file", str(f), "--wait-workers", "3", "--", "my_analysis.py",
+                        "--scheduler-file", str(f), "--wait-workers", "3", "--",
+                        str(sge_udir / "my_analysis.py"),  # a binary job starts in $HOME
                         timeout=300, workdir=sge_udir)
         jobs.append(client.job_id)
         assert client.state == "COMPLETED" and client.exit_code == 0, str(client)

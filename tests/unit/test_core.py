@@ -75,18 +75,6 @@ def test_allocation_from_pbs():
     assert (a.cpus, a.memory, a.source) == (6, 3 * GiB, "pbs")
 
 
-def test_allocation_from_grid_engine(monkeypatch):
-    """Grid Engine: the job's slots on this host, and its memory as Grid Engine enforces it,
-    the h_vmem address-space limit (RLIMIT_AS), unless the jobscript exported its share."""
-    env = {"JOB_ID": "7", "SGE_TASK_ID": "2", "NSLOTS": "2"}
-    monkeypatch.setattr(memory.resource, "getrlimit", lambda r: (3 * GiB, 3 * GiB))
-    a = memory.allocation(env)
-    assert (a.cpus, a.memory, a.source) == (2, 3 * GiB, "sge")
-    assert memory.allocation({**env, "HPCDASK_NODE_MEMORY": str(GiB)}).memory == GiB
-    # Outside a Grid Engine job (SGE_ROOT alone: a login node) it is not Grid Engine's.
-    assert memory.allocation({"SGE_ROOT": "/opt/sge", "NSLOTS": "2"}).source == "machine"
-
-
 def test_pbs_workers_leave_the_same_headroom_as_slurms():
     """The PBS jobscripts export this node's share of PBS_VMEM (the job's total); the workers'
     limits then leave the nannies' and the batch node's headroom, as under Slurm."""

@@ -32,7 +32,6 @@ SGE_MASTER_HOST=${NAME}-master
 SGE_MASTER_ETH=$ETH_SUBNET.3
 SGE_H_RT=${HPCDASK_CLUSTER_SGE_H_RT:-4:00:00}
 SGE_HOSTS_MARK="# hpcdask test cluster $NAME (tests/testcluster/sge.sh)"
-SGE_CLIENT_PATH=/usr/bin    # qsub, qstat, qdel, qconf (Debian's wrappers, which honour SGE_ROOT)
 
 sge_env_words() {
     printf '%s\n' "SGE_ROOT=$SGE_ROOT_DIR" "SGE_CELL=$SGE_CELL_NAME" "SGE_QMASTER_PORT=6444" \

@@ -94,7 +94,7 @@ class GridEngineCluster(SlurmCluster):
         # One record per task: the worst exit status is the array's.
         recs = [dict(re.findall(r"^(\w+)\s+(.*?)\s*$", r, re.M)) for r in acct.stdout.split("=" * 10) if r.strip()]
         recs = [r for r in recs if "exit_status" in r]
-        code = max(int(r["exit_status"]) for r in recs)
+        code = max(int(r["exit_status"].split()[0]) for r in recs)  # e.g. "137  (Killed)"
         failed = [r["failed"] for r in recs if not r["failed"].startswith("0")]
         state = "FAILED" if failed or code else "COMPLETED"
         return JobResult(job_id, state, code, None, path, wd / "none",

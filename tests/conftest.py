@@ -31,6 +31,7 @@ REQUIRED = {
         "tests/slurm/test_slurm_jobs.py::test_scheduler_job_and_short_worker_jobs",
         "tests/slurm/test_slurm_cluster_helper.py::test_slurm_cluster_scales_on_the_test_cluster",
     ),
+    "sge": ("tests/sge/test_sge_jobs.py::test_scheduler_job_with_a_script_and_an_array_of_three_worker_tasks",),
 }
 
 

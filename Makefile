@@ -13,7 +13,7 @@ DEVLOCK := tests/requirements-dev.lock
 ARGS ?=
 PYTEST_ARGS ?=
 PIP_QUIET := --quiet --disable-pip-version-check
-# The test cluster's batch system: tests/testcluster/$(BATCH).sh (slurm).
+# The test cluster's batch system: tests/testcluster/$(BATCH).sh (slurm or sge).
 BATCH ?= slurm
 CLUSTER := BATCH=$(BATCH) bash tests/testcluster/cluster.sh
 # The image builder used when there is no Apptainer (containers/imagebuild), run from the root.
@@ -28,7 +28,7 @@ CMD ?=
 
 help:
 	@echo "make run | test | test-unit | docs | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
-	@echo "make cluster-login [CMD='squeue'] [AS=otheruser]   (BATCH=slurm selects the test cluster's batch system)"
+	@echo "make cluster-login [CMD='squeue'] [AS=otheruser]   (BATCH=slurm|sge selects the test cluster's batch system)"
 
 # --- environments -----------------------------------------------------------------------------
 # Every Client in a venv proves its identity to the scheduler: the venv's own Dask configuration

@@ -6,6 +6,7 @@ All are required in CI: when either cannot be made the tests that use it FAIL, n
 
 Test folders by what they need: unit (nothing: no root, no image), loopback (real processes on
 127.0.0.1), image (the test image through the bubblewrap runner; root), slurm (the test cluster),
+sge (the test cluster with Grid Engine, BATCH=sge),
 compose (podman), testcluster/tests (the runner and the CI guard themselves), bench/tests.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from testcluster.fixtures import image, job_env, sif, slurm_cluster, udir  # noqa: F401
+from testcluster.sge_fixtures import sge_cluster, sge_env, sge_udir  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,10 +31,13 @@ REQUIRED = {
         "tests/slurm/test_slurm_jobs.py::test_scheduler_job_and_short_worker_jobs",
         "tests/slurm/test_slurm_cluster_helper.py::test_slurm_cluster_scales_on_the_test_cluster",
     ),
+    "sge": ("tests/sge/test_sge_jobs.py::test_scheduler_job_with_a_script_and_an_array_of_three_worker_tasks",),
 }
 
 
 def pytest_configure(config):
+    # (Declared here, not in pyproject.toml, which is an input of the test image.)
+    config.addinivalue_line("markers", "sge: needs the Grid Engine test cluster (BATCH=sge tests/testcluster/cluster.sh)")
     from testcluster.ciguard import CIGuard
 
     roots = [config.rootpath / p for p in config.getini("testpaths")]

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real: debootstrap + bubblewrap (the
 # Apptainer path), squashfs-tools + siftool + squashfuse (dask.sif without Apptainer, and the
-# runner's SIF mounts), podman + podman-compose + runc (the Docker path; crun fails on hybrid cgroups), slurm-wlm + munge (the test
-# cluster), shellcheck (jobscripts), graphviz (task-graph pictures), chromium (a real browser
+# runner's SIF mounts), podman + podman-compose + runc (the Docker path; crun fails on hybrid cgroups), slurm-wlm + munge and Grid Engine
+# (the test cluster, BATCH=slurm|sge), shellcheck (jobscripts), graphviz (task-graph pictures), chromium (a real browser
 # opens hpcdask jupyter's lab). Quick when all are there.
 set -euo pipefail
 pkgs=(debootstrap bubblewrap squashfs-tools siftool squashfuse fuse3 podman podman-compose runc slirp4netns uidmap fuse-overlayfs
-      slurm-wlm munge iproute2 util-linux procps shellcheck graphviz ca-certificates chromium)
+      slurm-wlm munge gridengine-master gridengine-exec gridengine-client iproute2 util-linux procps shellcheck graphviz ca-certificates chromium)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,5 +21,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "setup-host: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# Grid Engine's packages would otherwise set up (and start) a cell of their own: the test cluster
+# makes its own, per instance (tests/cluster/sge.sh).
+printf 'gridengine-%s shared/gridengineconfig boolean false\n' common master exec client | debconf-set-selections
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

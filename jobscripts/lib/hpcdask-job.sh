@@ -2,7 +2,7 @@
 # hpcdask-job.sh: the shared core of hpcdask's jobscripts. Sourced, never run.
 #
 # Every jobscript (slurm/dask-cluster.sbatch, slurm/dask-scheduler.sbatch, slurm/dask-workers.sbatch,
-# pbs/dask-cluster.pbs) is a few lines calling the functions below; the logic lives here once.
+# pbs/dask-cluster.pbs, sge/dask-scheduler.sge, sge/dask-workers.sge) is a few lines calling the functions below; the logic lives here once.
 # Every role runs as `apptainer exec "$HPCDASK_IMAGE" hpcdask ROLE ...`; workers are srun steps
 # (Slurm) or pbsdsh tasks (PBS), never `apptainer instance`s.
 #
@@ -136,6 +136,12 @@ hj_job_end() {
             IFS=: read -r h m s <<<"$wt"
             echo $(($(date +%s) + 10#$h * 3600 + 10#$m * 60 + 10#$s))
         fi
+        return 0
+    elif [ -n "${JOB_ID:-}" ] && [ -n "${SGE_TASK_ID:-}" ]; then
+        # Grid Engine: no end time either; start (now, near enough) + h_rt.
+        local rt
+        rt=$(hj_sge_h_rt)
+        [ -z "$rt" ] || echo $(($(date +%s) + rt))
         return 0
     fi
     case $end in '' | N/A | NONE | Unknown | UNLIMITED) return 0 ;; esac
@@ -439,6 +445,7 @@ hj_cleanup() {
 # Was FILE written by this job (its "job" stamp)?
 hj_ours() {
     local id=${SLURM_JOB_ID:-${PBS_JOBID:-}}
+    [ -n "$id" ] || { [ -z "${SGE_TASK_ID:-}" ] || id=${JOB_ID:-}; }
     [ -n "$id" ] && grep -qs "\"job\": \"$id\"" "$1"
 }
 
@@ -481,6 +488,8 @@ hj_all_in_one() {
     return "$rc"
 }
 
-# The recipes (GPUs, Jupyter) live in their own file.
+# The recipes (GPUs, Jupyter) and Grid Engine's part live in their own files.
 # shellcheck source=hpcdask-recipes.sh
 source "$(dirname "${BASH_SOURCE[0]}")/hpcdask-recipes.sh"
+# shellcheck source=hpcdask-sge.sh
+source "$(dirname "${BASH_SOURCE[0]}")/hpcdask-sge.sh"

@@ -14,7 +14,8 @@ Slurm          SLURM_JOB_ID         SLURM_CPUS_ON_NODE; SLURM_MEM_PER_NODE or _P
 PBS            PBS_JOBID            PBS_NODEFILE (one line per CPU), else NCPUS; the job's
                (PBS_ARRAY_INDEX)    PBS_VMEM split between its nodes (HPCDASK_NODE_MEMORY wins)
 Grid Engine    JOB_ID               PE_HOSTFILE (this host's slots), else NSLOTS / NHOSTS;
-               (SGE_TASK_ID)        memory: the machine's (the environment names none)
+               (SGE_TASK_ID)        memory: HPCDASK_NODE_MEMORY, else the h_vmem limit Grid
+                                    Engine enforces on the job (RLIMIT_AS), else the machine's
 =============  ===================  ==========================================================
 
 Memory is never more than the node really allows (:func:`node_memory`).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -151,7 +153,9 @@ def allocation(env: Mapping[str, str] | None = None) -> Allocation:
         slots = _pe_slots(env.get("PE_HOSTFILE"))
         hosts = _int(env, "NHOSTS", 1) or 1
         cpus = slots or (_int(env, "NSLOTS", 0) // hosts) or machine_cpus
-        mem = machine_mem
+        # h_vmem reaches the job as its address-space limit; the environment names no memory.
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        mem = _int(env, "HPCDASK_NODE_MEMORY", 0) or (limit if limit > 0 else machine_mem)
     else:
         return Allocation(machine_cpus, machine_mem, "machine", batch)
     return Allocation(cpus, min(mem, machine_mem), kind, batch)

@@ -1,4 +1,4 @@
-"""dask-jobqueue clusters whose workers run in the image: ``slurm_cluster`` and ``pbs_cluster``.
+"""dask-jobqueue clusters whose workers run in the image: ``slurm_cluster``, ``pbs_cluster``, ``sge_cluster``.
 
 The ``SLURMCluster`` of the tutorial "Distributed Python code" (SFU Cedar) and the ``PBSCluster`` of
 "Dask Distributed" (NCI, https://intro-to-dask.readthedocs.io), with hpcdask's defaults: each worker
@@ -48,7 +48,7 @@ from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
 
-__all__ = ["slurm_cluster", "pbs_cluster", "job_kwargs"]
+__all__ = ["slurm_cluster", "pbs_cluster", "sge_cluster", "job_kwargs"]
 
 logger = logging.getLogger("hpcdask")
 
@@ -283,4 +283,30 @@ def pbs_cluster(image: str | os.PathLike[str] | None = None, *,
     kwargs.setdefault("shebang", "#!/usr/bin/env bash")
     return _removing_credentials(PBSCluster, dict(job_cls=_with_prefix(PBSJob, submit_prefix),
                                                   job_extra_directives=extra,
+                                                  **job_kwargs(image, **kwargs)))
+
+
+def sge_cluster(image: str | os.PathLike[str] | None = None, *,
+                submit_prefix: str | None = None, queue: str | None = None,
+                resource_spec: str | None = None, **kwargs: Any):
+    """A ``dask_jobqueue.SGECluster`` whose workers run in ``image`` (the Dask HPC docs' Grid
+    Engine, through dask-jobqueue instead of ``qsub -b y``).
+
+    Each worker job asks for its memory as ``h_vmem`` (the address-space limit Grid Engine
+    enforces) unless ``resource_spec`` says otherwise; ``queue`` and ``walltime`` become ``-q``
+    and ``-l h_rt``. Grid Engine's clients must be reachable: ``SGE_ROOT`` set (or
+    ``submit_prefix``, e.g. ``ssh login1``).
+    """
+    from dask_jobqueue import SGECluster
+    from dask_jobqueue.sge import SGEJob
+
+    if not submit_prefix and not os.environ.get("SGE_ROOT"):
+        raise BadInput("SGE_ROOT is not set, so qsub cannot find Grid Engine's cell; source your "
+                       "site's settings first (. $SGE_ROOT/$SGE_CELL/common/settings.sh), or "
+                       "submit through a login node: sge_cluster(submit_prefix='ssh login1', ...)")
+    memory_ = kwargs.get("memory")
+    if resource_spec is None and memory_:
+        resource_spec = f"h_vmem={memory_}"
+    return _removing_credentials(SGECluster, dict(job_cls=_with_prefix(SGEJob, submit_prefix),
+                                                  queue=queue, resource_spec=resource_spec,
                                                   **job_kwargs(image, **kwargs)))

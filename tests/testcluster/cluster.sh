@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A batch cluster on this one machine, as strict as a real HPC site, for the integration tests.
 # This file is the machines (namespaces, users, node-local folders) and the verbs; the batch
-# system is the part that varies: BATCH=slurm (default) sources slurm.sh beside it.
+# system is the part that varies: BATCH=slurm (default) sources slurm.sh beside it, BATCH=sge
+# sge.sh (Grid Engine; its clusters are named hpcs*, so both can run at once).
 #
 #   tests/testcluster/cluster.sh up       users, munged, slurmctld, a login node and N compute nodes (idempotent)
 #   tests/testcluster/cluster.sh down     stop everything; remove every namespace, link, mount and user process
@@ -49,7 +50,8 @@
 #   HPCDASK_CLUSTER_PORT      slurmctld port (default 6817+10N)
 #   HPCDASK_IMAGE             the image for `env` (default: the test image as a SIF, dask-<key>.sif,
 #                             built by `up` when missing: containers/imagebuild/sif.py)
-#   BATCH                     the batch system: slurm (slurm.sh: munged, slurmctld, slurmd)
+#   BATCH                     the batch system: slurm (slurm.sh: munged, slurmctld, slurmd) or
+#                             sge (sge.sh: sge_qmaster, sge_execd); HPCDASK_CLUSTER_BATCH too
 # Needs root, iproute2, util-linux (nsenter, unshare, setpriv, flock) and the batch system's
 # packages (slurm.sh: slurm-wlm and munge).
 set -euo pipefail
@@ -59,11 +61,19 @@ repo=$(cd "$here/../.." && pwd)
 
 INSTANCE=${HPCDASK_CLUSTER_INSTANCE:-0}
 [[ $INSTANCE =~ ^[0-9]$ ]] || { echo "cluster.sh: HPCDASK_CLUSTER_INSTANCE must be 0-9, not $INSTANCE" >&2; exit 2; }
-if [ "$INSTANCE" = 0 ]; then NAME=hpcd; else NAME=hpcd$INSTANCE; fi
+BATCH=${HPCDASK_CLUSTER_BATCH:-${BATCH:-slurm}}
+case "$BATCH" in
+    slurm | sge) ;;
+    *) echo "cluster.sh: BATCH must be slurm or sge, not $BATCH" >&2; exit 2 ;;
+esac
+# A Grid Engine cluster has names and subnets of its own (hpcs*, 10.253.171+), so it runs beside
+# the same instance's Slurm cluster (one test session uses both).
+if [ "$BATCH" = sge ]; then NAME=hpcs; NET0=171; else NAME=hpcd; NET0=71; fi
+[ "$INSTANCE" = 0 ] || NAME=$NAME$INSTANCE
 STATE=${HPCDASK_CLUSTER_STATE:-/var/lib/hpcdask-test/$NAME}
 NODES=${HPCDASK_CLUSTER_NODES:-${NODES:-3}}
-SUBNET=${HPCDASK_CLUSTER_SUBNET:-10.253.$((71 + 2 * INSTANCE))}
-ETH_SUBNET=${HPCDASK_CLUSTER_ETH_SUBNET:-10.253.$((72 + 2 * INSTANCE))}
+SUBNET=${HPCDASK_CLUSTER_SUBNET:-10.253.$((NET0 + 2 * INSTANCE))}
+ETH_SUBNET=${HPCDASK_CLUSTER_ETH_SUBNET:-10.253.$((NET0 + 1 + 2 * INSTANCE))}
 CPUS=${HPCDASK_CLUSTER_CPUS:-2}
 MEMORY=${HPCDASK_CLUSTER_MEMORY:-4000}
 PORT=${HPCDASK_CLUSTER_PORT:-$((6817 + 10 * INSTANCE))}
@@ -92,11 +102,6 @@ node_eth() { echo "$ETH_SUBNET.$((10 + $1))"; }
 login_ns() { echo "${PREFIX}login"; }
 
 # The batch system: its daemons, config and commands (batch_* functions, BATCH_* settings).
-BATCH=${BATCH:-slurm}
-case "$BATCH" in
-    slurm) ;;
-    *) echo "cluster.sh: BATCH must be slurm, not $BATCH" >&2; exit 2 ;;
-esac
 # shellcheck source=slurm.sh
 . "$here/$BATCH.sh"
 
@@ -149,9 +154,10 @@ ns_pids() {
 # process whose namespaces every daemon and user command of that machine enters.
 holder_pid() { pid_of "$STATE/run/holder-$1.pid" sleep; }
 
-# Start the holder of MACHINE (node1.., login) in network namespace NS.
+# Start the holder of MACHINE (node1.., login) in network namespace NS, with hostname HOSTNAME
+# (default: MACHINE). When $STATE/etc/hosts exists (BATCH=sge), it is the machine's /etc/hosts.
 start_holder() {
-    local machine=$1 ns=$2 dir=$STATE/nodes/$1
+    local machine=$1 ns=$2 dir=$STATE/nodes/$1 hostname=${3:-$1}
     mkdir -p "$dir/tmp" "$dir/var-tmp" "$dir/local"
     chmod 1777 "$dir/tmp" "$dir/var-tmp"
     chmod 0755 "$dir/local"
@@ -166,13 +172,15 @@ start_holder() {
             mount --bind "$2/tmp" /tmp
             mount --bind "$2/var-tmp" /var/tmp
             mount --bind "$2/local" "$3"
+            [ ! -e "$7" ] || mount --bind "$7" /etc/hosts
             # /dev/fuse usable by every user, as on a normal host (here it is 0600): a device
             # node of our own bound over it, in this machine only.
             mknod -m 0666 "$2/fuse" c 10 229
             mount --bind "$2/fuse" /dev/fuse
             echo $$ >"$6.pid"
             touch "$6.ready"
-            exec sleep infinity' sh "$machine" "$dir" "$LOCAL" "$repo" "$SRC" "$STATE/run/holder-$machine" \
+            exec sleep infinity' sh "$hostname" "$dir" "$LOCAL" "$repo" "$SRC" "$STATE/run/holder-$machine" \
+        "$STATE/etc/hosts" \
         9>&- </dev/null >>"$STATE/log/holder-$machine.out" 2>&1 &
     local i
     for ((i = 0; i < 100; i++)); do
@@ -388,11 +396,13 @@ do_up() {
     echo "$NODES" >"$STATE/nodes.count"
     echo "$repo" >"$STATE/repo"
     make_network
+    # A batch system may need more before the machines start (Grid Engine: names, its master).
+    ! declare -F batch_before_machines >/dev/null || batch_before_machines
     for ((i = 1; i <= NODES; i++)); do start_holder "$(node_name "$i")" "$(node_ns "$i")"; done
     start_holder login "$(login_ns)"
     batch_up
     trap - EXIT INT TERM
-    say "up in $(took "$t0")s: $NODES nodes ($(for ((i = 1; i <= NODES; i++)); do printf '%s=%s ' "$(node_name "$i")" "$(node_addr "$i")"; done| sed 's/ $//')), login=$LOGIN_ETH"
+    say "$BATCH up in $(took "$t0")s: $NODES nodes ($(for ((i = 1; i <= NODES; i++)); do printf '%s=%s ' "$(node_name "$i")" "$(node_addr "$i")"; done| sed 's/ $//')), login=$LOGIN_ETH"
     say "use: $0 login   (a shell on the login node as hpcuser), or eval \"\$($0 env)\""
 }
 

@@ -101,3 +101,17 @@ def test_library_calls_raise_hpcdasks_own_errors(tmp_path):
     assert "this process runs outside the image" in str(e.value)
     with pytest.raises(ValueError, match="walltime 'soon' is not a Slurm time"):
         batch.walltime_seconds("soon")
+
+
+def test_grid_engine_memory_is_the_h_vmem_limit(monkeypatch):
+    """Grid Engine's environment names no memory; it enforces h_vmem as the job's address-space
+    limit (RLIMIT_AS), which is the job's memory, unless the jobscript exported its share."""
+    GiB = 2**30
+    env = {"JOB_ID": "7", "SGE_TASK_ID": "2", "NSLOTS": "2"}
+    monkeypatch.setattr(batch.resource, "getrlimit", lambda r: (3 * GiB, 3 * GiB))
+    monkeypatch.setattr(batch, "node_memory", lambda: 16 * GiB)
+    a = batch.allocation(env)
+    assert (a.cpus, a.memory, a.source) == (2, 3 * GiB, "sge")
+    assert batch.allocation({**env, "HPCDASK_NODE_MEMORY": str(GiB)}).memory == GiB
+    monkeypatch.setattr(batch.resource, "getrlimit", lambda r: (-1, -1))  # no h_vmem: unlimited
+    assert batch.allocation(env).memory == 16 * GiB

@@ -81,6 +81,29 @@ def test_pbs_gadi_directives(shared):
     assert 'HPCDASK_SCRATCH=$(mktemp -d "$PBS_JOBFS/hpcdask-XXXXXX")' in script
 
 
+def test_sge_directives_and_worker_in_the_image(shared, monkeypatch):
+    """sge_cluster: dask-jobqueue's SGECluster, memory asked as h_vmem, h_rt from walltime, the
+    queue, the worker under apptainer exec over TLS."""
+    monkeypatch.setenv("SGE_ROOT", "/var/lib/gridengine")
+    with cluster.sge_cluster("/img", cores=1, memory="3000MiB", walltime="00:20:00", queue="all.q",
+                             scheduler_interface="lo", require_image=False, dashboard="off") as c:
+        script = c.job_script()
+        assert c.job_cls.submit_command == "qsub"
+    d = [ln for ln in script.splitlines() if ln.startswith("#$")]
+    assert "#$ -q all.q" in d and "#$ -l h_vmem=3000MiB" in d and "#$ -l h_rt=00:20:00" in d, d
+    assert re.search(r"apptainer exec --bind \S+ --bind \"\$\{TMPDIR:-/tmp\}\" /img python -m "
+                     r"distributed.cli.dask_worker tls://127.0.0.1:", script), script
+    assert "--lifetime" in script  # retires before h_rt
+
+
+def test_sge_without_sge_root_is_one_line(shared, monkeypatch):
+    monkeypatch.delenv("SGE_ROOT", raising=False)
+    with pytest.raises(BadInput, match=r"SGE_ROOT is not set.*settings\.sh.*submit_prefix"):
+        cluster.sge_cluster("/img", cores=1, memory="1GiB", scheduler_interface="lo",
+                            require_image=False)
+    assert not shared.exists() or not list(shared.iterdir())  # nothing half-made
+
+
 def test_outside_the_image_is_refused(shared):
     with pytest.raises(BadInput, match="runs outside the image"):
         cluster.job_kwargs("/img", scheduler_interface="lo")

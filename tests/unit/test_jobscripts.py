@@ -20,6 +20,7 @@ SCHEDULER = JOBSCRIPTS / "slurm" / "dask-scheduler.sbatch"
 WORKERS = JOBSCRIPTS / "slurm" / "dask-workers.sbatch"
 PBS = JOBSCRIPTS / "pbs" / "dask-cluster.pbs"
 SCRIPTS = [ALL_IN_ONE, SCHEDULER, WORKERS, PBS]
+SGE = [JOBSCRIPTS / "sge" / "dask-scheduler.sge", JOBSCRIPTS / "sge" / "dask-workers.sge"]
 
 
 def directives(path: Path, prefix: str = "#SBATCH") -> list[str]:
@@ -33,13 +34,13 @@ def code(path: Path) -> str:
                      if not line.lstrip().startswith("#"))
 
 
-@pytest.mark.parametrize("path", [*SCRIPTS, LIB], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*SCRIPTS, *SGE, LIB], ids=lambda p: p.name)
 def test_bash_parses(path):
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("path", [*SCRIPTS, LIB], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*SCRIPTS, *SGE, LIB], ids=lambda p: p.name)
 def test_shellcheck_clean(path):
     exe = shutil.which("shellcheck")
     assert exe, "shellcheck is missing: apt-get install shellcheck (required in CI)"
@@ -48,7 +49,7 @@ def test_shellcheck_clean(path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*SCRIPTS, *SGE], ids=lambda p: p.name)
 def test_scripts_are_executable_bash_with_strict_mode(path):
     text = path.read_text()
     assert text.startswith("#!/bin/bash\n")

@@ -1,0 +1,166 @@
+"""Grid Engine on the test cluster (BATCH=sge): the jobscripts in jobscripts/sge/ and the Dask HPC
+docs' binary-mode recipe, submitted by hpcuser from the login node, every role in the image.
+
+Required in CI: without the cluster or the image these tests FAIL (the fixtures fail loudly).
+"""
+
+from __future__ import annotations
+
+import json
+import pwd
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.sge, pytest.mark.slow]
+
+MEASURE = Path("/tmp/hpcdask-measurements.jsonl")
+
+# A user's script the project never saw: three workers, their hosts and addresses, a result.
+USER_SCRIPT = """\
+import socket, sys
+import distributed
+client = distributed.get_client()
+info = client.scheduler_info()["workers"]
+hosts = sorted(client.run(socket.gethostname).values())
+total = client.submit(sum, range(10)).result()
+squares = sum(client.gather(client.map(lambda x: x * x, range(100))))
+print(f"USER-SCRIPT args={sys.argv[1:]} workers={len(info)} hosts={','.join(hosts)} "
+      f"sum={total} squares={squares}")
+print("WORKERS " + " ".join(sorted(info)))
+sys.exit(3)
+"""
+
+
+def jobscript(cluster, name: str) -> Path:
+    return cluster.src / "jobscripts" / "sge" / name
+
+
+def measure(name: str, **values) -> None:
+    print(f"MEASURE {name}: {values}")
+    with MEASURE.open("a") as f:
+        f.write(json.dumps({"test": name, **values}) + "\n")
+
+
+def net(addresses: dict[str, str]) -> str:
+    prefixes = {a.rsplit(".", 1)[0] for a in addresses.values()}
+    assert len(prefixes) == 1, addresses
+    return re.escape(prefixes.pop()) + r"\.\d+"
+
+
+def assert_clean(cluster, job_ids: list[str], shared: Path | None, *texts: str,
+                 killed: str | None = None) -> None:
+    """Nothing left: no cluster folder, nothing in any job's $TMPDIR (the epilog's records),
+    no file of hpcuser's in any node's /tmp, no process of hpcuser's on any machine. KILLED: a
+    job Grid Engine ended with SIGKILL, whose $TMPDIR may keep the bubblewrap runner's .sif mount
+    (test infrastructure, as under Slurm's KillWait: a real Apptainer mounts elsewhere) and, as
+    Grid Engine's removal stops there, what the killed role had in it."""
+    assert shared is None or not list(shared.iterdir()), list(shared.iterdir())
+    left = {k: v for k, v in cluster.leftovers().items()
+            if any(f"-job-{j}." in k for j in job_ids)}
+    assert left == {}, left
+    files = cluster.user_files_in_node_tmp()
+    if killed:
+        # Grid Engine's removal of that $TMPDIR stops at the mount, so its contents stay too.
+        files = [f for f in files if not re.search(rf"/tmp/{killed}\.1\.all\.q(/|$)", f)]
+    assert files == []
+    uid = pwd.getpwnam(cluster.USER).pw_uid
+    for where in ("login", *cluster.nodes):
+        # Only this machine's processes (the test machines share the host's PID namespace).
+        pids = subprocess.run(["ip", "netns", "pids", cluster.netns(where)], capture_output=True,
+                              text=True, check=True).stdout.split()
+        mine = [p for p in pids if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}").stat().st_uid == uid]
+        assert mine == [], (where, mine)
+    for text in texts:
+        assert "Traceback" not in text and " - ERROR - " not in text, text
+
+
+def test_scheduler_job_with_a_script_and_an_array_of_three_worker_tasks(sge_cluster, sge_env,
+                                                                        sge_udir):
+    """qsub dask-scheduler.sge SCRIPT ARGS + qsub -t 1-3 dask-workers.sge: the script runs once the
+    3 workers joined (3 hosts' ib0, in the image, TLS), the workers retire, the job's exit status
+    is the script's, and nothing is left behind. otheruser cannot read the cluster folder."""
+    c = sge_cluster
+    cdir = Path(sge_env["HPCDASK_SHARED_DIR"]) / "session"
+    env = {**sge_env, "HPCDASK_CLUSTER_DIR": str(cdir), "HPCDASK_WAIT_WORKERS": "3"}
+    (sge_udir / "my_analysis.py").write_text(USER_SCRIPT)
+    c.give(sge_udir / "my_analysis.py")
+    t0 = time.time()
+    # Memory decides the placement (4000M of h_vmem per node): the scheduler job and one worker
+    # fit on a node, two workers do not, so the three workers land on three hosts.
+    sched = c.qsub("-l", "h_vmem=1000M", str(jobscript(c, "dask-scheduler.sge")), "my_analysis.py",
+                   "--arg", "1", env=env, wait=False, workdir=sge_udir)
+    jobs = [sched.job_id]
+    try:
+        # The workers need the scheduler's folder: submit them once it is there.
+        deadline = time.monotonic() + 120
+        while not (cdir / "scheduler.json").exists():
+            assert time.monotonic() < deadline, str(c.job(sched.job_id, workdir=sge_udir))
+            time.sleep(0.5)
+        denied = c.run(["ls", str(cdir)], user=c.OTHER_USER, check=False)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+        workers = c.qsub("-t", "1-3", "-l", "h_vmem=3000M", str(jobscript(c, "dask-workers.sge")),
+                         env=env, wait=False, workdir=sge_udir)
+        jobs.append(workers.job_id)
+        res = c.wait(sched.job_id, timeout=400, workdir=sge_udir)
+        done = time.time()
+        out = res.stdout
+        assert res.exit_code == 3, str(res)  # the script's
+        m = re.search(r"^USER-SCRIPT args=\['--arg', '1'\] workers=3 hosts=(\S+) sum=45 "
+                      r"squares=328350$", out, re.M)
+        assert m, str(res)
+        assert m.group(1).split(",") == c.nodes, m.group(1)
+        addrs = re.search(r"^WORKERS (.*)$", out, re.M).group(1).split()
+        assert all(re.match(rf"tls://{net(c.addresses)}:\d+$", a) for a in addrs), addrs
+        assert len({a.rsplit(":", 1)[0] for a in addrs}) == 3, addrs
+        wres = c.wait(workers.job_id, timeout=120, workdir=sge_udir)
+        assert wres.state == "COMPLETED" and wres.info["tasks"] == "3", str(wres)
+        wout = "".join(p.read_text() for p in sorted(sge_udir.glob(f"*.o{workers.job_id}.*")))
+        assert wout.count("worker ended (exit 0)") == 3, wout
+        measure("sge scheduler job + 3 worker tasks + script", qsub_to_done_s=round(done - t0, 1))
+    finally:
+        for j in jobs:
+            c.run(["qdel", j], check=False)
+    assert not cdir.exists()
+    assert_clean(c, jobs, Path(sge_env["HPCDASK_SHARED_DIR"]), out, wout)
+
+
+def test_the_dask_docs_binary_recipe_word_for_word(sge_cluster, sge_env, sge_udir):
+    """The Dask HPC docs' lines in the image: qsub -b y ... hpcdask scheduler --scheduler-file F and
+    qsub -b y -t 1-3 ... hpcdask worker --scheduler-file F; a client job uses the cluster; qdel of
+    the scheduler job ends the workers."""
+    c = sge_cluster
+    img = sge_env["HPCDASK_IMAGE"]
+    f = c.mkdtemp("recipe-") / "scheduler.json"
+    (sge_udir / "my_analysis.py").write_text(USER_SCRIPT.replace("sys.exit(3)", ""))
+    c.give(sge_udir / "my_analysis.py")
+    jobs = []
+    try:
+        sched = c.qsub("-b", "y", "apptainer", "exec", img, "hpcdask", "scheduler",
+                       "--scheduler-file", str(f), wait=False, workdir=sge_udir)
+        jobs.append(sched.job_id)
+        workers = c.qsub("-b", "y", "-t", "1-3", "apptainer", "exec", img, "hpcdask", "worker",
+                         "--scheduler-file", str(f), wait=False, workdir=sge_udir)
+        jobs.append(workers.job_id)
+        client = c.qsub("-b", "y", "apptainer", "exec", img, "hpcdask", "client",
+                        "--scheduler-file", str(f), "--wait-workers", "3", "--",
+                        str(sge_udir / "my_analysis.py"),  # a binary job starts in $HOME
+                        timeout=300, workdir=sge_udir)
+        jobs.append(client.job_id)
+        assert client.state == "COMPLETED" and client.exit_code == 0, str(client)
+        assert re.search(r"^USER-SCRIPT args=\[\] workers=3 hosts=\S+ sum=45 squares=328350$",
+                         client.stdout, re.M), str(client)
+        # qdel of the scheduler job ends the workers.
+        c.run(["qdel", sched.job_id])
+        c.wait(sched.job_id, timeout=60, workdir=sge_udir)
+        wres = c.wait(workers.job_id, timeout=120, workdir=sge_udir)
+        assert wres.info["tasks"] == "3", str(wres)
+    finally:
+        for j in jobs:
+            c.run(["qdel", j], check=False)
+    # (qdel SIGKILLs a binary job: its scheduler file stays, as with `kill -9`; hpcdask scheduler
+    # takes over a dead one's file.)
+    assert_clean(c, jobs, None, client.stdout, killed=sched.job_id)

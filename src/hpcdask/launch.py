@@ -288,9 +288,11 @@ def run_worker(spec: WorkerSpec) -> None:
     gpus = gpu.devices() if config.get("gpu", spec.gpus) else []
     if gpus:
         nworkers = len(gpus)  # one worker process per GPU
+    alloc = memory.allocation()
     threads, mem = memory.worker_sizing(nworkers, config.get("nthreads", spec.nthreads),
-                                        config.get("memory-limit", spec.memory_limit),
+                                        config.get("memory-limit", spec.memory_limit), alloc,
                                         **memory.reserves())
+    blas = memory.blas_config(alloc.cpus, nworkers, threads)
     preset = memory.preset(config.get("memory-preset", spec.memory_preset))
     local_dir = local_directory(spec.local_directory)
     life = _lifetime(spec)
@@ -303,7 +305,7 @@ def run_worker(spec: WorkerSpec) -> None:
         host = netif.address_of(iface)
     sec = connection(info, path, spec.tls, "worker")
     http = worker_http(config.get("dashboard", spec.dashboard))
-    with dask.config.set(preset), scratch(local_dir) as d:
+    with dask.config.set({**preset, **blas}), scratch(local_dir) as d:
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
                                    d, life, spec.name, http, gpus))
 
@@ -496,7 +498,8 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
         warn_no_tls("the local cluster")
     d = tempfile.mkdtemp(prefix="hpcdask-", dir=local_directory(None))
     try:
-        cluster = LocalCluster(local_directory=d, **kwargs)
+        with dask.config.set(memory.blas_config(alloc.cpus, n, threads)):
+            cluster = LocalCluster(local_directory=d, **kwargs)
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)
         raise

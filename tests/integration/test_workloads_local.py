@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdask import launch
+from hpcdask import launch, memory
 from hpcdask.workloads import WORKLOADS, execute
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -124,6 +124,17 @@ def check_gridsearch(m: dict, out: Path) -> None:
     assert m["score"] == pytest.approx(m["baseline_score"], abs=1e-12)
     # the joblib fits really ran as tasks on the cluster
     assert m["joblib_dask"]["cluster_tasks"] >= m["data"]["fits"]
+    # one wall time per search, and the speed-up each is of the sequential baseline
+    assert set(m["wall_s"]) == {"baseline", "joblib_dask", "dask_ml"}
+    for name in ("joblib_dask", "dask_ml"):
+        assert m["speedup"][name] == pytest.approx(m["wall_s"]["baseline"] / m["wall_s"][name],
+                                                   rel=1e-2)
+    # a fit on a worker: one slot per worker thread, and the allocation's CPUs left over by
+    # the task threads as its BLAS threads (LocalCluster of 2 workers x 1 thread)
+    view = m["worker_fit_view"]
+    assert view["joblib_slots"] == m["cluster"]["threads"] == 2
+    blas = {n for api, n in view["threadpools"] if api == "openblas"}
+    assert blas == {max(1, memory.allocation().cpus // 2)}, view
 
 
 @pytest.mark.slow

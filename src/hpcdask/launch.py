@@ -360,13 +360,13 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         cuda = CUDAWorker(address, host=host, nthreads=threads, name=base, memory_limit=mem,
                           security=sec, local_directory=local_dir, death_timeout=timeout,
-                          preload=["hpcdask.shutdown"], **http, **extra)
+                          preload=["hpcdask.shutdown", "hpcdask.nested"], **http, **extra)
         await cuda
         nannies = list(cuda.nannies)
     else:
         nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                          local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
-                         death_timeout=timeout, preload=["hpcdask.shutdown"],
+                         death_timeout=timeout, preload=["hpcdask.shutdown", "hpcdask.nested"],
                          **_gpu_kwargs(i, gpus), **http, **extra)
                    for i in range(nworkers)]
         await asyncio.gather(*nannies)
@@ -490,7 +490,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     mem = memory.parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
     kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                  preload=["hpcdask.shutdown"],
+                                  preload=["hpcdask.shutdown", "hpcdask.nested"],
                                   silence_logs=logging.WARNING)
     if tls:
         kwargs.update(security=Security.temporary(), protocol="tls://")

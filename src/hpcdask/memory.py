@@ -149,7 +149,8 @@ def thread_env(cpus: int, nworkers: int, nthreads: int,
     pre-spawn-environ``): a worker of one thread on a node of many CPUs then leaves all but one
     idle during every NumPy/scikit-learn call, and without a nanny nothing limits them, so each
     task thread runs as many BLAS threads as the node has cores. What the user set in the
-    environment wins (OMP_NUM_THREADS alone then sizes the other pools too, as OpenBLAS reads it)."""
+    environment wins (OMP_NUM_THREADS alone then sizes the other pools too, as OpenBLAS reads
+    it)."""
     environ = os.environ if environ is None else environ
     given = [environ[k] for k in BLAS_THREAD_VARIABLES if environ.get(k)]
     n = given[0] if given else str(blas_threads(cpus, nworkers, nthreads))

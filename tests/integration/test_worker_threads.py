@@ -1,13 +1,15 @@
 """How a fit on a worker started by the CLI sees the node: its BLAS/OpenMP threads
 (threadpoolctl, inside a task) and its slots (joblib's ``effective_n_jobs`` under the dask
 backend, as scikit-learn's ``n_jobs=-1`` gets them), sized from the allocation so that
-workers x threads x BLAS threads fill the node's CPUs and never exceed them (issue 21)."""
+workers x threads x BLAS threads fill the node's CPUs and never exceed them; and a joblib call
+nested in a task runs in that task (issue 21)."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import joblib
 import pytest
 
 from hpcdask import launch
@@ -31,6 +33,15 @@ def test_blas_threads_and_slots_fill_the_allocation(tmp_path, nworkers, nthreads
                                   if p["internal_api"] == "openmp"}),
                 "slots": slots, "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
 
+    def fit_with_nested_call(i) -> tuple:
+        """Like LogisticRegression.fit: a nested Parallel that asks for no parallelism."""
+        import threading
+
+        import joblib
+
+        inner = joblib.Parallel()(joblib.delayed(threading.get_ident)() for _ in range(2))
+        return threading.get_ident(), inner
+
     cpus = 2  # the node's allocation, as Slurm gives it; the machine may have more or fewer
     path = tmp_path / "cluster" / "scheduler.json"
     env = {k: v for k, v in os.environ.items()
@@ -52,6 +63,9 @@ def test_blas_threads_and_slots_fill_the_allocation(tmp_path, nworkers, nthreads
         with launch.connect(path, check=False) as client:
             # defined in the test: sent by value (the workers cannot import the test modules)
             seen = client.submit(how_a_fit_sees_the_cluster, pure=False).result(timeout=120)
+            with joblib.parallel_backend("dask"):
+                calls = joblib.Parallel(n_jobs=-1)(joblib.delayed(fit_with_nested_call)(i)
+                                                   for i in range(2))
     finally:
         stop(sched)
         if worker is not None:
@@ -62,4 +76,8 @@ def test_blas_threads_and_slots_fill_the_allocation(tmp_path, nworkers, nthreads
     assert seen["slots"] == nworkers * nthreads, seen  # joblib's n_jobs=-1: one per task thread
     assert nworkers * nthreads * blas <= cpus
     assert seen["mmap_threshold"] == "33554432", seen
+    # the nested calls ran in the task that made them, not as tasks of their own
+    # (joblib's dask backend alone: new tasks, on other threads, while the caller secedes)
+    for outer, inner in calls:
+        assert inner == [outer, outer], calls
 

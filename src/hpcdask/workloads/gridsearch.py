@@ -26,7 +26,8 @@ def how_a_fit_sees_the_cluster() -> dict:
     with joblib.parallel_backend("dask"):
         slots = joblib.effective_n_jobs(-1)
     return {"joblib_slots": slots,
-            "threadpools": sorted({(p["internal_api"], p["num_threads"]) for p in threadpool_info()})}
+            "threadpools": sorted({(p["internal_api"], p["num_threads"])
+                                   for p in threadpool_info()})}
 
 
 def run(ctx) -> dict:

@@ -17,6 +17,9 @@ hpcdask starts (``preload``); the client's own ``Parallel`` calls are unchanged.
 
 from __future__ import annotations
 
+#: The preload modules of every worker hpcdask starts (Nanny, LocalCluster, dask-cuda).
+WORKER_PRELOAD = ["hpcdask.shutdown", "hpcdask.nested"]
+
 
 def install() -> bool:
     """Patch joblib's dask backend in this process; idempotent. False without joblib."""

@@ -20,12 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from hpcdask import batch
 from hpcdask.errors import BadInput
 from hpcdask.files import atomic_write, private_dir
-
-
-def job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
 
 
 def claim(path: Path, tls: bool) -> tuple[Path, str]:
@@ -78,7 +75,7 @@ def _describe(path: Path) -> str:
 
 def _stamp(token: str, tls: bool) -> dict[str, Any]:
     return {
-        "job": job_id(),
+        "job": batch.job_id(),
         "owner": getpass.getuser(),
         "uid": os.getuid(),
         "host": socket.gethostname(),

@@ -12,7 +12,7 @@ import time
 import joblib
 import pytest
 
-from hpcdask import launch
+from hpcdask import connect
 from test_roles import start, stop, wait_workers
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,7 +60,7 @@ def test_blas_threads_and_slots_fill_the_allocation(tmp_path, nworkers, nthreads
                         "--nworkers", str(nworkers), "--nthreads", str(nthreads),
                         "--memory-limit", "1GiB"], tmp_path / "worker.log", env=env)
         wait_workers(path, nworkers)
-        with launch.connect(path, check=False) as client:
+        with connect.connect(path, check=False) as client:
             # defined in the test: sent by value (the workers cannot import the test modules)
             seen = client.submit(how_a_fit_sees_the_cluster, pure=False).result(timeout=120)
             with joblib.parallel_backend("dask"):

@@ -30,6 +30,20 @@ def how_a_fit_sees_the_cluster() -> dict:
                                    for p in threadpool_info()})}
 
 
+def calls_sent(tasks: list[dict]) -> dict[str, int]:
+    """Function calls that joblib's dask backend sent as tasks (its keys are
+    ``batch_of_<function>_<n>_calls-<uuid>``), by function: a fit's own nested joblib calls
+    show up here when they become tasks of their own."""
+    import re
+
+    calls: dict[str, int] = {}
+    for t in tasks:
+        m = re.match(r"batch_of_(.+)_(\d+)_calls-[0-9a-f]+$", str(t.get("key")))
+        if m:
+            calls[m.group(1)] = calls.get(m.group(1), 0) + int(m.group(2))
+    return calls
+
+
 def run(ctx) -> dict:
     import joblib
     import numpy as np
@@ -65,6 +79,7 @@ def run(ctx) -> dict:
                 joblib.parallel_backend("dask", scatter=[X, y]):
             jl = GridSearchCV(pipe, grid, cv=cv, scoring=scoring, n_jobs=-1).fit(X, y)
         joblib_tasks = len(tasks.data)
+        joblib_calls = calls_sent(tasks.data)
     with ctx.step("dask-ml GridSearchCV") as t_dm:
         dm = DaskGridSearchCV(pipe, grid, cv=cv, scoring=scoring).fit(X, y)
     fit_view = ctx.client.submit(how_a_fit_sees_the_cluster, pure=False).result()
@@ -84,6 +99,8 @@ def run(ctx) -> dict:
         "best_params": plain(seq.best_params_),
         "joblib_dask": {"best_params": plain(jl.best_params_), "best_score": float(jl.best_score_),
                         "max_cv_score_difference": diff(jl), "cluster_tasks": joblib_tasks,
+                        "cluster_calls": sum(joblib_calls.values()),
+                        "cluster_calls_by_function": joblib_calls,
                         "same_best_params": jl.best_params_ == seq.best_params_},
         "dask_ml": {"best_params": plain(dm.best_params_), "best_score": float(dm.best_score_),
                     "max_cv_score_difference": diff(dm),

@@ -10,10 +10,11 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import dask.config
 from distributed import Client
 from distributed.security import Security
 
-from hpcdask import connect, files, memory, provenance, security, signals
+from hpcdask import batch, connect, files, memory, nested, provenance, security, signals
 
 
 def local_cluster(n_workers: int | None = None, threads_per_worker: int | None = None,
@@ -25,7 +26,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     n, threads, mem = memory.local_sizing(n_workers, threads_per_worker, memory_limit)
     kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                  preload=["hpcdask.shutdown"],
+                                  preload=nested.WORKER_PRELOAD,
                                   silence_logs=logging.WARNING)
     if tls:
         kwargs.update(security=Security.temporary(), protocol="tls://")
@@ -33,7 +34,8 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
         security.warn_no_tls("the local cluster")
     d = tempfile.mkdtemp(prefix="hpcdask-", dir=files.local_directory(None))
     try:
-        cluster = LocalCluster(local_directory=d, **kwargs)
+        with dask.config.set(memory.blas_config(batch.allocation().cpus, n, threads)):
+            cluster = LocalCluster(local_directory=d, **kwargs)
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)
         raise

@@ -3,9 +3,12 @@ strings, the memory presets, and how long a worker may live."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
+from collections.abc import Mapping
 
+import dask.config
 import dask.utils
 
 from hpcdask import batch, config
@@ -94,6 +97,41 @@ def local_sizing(n_workers: int | None, threads_per_worker: int | None,
     threads = threads_per_worker or max(1, alloc.cpus // n)
     mem = parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
     return n, threads, mem
+
+
+#: The thread-pool sizes of the numerical libraries, read once when each library loads.
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def blas_threads(cpus: int, nworkers: int, nthreads: int) -> int:
+    """Threads per BLAS/OpenMP pool in each worker process: the CPUs that the worker's task
+    threads leave over, so that ``nworkers x nthreads x blas`` fills the allocation and never
+    exceeds it (one task thread per CPU: 1; one worker of 1 thread on 8 CPUs: 8)."""
+    return max(1, cpus // max(1, nworkers * nthreads))
+
+
+def thread_env(cpus: int, nworkers: int, nthreads: int,
+               environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment that sizes each worker's BLAS/OpenMP pools from the allocation.
+
+    Dask's nanny sets them to 1 whatever the worker's threads (``distributed.nanny.
+    pre-spawn-environ``): a worker of one thread on a node of many CPUs then leaves all but one
+    idle during every NumPy/scikit-learn call, and without a nanny nothing limits them, so each
+    task thread runs as many BLAS threads as the node has cores. What the user set in the
+    environment wins (OMP_NUM_THREADS alone then sizes the other pools too, as OpenBLAS reads
+    it)."""
+    environ = os.environ if environ is None else environ
+    given = [environ[k] for k in BLAS_THREAD_VARIABLES if environ.get(k)]
+    n = given[0] if given else str(blas_threads(cpus, nworkers, nthreads))
+    return {k: environ.get(k) or n for k in BLAS_THREAD_VARIABLES}
+
+
+def blas_config(cpus: int, nworkers: int, nthreads: int) -> dict[str, object]:
+    """The Dask setting that gives each worker :func:`thread_env`: the nanny sets
+    ``distributed.nanny.pre-spawn-environ`` before the worker's Python starts, as it must be
+    (the libraries read it once, when they load; the nanny's ``env`` comes too late for that)."""
+    key = "distributed.nanny.pre-spawn-environ"
+    return {key: {**dask.config.get(key, {}), **thread_env(cpus, nworkers, nthreads)}}
 
 
 def reserves() -> dict[str, int]:

@@ -20,7 +20,8 @@ import dask.config
 import dask.utils
 from distributed import Nanny
 
-from hpcdask import config, files, gpu, memory, netif, schedfile, servers, signals, versions
+from hpcdask import (batch, config, files, gpu, memory, nested, netif, schedfile, servers,
+                     signals, versions)
 from hpcdask.connect import connection, refuse_if_different, scheduler_identity
 
 logger = logging.getLogger("hpcdask")
@@ -56,10 +57,12 @@ def run_worker(spec: WorkerSpec) -> None:
     gpus = gpu.devices() if config.get("gpu", spec.gpus) else []
     if gpus:
         nworkers = len(gpus)  # one worker process per GPU
-    threads, mem = memory.worker_sizing(spec.node_share or nworkers,
-                                        config.get("nthreads", spec.nthreads),
-                                        config.get("memory-limit", spec.memory_limit),
+    alloc = batch.allocation()
+    share = spec.node_share or nworkers  # worker processes on this node's allocation
+    threads, mem = memory.worker_sizing(share, config.get("nthreads", spec.nthreads),
+                                        config.get("memory-limit", spec.memory_limit), alloc,
                                         **memory.reserves())
+    blas = memory.blas_config(alloc.cpus, share, threads)
     preset = memory.preset(config.get("memory-preset", spec.memory_preset))
     local_dir = files.local_directory(spec.local_directory)
     life = memory.worker_lifetime(spec.lifetime, spec.job_end)
@@ -72,7 +75,7 @@ def run_worker(spec: WorkerSpec) -> None:
         host = netif.address_of(iface)
     sec = connection(info, path, spec.tls, "worker")
     http = servers.worker_http(config.get("dashboard", spec.dashboard))
-    with dask.config.set(preset), files.scratch(local_dir) as d:
+    with dask.config.set({**preset, **blas}), files.scratch(local_dir) as d:
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
                                    d, life, spec.name, http, gpus))
 
@@ -91,13 +94,13 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         cuda = CUDAWorker(address, host=host, nthreads=threads, name=base, memory_limit=mem,
                           security=sec, local_directory=local_dir, death_timeout=timeout,
-                          preload=["hpcdask.shutdown"], **http, **extra)
+                          preload=nested.WORKER_PRELOAD, **http, **extra)
         await cuda
         nannies = list(cuda.nannies)
     else:
         nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                          local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
-                         death_timeout=timeout, preload=["hpcdask.shutdown"],
+                         death_timeout=timeout, preload=nested.WORKER_PRELOAD,
                          **_gpu_kwargs(i, gpus), **http, **extra)
                    for i in range(nworkers)]
         await asyncio.gather(*nannies)

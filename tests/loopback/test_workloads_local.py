@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
-from hpcdask import connect, local
+from hpcdask import batch, connect, local
 from hpcdask.workloads import WORKLOADS, execute
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -123,8 +123,23 @@ def check_gridsearch(m: dict, out: Path) -> None:
     assert m["joblib_dask"]["max_cv_score_difference"] <= 1e-12
     assert m["dask_ml"]["max_cv_score_difference"] <= 1e-12
     assert m["score"] == pytest.approx(m["baseline_score"], abs=1e-12)
-    # the joblib fits really ran as tasks on the cluster
-    assert m["joblib_dask"]["cluster_tasks"] >= m["data"]["fits"]
+    # the joblib fits really ran as tasks on the cluster, each fit once, and nothing else: a
+    # fit's nested joblib call (LogisticRegression's) ran inside it, not as a task of its own
+    assert m["joblib_dask"]["cluster_tasks"] >= 1
+    # (calls: 200 for 100 fits before issue 21's fix, 101 after it)
+    assert m["data"]["fits"] <= m["joblib_dask"]["cluster_calls"] < 2 * m["data"]["fits"], \
+        m["joblib_dask"]
+    # one wall time per search, and the speed-up each is of the sequential baseline
+    assert set(m["wall_s"]) == {"baseline", "joblib_dask", "dask_ml"}
+    for name in ("joblib_dask", "dask_ml"):
+        assert m["speedup"][name] == pytest.approx(m["wall_s"]["baseline"] / m["wall_s"][name],
+                                                   rel=1e-2)
+    # a fit on a worker: one slot per worker thread, and the allocation's CPUs left over by
+    # the task threads as its BLAS threads (LocalCluster of 2 workers x 1 thread)
+    view = m["worker_fit_view"]
+    assert view["joblib_slots"] == m["cluster"]["threads"] == 2
+    blas = {n for api, n in view["threadpools"] if api == "openblas"}
+    assert blas == {max(1, batch.allocation().cpus // 2)}, view
 
 
 @pytest.mark.slow

@@ -16,6 +16,34 @@ DESCRIPTION = ("Pipeline + GridSearchCV via joblib's dask backend and dask-ml Gr
                "same best parameters as sequential scikit-learn")
 
 
+def how_a_fit_sees_the_cluster() -> dict:
+    """A task's view (run on a worker): the BLAS/OpenMP threads one fit gets (threadpoolctl)
+    and the slots ``n_jobs=-1`` gets under joblib's dask backend; their product should be the
+    CPUs of the workers (more: they compete for cores; fewer: cores stay idle)."""
+    import joblib
+    from threadpoolctl import threadpool_info
+
+    with joblib.parallel_backend("dask"):
+        slots = joblib.effective_n_jobs(-1)
+    return {"joblib_slots": slots,
+            "threadpools": sorted({(p["internal_api"], p["num_threads"])
+                                   for p in threadpool_info()})}
+
+
+def calls_sent(tasks: list[dict]) -> dict[str, int]:
+    """Function calls that joblib's dask backend sent as tasks (its keys are
+    ``batch_of_<function>_<n>_calls-<uuid>``), by function: a fit's own nested joblib calls
+    show up here when they become tasks of their own."""
+    import re
+
+    calls: dict[str, int] = {}
+    for t in tasks:
+        m = re.match(r"batch_of_(.+)_(\d+)_calls-[0-9a-f]+$", str(t.get("key")))
+        if m:
+            calls[m.group(1)] = calls.get(m.group(1), 0) + int(m.group(2))
+    return calls
+
+
 def run(ctx) -> dict:
     import joblib
     import numpy as np
@@ -42,14 +70,19 @@ def run(ctx) -> dict:
     cv = StratifiedKFold(folds, shuffle=True, random_state=ctx.seed)
     scoring = "neg_log_loss"
 
-    with ctx.step("sequential scikit-learn (baseline)"):
+    with ctx.step("sequential scikit-learn (baseline)") as t_seq:
         seq = GridSearchCV(pipe, grid, cv=cv, scoring=scoring, n_jobs=1).fit(X, y)
-    with ctx.step("GridSearchCV through joblib's dask backend"):
-        with get_task_stream(ctx.client) as tasks, joblib.parallel_backend("dask"):
+    with ctx.step("GridSearchCV through joblib's dask backend") as t_jl:
+        # scatter: X and y go to the workers once, before the first fit, instead of with the
+        # first batch of calls that needs them (joblib's automatic scattering)
+        with get_task_stream(ctx.client) as tasks, \
+                joblib.parallel_backend("dask", scatter=[X, y]):
             jl = GridSearchCV(pipe, grid, cv=cv, scoring=scoring, n_jobs=-1).fit(X, y)
         joblib_tasks = len(tasks.data)
-    with ctx.step("dask-ml GridSearchCV"):
+        joblib_calls = calls_sent(tasks.data)
+    with ctx.step("dask-ml GridSearchCV") as t_dm:
         dm = DaskGridSearchCV(pipe, grid, cv=cv, scoring=scoring).fit(X, y)
+    fit_view = ctx.client.submit(how_a_fit_sees_the_cluster, pure=False).result()
 
     ref = seq.cv_results_["mean_test_score"]
 
@@ -66,10 +99,17 @@ def run(ctx) -> dict:
         "best_params": plain(seq.best_params_),
         "joblib_dask": {"best_params": plain(jl.best_params_), "best_score": float(jl.best_score_),
                         "max_cv_score_difference": diff(jl), "cluster_tasks": joblib_tasks,
+                        "cluster_calls": sum(joblib_calls.values()),
+                        "cluster_calls_by_function": joblib_calls,
                         "same_best_params": jl.best_params_ == seq.best_params_},
         "dask_ml": {"best_params": plain(dm.best_params_), "best_score": float(dm.best_score_),
                     "max_cv_score_difference": diff(dm),
                     "same_best_params": dm.best_params_ == seq.best_params_},
+        "wall_s": {"baseline": t_seq.seconds, "joblib_dask": t_jl.seconds,
+                   "dask_ml": t_dm.seconds},
+        "speedup": {"joblib_dask": round(t_seq.seconds / t_jl.seconds, 3),
+                    "dask_ml": round(t_seq.seconds / t_dm.seconds, 3)},
+        "worker_fit_view": fit_view,
         "data": {"samples": n, "features": d, "candidates": len(ref), "folds": folds,
                  "fits": len(ref) * folds},
     }

@@ -57,7 +57,8 @@ class _Step:
 
     def __exit__(self, *exc):
         dt = time.perf_counter() - self.t0
-        self.ctx.timings[self.name] = round(dt, 3)
+        self.seconds = round(dt, 3)
+        self.ctx.timings[self.name] = self.seconds
         if exc[0] is None:
             logger.info("hpcdask: %s done in %.2fs", self.name, dt)
         return False
@@ -142,7 +143,20 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
     logger.info("hpcdask: %s %s: %s %s (single-machine baseline %s) in %.1fs",
                 metrics["workload"], size, metrics.get("metric", "score"),
                 _fmt(score), _fmt(base), total)
+    if metrics.get("wall_s"):
+        logger.info("hpcdask: %s", wall_summary(metrics["wall_s"]))
     return output / "metrics.json"
+
+
+def wall_summary(wall: dict[str, float]) -> str:
+    """``baseline 35.6s; joblib_dask 27.6s (1.29x faster)``: each cluster run's wall time beside
+    the single-machine baseline's, from a workload's ``wall_s`` ({"baseline": s, name: s})."""
+    base = wall["baseline"]
+    parts = [f"single-machine baseline {base:.1f}s"]
+    for name, s in wall.items():
+        if name != "baseline":
+            parts.append(f"{name} on the cluster {s:.1f}s ({base / s:.2f}x the baseline's speed)")
+    return "; ".join(parts)
 
 
 def _fmt(x: Any) -> str:

@@ -70,9 +70,12 @@ sif:
 	    $(PYTHON) tests/cluster/sif.py build --out dask.sif; \
 	fi
 
+# DOCKER_BUILD_ARGS: more `docker build` options, e.g. where no registry is reachable a local
+# base (--build-arg BASE_IMAGE=..., as tests/cluster/docker.sh does) or --network host.
+DOCKER_BUILD_ARGS ?=
 docker:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make docker: no running Docker engine; start one, or use podman: bash tests/cluster/podman.sh build" >&2; exit 2; }
-	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) -t hpcdask:latest .
+	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) -t hpcdask:latest $(DOCKER_BUILD_ARGS) .
 
 image: $(TVENV)/.done
 	$(TVENV)/bin/python tests/cluster/image.py build

@@ -103,7 +103,8 @@ def _private_scratch() -> None:
               help="Data size (default from config: small).")
 @click.option("--seed", type=int, default=0, help="Random seed of the generated data and models.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: hpcdask-output/WORKLOAD-SIZE[-jobID]).")
+              help="Output folder, refused if it holds an earlier run (default: hpcdask-output/"
+                   "WORKLOAD-SIZE[-jobID], or -2, -3, ... after it when that holds one).")
 @scheduler_file_option
 @click.option("--address", default=None, help="Scheduler address (plain tcp:// only with --no-tls).")
 @click.option("--n-workers", type=click.IntRange(min=1), default=None,
@@ -136,10 +137,13 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
     wait_s = _timeout(wait_timeout, "--wait-timeout")
     size = config.get("size", size)
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
-    output = output or Path(config.get("output")) / f"{name}-{size}{f'-job{job}' if job else ''}"
     if memory_limit:
         from hpcdask.memory import parse_bytes
         parse_bytes(memory_limit)
+    # A named --output holding an earlier run is refused; the default is a new folder each run.
+    if output is None:
+        output = provenance.run_folder(
+            Path(config.get("output")) / f"{name}-{size}{f'-job{job}' if job else ''}")
     workloads.check_output(output)
     if scheduler_file or address:
         from hpcdask import compat
@@ -264,7 +268,8 @@ def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_di
 @click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The cluster's scheduler file.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where provenance.json goes (default: hpcdask-output/SCRIPT[-jobID]).")
+              help="Where provenance.json goes (default: hpcdask-output/SCRIPT[-jobID], or -2, -3, ... "
+                   "after it when that holds an earlier run).")
 @wait_options
 @tls_option
 def client(script, args, scheduler_file, output, wait_workers, wait_timeout, tls) -> None:
@@ -284,7 +289,9 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
     from hpcdask import compat
 
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
-    output = output or Path(config.get("output")) / f"{script.stem}{f'-job{job}' if job else ''}"
+    if output is None:  # a new folder each run (provenance.run_folder); a named one as given
+        output = provenance.run_folder(
+            Path(config.get("output")) / f"{script.stem}{f'-job{job}' if job else ''}")
     # Not dask-ml's import (2-4 s in the image) before the script's first line: the patch it
     # needs comes when the script imports dask-ml, if it ever does.
     compat.apply(defer=True)

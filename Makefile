@@ -81,7 +81,7 @@ image: $(TVENV)/.done
 	$(TVENV)/bin/python tests/cluster/image.py build
 
 compose-test: host-deps $(TVENV)/.done
-	$(TVENV)/bin/python -m pytest -m compose -s tests/integration/test_compose.py $(PYTEST_ARGS)
+	$(TVENV)/bin/python -m pytest -m compose -s tests/integration/test_compose.py tests/integration/test_compose_docker.py $(PYTEST_ARGS)
 
 # --- the test cluster -------------------------------------------------------------------------
 cluster-deps:

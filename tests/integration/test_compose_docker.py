@@ -93,6 +93,7 @@ def podman_image() -> str:
 
 # --- the image -----------------------------------------------------------------------------
 
+@pytest.mark.timeout(3 * 3600)  # two image builds on a cold cache
 def test_make_docker_equals_the_podman_build(engine, docker_image, podman_image):
     docker = image_info(["docker"], docker_image, env=engine.env())
     podman = image_info(["podman"], podman_image, env={

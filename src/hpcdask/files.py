@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import tempfile
 from pathlib import Path
 
 from hpcdask.errors import BadInput
+
+
+def user_name() -> str:
+    """This process's user name, or ``uid N`` for a user without one: a container run as an
+    arbitrary uid (docker compose's HPCDASK_UID) has no passwd entry, where getpass.getuser()
+    raises KeyError."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> Path:

@@ -10,7 +10,6 @@ unchanged: the extra ``hpcdask`` block is ignored by them.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdask.errors import BadInput
-from hpcdask.files import atomic_write, private_dir
+from hpcdask.files import atomic_write, private_dir, user_name
 
 
 def job_id() -> str | None:
@@ -79,7 +78,7 @@ def _describe(path: Path) -> str:
 def _stamp(token: str, tls: bool) -> dict[str, Any]:
     return {
         "job": job_id(),
-        "owner": getpass.getuser(),
+        "owner": user_name(),
         "uid": os.getuid(),
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -4,6 +4,7 @@ overwrite, never delete (issue 32: a second `docker compose up` failed on metric
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -75,3 +76,16 @@ def test_hpcdask_run_twice_with_the_default_output(tmp_path, monkeypatch):
     assert len(runs) == 2 and runs[1] == runs[0] + "-2", runs
     for r in runs:
         assert (tmp_path / "hpcdask-output" / r / "metrics.json").is_file()
+
+
+def test_a_user_without_a_name_still_stamps_files(monkeypatch):
+    """A container run as an arbitrary uid (HPCDASK_UID=4242) has no passwd entry."""
+    import getpass
+
+    from hpcdask import files
+
+    def no_name():
+        raise KeyError("getpwuid(): uid not found: 4242")
+
+    monkeypatch.setattr(getpass, "getuser", no_name)
+    assert files.user_name() == f"uid {os.getuid()}"

@@ -39,7 +39,7 @@ def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float 
     returns, and only ready_s and scheduler_s are measured. With ``worker_netns`` the workers
     are spread over those network namespaces (nodes) in turn, bound to ``interface`` there.
     """
-    from hpcdask import launch
+    from hpcdask import connect
 
     d = private_dir(tmp, f"ready-{what}-")
     f = d / "scheduler.json"
@@ -66,7 +66,7 @@ def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float 
             if rc != 0:
                 raise RuntimeError(f"hpcdask wait exited {rc}")
             return {"ready_s": time.perf_counter() - t0, "scheduler_s": t_sched}
-        client = launch.connect(f, check=False)
+        client = connect.connect(f, check=False)
         cpu0 = client.run_on_scheduler(_cpu)
         client.wait_for_workers(n, timeout=timeout)
         t_ready = time.perf_counter() - t0

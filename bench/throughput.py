@@ -28,14 +28,14 @@ def section(args, setup, tmp: Path) -> dict:
 
     from distributed import Client, LocalCluster
 
-    from hpcdask import launch
+    from hpcdask import local
 
     n = 500 if args.quick else 5000
     reps = 2 if args.quick else 5
     clusters, clients = {}, {}
     try:
-        clusters["hpcdask TLS"] = launch.local_cluster(2, 1, tls=True, memory_limit="2GiB")
-        clusters["hpcdask --no-tls"] = launch.local_cluster(2, 1, tls=False, memory_limit="2GiB")
+        clusters["hpcdask TLS"] = local.local_cluster(2, 1, tls=True, memory_limit="2GiB")
+        clusters["hpcdask --no-tls"] = local.local_cluster(2, 1, tls=False, memory_limit="2GiB")
         clusters["distributed.LocalCluster"] = LocalCluster(
             n_workers=2, threads_per_worker=1, host="127.0.0.1", memory_limit="2GiB",
             dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING)

@@ -225,13 +225,15 @@ def default_workload(setup, tmp: Path, reps: int) -> dict:
 
 
 def section(args, setup, tmp: Path) -> dict:
-    from hpcdask import launch
+    from distributed import Client
+
+    from hpcdask import local
 
     out: dict = {}
     parts = {"hyperband": lambda c: hyperband(c, [0] if args.quick else [0, 1, 2, 3, 4], tmp),
              "gridsearch": lambda c: gridsearch(c, 1, 0.1) if args.quick else gridsearch(c, 5)}
-    with launch.local_cluster(2, 1, tls=True, memory_limit="4GiB") as cluster, \
-            launch.Client(cluster) as client:
+    with local.local_cluster(2, 1, tls=True, memory_limit="4GiB") as cluster, \
+            Client(cluster) as client:
         for name, run in parts.items():
             try:
                 out[name] = run(client)

@@ -63,7 +63,7 @@ def _xfer(client, addr: dict, n: int, memory: str) -> dict:
 
 
 def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
-    from hpcdask import launch
+    from hpcdask import connect
 
     tls = kind == "tls"
     flag = [] if tls else ["--no-tls"]
@@ -78,7 +78,7 @@ def main(d: Path, iface_a: str, netns_b: str, iface_b: str, kind: str) -> None:
         procs.append(spawn([HPCDASK, *common, "--interface", iface_a, "--name", "a"], logfile))
         procs.append(spawn([HPCDASK, *common, "--interface", iface_b, "--name", "b"], logfile,
                            netns=netns_b))
-        client = launch.connect(f, tls=tls, check=False)
+        client = connect.connect(f, tls=tls, check=False)
         client.wait_for_workers(2, timeout=120)
         addr = {w["name"]: a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
         extra = client.scheduler_comm.comm.extra_info

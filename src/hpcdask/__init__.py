@@ -21,13 +21,13 @@ def client(scheduler_file=None):
     import os
     from pathlib import Path
 
-    from hpcdask import config, launch, project
+    from hpcdask import config, connect, project
     from hpcdask.errors import BadInput
 
     path = scheduler_file or config.get("scheduler-file")
     if not path:
         raise BadInput("no cluster named: pass hpcdask.client('/path/to/scheduler.json') or set "
                        "HPCDASK_SCHEDULER_FILE (hpcdask jupyter sets it for its notebooks)")
-    c = launch.connect(Path(path))
+    c = connect.connect(Path(path))
     project.share(c, Path(os.getcwd()))
     return c

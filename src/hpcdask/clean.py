@@ -15,13 +15,15 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from hpcdask import security
+from hpcdask import config, security
+from hpcdask.errors import BadInput
 from hpcdask.files import atomic_write, user_name
 
 STAMP = "owner.json"
@@ -130,3 +132,31 @@ def remove(folder: Folder) -> None:
     if folder.state != "stale":
         raise ValueError(f"{folder.path} is {folder.state}")
     shutil.rmtree(folder.path)
+
+
+def run(folders: tuple[Path, ...] = (), dry_run: bool = False) -> Iterator[str]:
+    """``hpcdask clean``: judge the FOLDERS given (refusing any that is not stale) or every
+    folder in hpcdask.shared-dir, remove the stale ones; one line per folder."""
+    if folders:
+        found = []
+        for f in folders:
+            if not f.is_dir():
+                raise BadInput(f"{f} is not a folder; give a cluster folder, e.g. "
+                               f"{config.get('shared-dir')}/JOBID")
+            found.append(judge(f.expanduser().absolute()))
+        refused = [f for f in found if f.state != "stale"]
+        if refused:
+            f = refused[0]
+            raise BadInput(f"refusing to remove {f.path}: {f.state}, {f.why}")
+    else:
+        found = survey(Path(config.get("shared-dir")).expanduser())
+    for f in found:
+        if f.state != "stale":
+            yield f"kept {f.path}: {f.state}: {f.why}"
+        elif dry_run:
+            yield f"stale {f.path}: {f.why} (not removed: --dry-run)"
+        else:
+            remove(f)
+            yield f"removed {f.path}: {f.why}"
+    if not found:
+        yield "no cluster folders"

@@ -1,25 +1,32 @@
-"""The ``hpcdask`` command: one subcommand per role, in the style of ``dask scheduler``."""
+"""The ``hpcdask`` command: one thin subcommand per role over the library, in the style of
+distributed's ``dask scheduler`` / ``dask worker``: scheduler (:mod:`hpcdask.scheduler`), worker
+(:mod:`hpcdask.worker`), client (:mod:`hpcdask.script`), run (:mod:`hpcdask.local` or a cluster),
+mpi (:mod:`hpcdask.mpi`). The library raises hpcdask's own exceptions (:mod:`hpcdask.errors`);
+only here do they become one line on stderr and an exit code (2 bad input, 3 refused, 1 else).
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import runpy
-import signal
 import sys
 from pathlib import Path
 
 import click
 
 import hpcdask
-from hpcdask import config, launch, project, provenance, shutdown, versions
-from hpcdask.errors import BadInput, Refused
+from hpcdask import checks, config, connect, files
+from hpcdask.errors import BadInput, HpcdaskError
+from hpcdask.script import output_folder, run_script
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
-scheduler_file_option = click.option(
-    "--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),
-    help="The cluster's scheduler file on the shared filesystem; its folder holds the TLS credentials.")
+def scheduler_file_option(help: str = "The cluster's scheduler file on the shared filesystem; its "
+                                       "folder holds the TLS credentials.", required: bool = False):
+    """--scheduler-file, the option every role shares (required where the role needs a cluster)."""
+    return click.option("--scheduler-file", required=required,
+                        type=click.Path(dir_okay=False, path_type=Path), help=help)
+
+
 tls_option = click.option("--tls/--no-tls", default=True,
                           help="TLS with the cluster's credentials; --no-tls only knowingly.")
 
@@ -57,8 +64,8 @@ class _OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         try:
             rv = super().main(args, prog_name or "hpcdask", standalone_mode=False, **extra)
-        except (BadInput, Refused) as e:
-            e.show()
+        except HpcdaskError as e:
+            click.echo(e.one_line(), err=True)
             sys.exit(e.exit_code)
         except click.ClickException as e:
             where = f" (see: {e.ctx.command_path} --help)" if getattr(e, "ctx", None) else ""
@@ -92,7 +99,7 @@ def _private_scratch() -> None:
     ctx = click.get_current_context()
     if ctx.resilient_parsing or "--help" in sys.argv or "-h" in sys.argv:
         return
-    d = ctx.with_resource(launch.scratch(launch.local_directory(None)))
+    d = ctx.with_resource(files.scratch(files.local_directory(None)))
     dask.config.set({"temporary-directory": d})
 
 
@@ -105,7 +112,7 @@ def _private_scratch() -> None:
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder, refused if it holds an earlier run (default: hpcdask-output/"
                    "WORKLOAD-SIZE[-jobID], or -2, -3, ... after it when that holds one).")
-@scheduler_file_option
+@scheduler_file_option()
 @click.option("--address", default=None, help="Scheduler address (plain tcp:// only with --no-tls).")
 @click.option("--n-workers", type=click.IntRange(min=1), default=None,
               help="LocalCluster workers (default: sized to the machine).")
@@ -136,84 +143,20 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
                        "(a LocalCluster has its workers at once)")
     wait_s = _timeout(wait_timeout, "--wait-timeout")
     size = config.get("size", size)
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
-    if memory_limit:
+    if memory_limit:  # bad input before a new output folder is made
         from hpcdask.memory import parse_bytes
         parse_bytes(memory_limit)
-    # A named --output holding an earlier run is refused; the default is a new folder each run.
-    if output is None:
-        output = provenance.run_folder(
-            Path(config.get("output")) / f"{name}-{size}{f'-job{job}' if job else ''}")
-    workloads.check_output(output)
-    if scheduler_file or address:
-        from hpcdask import compat
-        compat.apply()  # imports dask-ml (~2 s): now, while the workers start, not after they have
-    with provenance.Recorder(output, provenance.command_line()) as record, \
-            _terminate_cleanly() as term:
-        if scheduler_file or address:
-            with launch.connect(scheduler_file, address, tls=tls, check=False,
-                                wait_workers=wait_workers, wait_timeout=wait_s) as client:
-                record.cluster(client)
-                path = term.run(client, workloads.execute, client, name, size, seed, output)
-        else:
-            with launch.local_cluster(n_workers, threads_per_worker, tls=tls,
-                                      memory_limit=memory_limit) as cluster, \
-                    launch.Client(cluster) as client:
-                record.cluster(client)
-                path = term.run(client, workloads.execute, client, name, size, seed, output,
-                                local=True)
+    output = output or output_folder(f"{name}-{size}")
+    from hpcdask.local import run_workload
+
+    path = run_workload(name, size, seed, output, scheduler_file, address, tls,
+                        wait_workers, wait_s, n_workers, threads_per_worker, memory_limit)
     click.echo(f"metrics: {path}")
 
 
-class _Terminated(BaseException):
-    pass
-
-
-class _terminate_cleanly:
-    """SIGTERM (Slurm's time limit) becomes an orderly stop with one line and exit code 143."""
-
-    MESSAGE = ("hpcdask: interrupted by SIGTERM (the job's time limit?); no results were written "
-               "(provenance.json records the interruption): rerun with more time (sbatch --time) "
-               "or --size small")
-
-    def __enter__(self):
-        self.fired = False
-
-        def handler(signum, frame):
-            # Once: a batch system signals every process of the step, and the runner and the
-            # jobscript pass it on too. The line first: KillWait may not leave time for more.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            self.fired = True
-            shutdown.quiet()
-            click.echo(self.MESSAGE, err=True)
-            raise _Terminated()
-        self._old = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    @staticmethod
-    def run(client, fn, *args, local: bool = False):
-        """``fn(*args)``; interrupted, a LocalCluster of ours (which got no signal itself) goes
-        quiet before it is closed under its running tasks."""
-        try:
-            return fn(*args)
-        except _Terminated:
-            if local:
-                shutdown.quiet_cluster(client)
-            raise
-
-    def __exit__(self, exc_type, exc, tb):
-        signal.signal(signal.SIGTERM, self._old)
-        # Whatever the unwinding raised after the signal (a cluster going away under a context
-        # manager's exit), the outcome is the signal's: exit 143, the one line already printed.
-        if exc_type is _Terminated or (self.fired and exc_type is not None
-                                       and not issubclass(exc_type, SystemExit)):
-            sys.exit(143)
-        return False
-
-
 @main.command(context_settings=CONTEXT)
-@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the scheduler file; its folder gets the TLS credentials (0700).")
+@scheduler_file_option("Where to write the scheduler file; its folder gets the TLS credentials (0700).",
+                       required=True)
 @click.option("--interface", default=None,
               help="Interface to bind (default: hpcdask.scheduler-interface, else hpcdask.interface = ib0).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=None,
@@ -226,12 +169,14 @@ class _terminate_cleanly:
 @tls_option
 def scheduler(scheduler_file, interface, port, dashboard, job_end, tls) -> None:
     """Start a scheduler on INTERFACE and write the scheduler file."""
-    launch.run_scheduler(scheduler_file, interface, port, dashboard, tls, job_end)
+    from hpcdask.scheduler import run_scheduler
+
+    run_scheduler(scheduler_file, interface, port, dashboard, tls, job_end)
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The cluster's scheduler file (waited for up to hpcdask.scheduler-file-timeout).")
+@scheduler_file_option("The cluster's scheduler file (waited for up to "
+                       "hpcdask.scheduler-file-timeout).", required=True)
 @click.option("--interface", default=None, help="Interface to bind (default: hpcdask.interface = ib0).")
 @click.option("--nthreads", type=int, default=None, help="Threads per worker process (default: from the allocation).")
 @click.option("--nworkers", type=int, default=None, help="Worker processes on this node (default 1).")
@@ -255,7 +200,9 @@ def scheduler(scheduler_file, interface, port, dashboard, job_end, tls) -> None:
 def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_directory,
            memory_preset, lifetime, job_end, name, dashboard, gpus, with_scheduler, tls) -> None:
     """Start worker process(es) on this node that join the cluster in SCHEDULER_FILE."""
-    launch.run_worker(launch.WorkerSpec(
+    from hpcdask.worker import WorkerSpec, run_worker
+
+    run_worker(WorkerSpec(
         scheduler_file=scheduler_file, interface=interface, nthreads=nthreads,
         nworkers=nworkers, memory_limit=memory_limit, local_directory=local_directory,
         memory_preset=memory_preset, lifetime=lifetime, job_end=job_end, name=name,
@@ -265,8 +212,7 @@ def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_di
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
 @click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The cluster's scheduler file.")
+@scheduler_file_option("The cluster's scheduler file.", required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where provenance.json goes (default: hpcdask-output/SCRIPT[-jobID], or -2, -3, ... "
                    "after it when that holds an earlier run).")
@@ -281,38 +227,11 @@ def client(script, args, scheduler_file, output, wait_workers, wait_timeout, tls
                _timeout(wait_timeout, "--wait-timeout"))
 
 
-def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool,
-               wait_workers: int = 0, wait_timeout: float = 300.0,
-               wait_hint: str = launch.READY_HINT) -> None:
-    """SCRIPT as ``__main__`` with a connected, identity-checked Client, provenance.json
-    written: ``hpcdask client``'s body, also the client rank of ``hpcdask mpi``."""
-    from hpcdask import compat
-
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
-    if output is None:  # a new folder each run (provenance.run_folder); a named one as given
-        output = provenance.run_folder(
-            Path(config.get("output")) / f"{script.stem}{f'-job{job}' if job else ''}")
-    # Not dask-ml's import (2-4 s in the image) before the script's first line: the patch it
-    # needs comes when the script imports dask-ml, if it ever does.
-    compat.apply(defer=True)
-    folder = project.script_folder(script)
-    project.put_first(str(folder))  # as `python SCRIPT`: its helper modules import
-    with provenance.Recorder(output, provenance.command_line()) as record, \
-            _terminate_cleanly(), launch.connect(scheduler_file, tls=tls, wait_workers=wait_workers,
-                                                 wait_timeout=wait_timeout,
-                                                 wait_hint=wait_hint) as c:
-        record.cluster(c)
-        project.share(c, folder)  # and on every worker, from the shared filesystem
-        sys.argv = [str(script), *args]
-        with c.as_current(), compat.session(c, defer=True):  # dask-ml works in the script too
-            runpy.run_path(str(script), run_name="__main__")
-
-
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
 @click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where rank 0 writes the scheduler file; its folder gets the TLS credentials.")
+@scheduler_file_option("Where rank 0 writes the scheduler file; its folder gets the TLS credentials.",
+                       required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the client rank writes provenance.json (default: hpcdask-output/SCRIPT[-jobID]).")
 @tls_option
@@ -325,22 +244,22 @@ def mpi(script, args, scheduler_file, output, tls) -> None:
 
 
 @main.command("wait", context_settings=CONTEXT)
-@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The cluster's scheduler file (waited for up to hpcdask.scheduler-file-timeout).")
+@scheduler_file_option("The cluster's scheduler file (waited for up to "
+                       "hpcdask.scheduler-file-timeout).", required=True)
 @click.option("--workers", "n_workers", type=click.IntRange(min=1), default=1,
               help="Return once this many workers are registered.")
 @click.option("--timeout", default="300s", help="Give up after this long (exit 1).")
 @tls_option
 def wait_(scheduler_file, n_workers, timeout, tls) -> None:
     """Wait until N workers have joined the cluster: the jobscripts' readiness check."""
-    with launch.connect(scheduler_file, tls=tls, check=False, wait_workers=n_workers,
+    with connect.connect(scheduler_file, tls=tls, check=False, wait_workers=n_workers,
                         wait_timeout=_timeout(timeout, "--timeout"),
                         wait_hint="--timeout; HPCDASK_READY_TIMEOUT in the jobscripts"):
         pass
 
 
 @main.command("versions", context_settings=CONTEXT)
-@scheduler_file_option
+@scheduler_file_option()
 @click.option("--lock", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Check this environment against a lock file instead (exit 1 on any difference).")
 @click.option("--against", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -350,65 +269,24 @@ def wait_(scheduler_file, n_workers, timeout, tls) -> None:
 def versions_(scheduler_file, lock, against, show_all, tls) -> None:
     """Python, packages and image of every role; exit 1 on any mismatch."""
     if against:
-        _versions_against(against, scheduler_file, tls)
-        return
-    if lock:
-        diffs = versions.lock_differences(lock)
-        for line in diffs:
-            click.echo(f"lock mismatch: {line}", err=True)
-        if diffs:
-            raise click.exceptions.Exit(1)
-        click.echo(f"installed set equals {lock} ({len(versions.read_lock(lock))} packages); "
-                   f"image {versions.image_label()}")
-        return
-    if not scheduler_file:
-        ident = versions.identity()
-        click.echo(f"python {ident['python']}  image {ident['image']}")
-        for name in versions.KEY_PACKAGES:
-            click.echo(f"{name} {ident['packages'].get(name, '-')}")
-        return
-    sched = launch.scheduler_identity_of(scheduler_file, tls)
-    rows = versions.differences(sched, {"client": versions.report()})
-    if not rows:  # the scheduler refuses a differing client, so compare with it first
-        with launch.connect(scheduler_file, tls=tls, check=False) as c:
-            reports = launch.cluster_reports(c)
-        sched = reports.pop("scheduler")
-        rows = versions.differences(sched, reports)
+        lines = checks.against(against, scheduler_file, tls)
+    elif lock:
+        lines = checks.lock(lock)
+    elif scheduler_file:
+        lines = checks.cluster(scheduler_file, tls, show_all)
     else:
-        reports = {"client": versions.report()}
-    if show_all or not rows:
-        keys = ["python", "image", *versions.KEY_PACKAGES]
-        shown = [(k, versions._flat(sched).get(k, "-"),
-                  {r: versions._flat(v).get(k, "-") for r, v in reports.items()}) for k in keys]
-        click.echo(versions.table(shown))
-    if rows:
-        click.echo(f"MISMATCH: {versions.summary(rows)}", err=True)
-        click.echo(versions.table(rows), err=True)
+        lines = checks.this_environment()
+    failed = False
+    for line, err in lines:
+        click.echo(line, err=err)
+        failed = failed or err
+    if failed:
         raise click.exceptions.Exit(1)
-    click.echo(f"all {len(reports) + 1} roles identical ({len(sched['packages'])} packages)")
-
-
-def _versions_against(path: Path, scheduler_file: Path | None, tls: bool) -> None:
-    old = provenance.load(path)
-    if scheduler_file:
-        with launch.connect(scheduler_file, tls=tls, check=False) as c:
-            now = launch.cluster_reports(c)
-    else:
-        now = {"this environment": versions.report()}
-    rows = provenance.against(old, now)
-    ref = provenance.reference(old)
-    if rows:
-        click.echo(f"DIFFERENT from {path} (run of {old.get('started', '?')}): "
-                   f"{versions.summary(rows)}", err=True)
-        click.echo(versions.table(rows, ref_name="recorded"), err=True)
-        raise click.exceptions.Exit(1)
-    click.echo(f"same as {path}: {len(now)} role(s), python {ref['python']}, image {ref.get('image')}, "
-               f"{len(ref['packages'])} packages")
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--scheduler-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The cluster's scheduler file; the token goes into its folder (0600).")
+@scheduler_file_option("The cluster's scheduler file; the token goes into its folder (0600).",
+                       required=True)
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=None,
               help="Port on this node's loopback (default: hpcdask.jupyter-port = 8888; 0: a free one).")
 @click.option("--root-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
@@ -434,55 +312,17 @@ def clean(folders, dry_run) -> None:
     """
     from hpcdask import clean as cleaning
 
-    if folders:
-        found = []
-        for f in folders:
-            if not f.is_dir():
-                raise BadInput(f"{f} is not a folder; give a cluster folder, e.g. "
-                               f"{config.get('shared-dir')}/JOBID")
-            found.append(cleaning.judge(f.expanduser().absolute()))
-        refused = [f for f in found if f.state != "stale"]
-        if refused:
-            f = refused[0]
-            raise BadInput(f"refusing to remove {f.path}: {f.state}, {f.why}")
-    else:
-        found = cleaning.survey(Path(config.get("shared-dir")).expanduser())
-    for f in found:
-        if f.state != "stale":
-            click.echo(f"kept {f.path}: {f.state}: {f.why}")
-        elif dry_run:
-            click.echo(f"stale {f.path}: {f.why} (not removed: --dry-run)")
-        else:
-            cleaning.remove(f)
-            click.echo(f"removed {f.path}: {f.why}")
-    if not found:
-        click.echo("no cluster folders")
+    for line in cleaning.run(folders, dry_run):
+        click.echo(line)
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--interface", default=None, help="Interface to check (default: hpcdask.interface).")
-@scheduler_file_option
+@scheduler_file_option()
 @click.option("--memory-limit", default=None, help="Memory per worker to check.")
 @click.option("--nworkers", type=int, default=None, help="Worker processes per node to check.")
 @click.option("--local-directory", default=None, help="Scratch folder to check.")
 def preflight(interface, scheduler_file, memory_limit, nworkers, local_directory) -> None:
     """Check this node's settings before a job: one line per check, exit 2 on the first failure."""
-    from hpcdask import memory, netif
-    from hpcdask.files import private_dir
-
-    iface = config.get("interface", interface)
-    click.echo(f"ok interface {iface}: {netif.address_of(iface)}")
-    if scheduler_file:
-        folder = private_dir(Path(scheduler_file).expanduser().absolute().parent,
-                             what="scheduler file folder")
-        click.echo(f"ok scheduler file folder {folder}: private and writable")
-    alloc = memory.allocation()
-    threads, mem = memory.worker_sizing(config.get("nworkers", nworkers), None,
-                                        config.get("memory-limit", memory_limit), alloc,
-                                        **memory.reserves())
-    if mem > alloc.memory:
-        raise BadInput(f"memory limit {mem} B per worker exceeds this node's allocation "
-                       f"({alloc.memory} B from {alloc.source}); lower --memory-limit")
-    click.echo(f"ok sizing from {alloc.source}: {threads} thread(s), {mem // 2**20} MiB per worker")
-    click.echo(f"ok local directory {launch.local_directory(local_directory)}: writable")
-    click.echo(f"ok image {versions.image_label()}")
+    for line in checks.preflight(interface, scheduler_file, memory_limit, nworkers, local_directory):
+        click.echo(line)

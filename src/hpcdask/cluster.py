@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -43,7 +42,7 @@ from typing import Any
 
 import dask.utils
 
-from hpcdask import clean, config, memory, netif, security, sif, versions
+from hpcdask import clean, config, files, memory, netif, security, sif, versions
 from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
@@ -61,42 +60,12 @@ def _image(image: str | os.PathLike[str] | None) -> str:
     return str(image)
 
 
-_SLURM_TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                         r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
-
-
-def walltime_seconds(walltime: str) -> int:
-    """Seconds in a Slurm (or PBS) time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
-    m = _SLURM_TIME.match(str(walltime).strip())
-    if not m:
-        raise BadInput(f"walltime {walltime!r} is not a Slurm time; write MM, MM:SS, HH:MM:SS, "
-                       f"D-HH, D-HH:MM or D-HH:MM:SS, e.g. walltime='01:00:00'")
-    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
-    if "d" in g:
-        return g["d"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
-    parts = [g[k] for k in ("a", "b", "c") if k in g]
-    if len(parts) == 1:  # minutes
-        return parts[0] * 60
-    if len(parts) == 2:  # minutes:seconds
-        return parts[0] * 60 + parts[1]
-    return parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
 def _lifetime_args(walltime: str | None) -> list[str]:
     """``--lifetime`` so workers retire (handing over their data) before the walltime."""
     if not walltime:
         return []
-    total = walltime_seconds(walltime)
-    margin = dask.utils.parse_timedelta(config.get("lifetime-margin"))
-    stagger = dask.utils.parse_timedelta(config.get("lifetime-stagger"))
-    life = total - margin - stagger
-    if life <= 0:
-        raise BadInput(f"walltime {walltime} leaves no time before the retirement margin of "
-                       f"{margin:.0f}s + {stagger:.0f}s stagger; ask for a longer walltime or "
-                       f"lower HPCDASK_LIFETIME_MARGIN")
+    life, stagger = memory.walltime_lifetime(walltime)
     return ["--lifetime", f"{life:.0f}s", "--lifetime-stagger", f"{stagger:.0f}s"]
-
-
 
 
 def _preset_exports(name: str) -> list[str]:
@@ -217,10 +186,8 @@ def _removing_credentials(cluster_cls: type, kwargs: dict[str, Any]) -> Any:
     """``cluster_cls(**kwargs)`` whose credentials folder, and its scheduler's scratch (a private
     folder in $TMPDIR, else /tmp: distributed leaves lock files behind), are removed when the
     cluster closes."""
-    from hpcdask import launch
-
     creds = security.current(Path(kwargs["shared_temp_directory"]).parent)
-    scratch = tempfile.mkdtemp(prefix="hpcdask-", dir=launch.local_directory(None))
+    scratch = tempfile.mkdtemp(prefix="hpcdask-", dir=files.local_directory(None))
     kwargs["scheduler_options"].setdefault("local_directory", scratch)
 
     def cleanup() -> None:

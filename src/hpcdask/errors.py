@@ -1,36 +1,45 @@
-"""Errors that reach the user as one line."""
+"""hpcdask's own exceptions: what reaches the user as one line.
+
+Library code (``hpcdask.cluster.slurm_cluster()`` in a notebook too) raises these, ordinary
+``ValueError``/``RuntimeError`` subclasses as dask-jobqueue raises; only the command line
+(:mod:`hpcdask.cli`) turns them into ``hpcdask: error: ...`` and an exit code.
+"""
 
 from __future__ import annotations
 
-import click
+
+class HpcdaskError(Exception):
+    """Base of hpcdask's errors: ``message`` is one line (a table may follow for a refusal)."""
+
+    exit_code = 1
+    prefix = "error"
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    def format_message(self) -> str:
+        return str(self)
+
+    def one_line(self) -> str:
+        """What the command line prints: ``hpcdask: error: <message>``."""
+        return f"hpcdask: {self.prefix}: {self}"
 
 
-class BadInput(click.UsageError):
-    """A bad input: one line that says what is wrong and how to fix it; exit code 2.
-
-    A ``click.UsageError`` so click prints ``Error: <message>`` and exits 2; raised from
-    library code too, where callers get an ordinary exception.
-    """
+class BadInput(HpcdaskError, ValueError):
+    """A bad input: one line that says what is wrong and how to fix it; exit code 2."""
 
     exit_code = 2
 
-    def show(self, file=None) -> None:  # one line, no usage block
-        click.echo(f"hpcdask: error: {self.format_message()}", err=True, file=file)
 
-
-class Refused(click.ClickException):
+class Refused(HpcdaskError, RuntimeError):
     """A role refused to join (identity mismatch, wrong credentials): exit code 3."""
 
     exit_code = 3
-
-    def show(self, file=None) -> None:
-        click.echo(f"hpcdask: refused: {self.format_message()}", err=True, file=file)
+    prefix = "refused"
 
 
-class NotReady(click.ClickException):
+class NotReady(HpcdaskError, RuntimeError):
     """The cluster did not reach the size asked for in time: exit code 1."""
 
     exit_code = 1
-
-    def show(self, file=None) -> None:
-        click.echo(f"hpcdask: error: {self.format_message()}", err=True, file=file)

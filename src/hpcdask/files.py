@@ -1,12 +1,15 @@
-"""Files written whole or not at all, and private folders."""
+"""Files written whole or not at all, private folders, and the roles' node-local scratch."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+from hpcdask import config
 from hpcdask.errors import BadInput
 
 
@@ -55,3 +58,28 @@ def private_dir(folder: Path, what: str) -> Path:
                        f"credentials need a private folder: chmod 700 {folder}, or use a folder of "
                        f"its own, e.g. --scheduler-file ~/.hpcdask/clusters/NAME/scheduler.json")
     return folder
+
+
+def local_directory(given: str | None) -> str:
+    """Worker scratch: given, configured, $TMPDIR, else /tmp; must be writable (never the image)."""
+    d = given or config.get("local-directory") or os.environ.get("TMPDIR") or "/tmp"
+    p = Path(d).expanduser()
+    if not p.is_dir():
+        raise BadInput(f"local directory {p} does not exist; create it or pick another with "
+                       f"--local-directory (e.g. $TMPDIR or /tmp)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise BadInput(f"local directory {p} is not writable (a read-only image?); pick another "
+                       f"with --local-directory (e.g. $TMPDIR or /tmp)")
+    return str(p)
+
+
+@contextlib.contextmanager
+def scratch(parent: str):
+    """A private folder of this process's workers inside ``parent`` (node-local $TMPDIR or /tmp),
+    removed whole when they end: distributed leaves its workspace's lock files behind, and
+    ``parent`` may be shared with other jobs and users."""
+    d = tempfile.mkdtemp(prefix="hpcdask-", dir=parent)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

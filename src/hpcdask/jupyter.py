@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dask.utils
 
-from hpcdask import config, netif, schedfile, security
+from hpcdask import batch, config, netif, schedfile, security
 from hpcdask.files import atomic_write
 
 logger = logging.getLogger("hpcdask")
@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def tunnel_lines(port: int, token_file: Path) -> list[str]:
     node = socket.gethostname()
-    login = os.environ.get("SLURM_SUBMIT_HOST") or os.environ.get("PBS_O_HOST") or "LOGIN"
+    login = batch.job().submit_host or "LOGIN"
     return [f"jupyter: on your machine: ssh -N -L {port}:127.0.0.1:{port} -J {login} {node}",
             f"jupyter: then open http://localhost:{port}/lab?token=TOKEN with TOKEN from: "
             f"ssh {login} cat {token_file}"]

@@ -1,18 +1,15 @@
-"""Sizing workers from the allocation, memory strings, and the memory presets."""
+"""Sizing workers, in one place: from the job's allocation (:mod:`hpcdask.batch`), memory
+strings, the memory presets, and how long a worker may live."""
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import dask.utils
-import psutil
 
-from hpcdask import config
+from hpcdask import batch, config
+from hpcdask.batch import Allocation
 from hpcdask.errors import BadInput
 
 # Seed 003 ("memory policy for nodes without local storage"): with no local disk, spilling
@@ -55,47 +52,6 @@ def parse_bytes(text: str | int, option: str = "--memory-limit") -> int:
     return int(value)
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """What the batch system gave this node (or the whole machine when there is none)."""
-
-    cpus: int
-    memory: int
-    source: str
-    batch_node: bool = False  # the all-in-one job's first node: the scheduler and client run here
-
-
-def node_memory() -> int:
-    """What this node really allows: distributed's MEMORY_LIMIT (the machine's memory, capped by a
-    cgroup limit and RLIMIT_RSS), so a job without ``--mem`` never sizes workers to more than that."""
-    from distributed.system import MEMORY_LIMIT
-
-    return int(min(MEMORY_LIMIT, psutil.virtual_memory().total))
-
-
-def allocation(env: Mapping[str, str] | None = None) -> Allocation:
-    """CPUs and memory of this node's share of the job: SLURM, PBS, else the machine."""
-    env = os.environ if env is None else env
-    machine_cpus = len(os.sched_getaffinity(0))
-    machine_mem = node_memory()
-    batch = bool(env.get("HPCDASK_BATCH_HOST")) and env.get("HPCDASK_BATCH_HOST") == socket.gethostname()
-    if "SLURM_CPUS_ON_NODE" in env or "SLURM_JOB_ID" in env:
-        cpus = int(env.get("SLURM_CPUS_ON_NODE") or machine_cpus)
-        if env.get("SLURM_MEM_PER_NODE"):
-            mem = int(env["SLURM_MEM_PER_NODE"]) * 2**20  # Slurm reports MB (MiB)
-        elif env.get("SLURM_MEM_PER_CPU"):
-            mem = int(env["SLURM_MEM_PER_CPU"]) * 2**20 * cpus
-        else:
-            mem = machine_mem
-        return Allocation(cpus, min(mem, machine_mem), "slurm", batch)
-    if "PBS_JOBID" in env:
-        cpus = int(env.get("NCPUS") or env.get("PBS_NCPUS") or machine_cpus)
-        # PBS_VMEM (bytes) is the whole job's; the PBS jobscripts export this node's share.
-        mem = int(env.get("HPCDASK_NODE_MEMORY") or env.get("PBS_VMEM") or machine_mem)
-        return Allocation(cpus, min(mem, machine_mem), "pbs", batch)
-    return Allocation(machine_cpus, machine_mem, "machine", batch)
-
-
 def headroom(alloc: Allocation, nworkers: int, nanny: int, batch_reserve: int) -> int:
     """Bytes of the allocation that are not the workers': each worker's nanny process, and on the
     batch node the scheduler and the client (at most half the allocation). The batch system
@@ -115,7 +71,7 @@ def worker_sizing(nworkers: int, nthreads: int | None, memory_limit: str | int,
         raise BadInput(f"--nworkers {nworkers} must be at least 1; e.g. --nworkers 1")
     if nthreads is not None and nthreads < 1:
         raise BadInput(f"--nthreads {nthreads} must be at least 1; e.g. --nthreads 1")
-    alloc = alloc or allocation()
+    alloc = alloc or batch.allocation()
     threads = nthreads or max(1, alloc.cpus // nworkers)
     if memory_limit in ("auto", None):
         mem = (alloc.memory - headroom(alloc, nworkers, nanny, batch_reserve)) // nworkers
@@ -127,6 +83,17 @@ def worker_sizing(nworkers: int, nthreads: int | None, memory_limit: str | int,
     else:
         mem = parse_bytes(memory_limit)
     return threads, mem
+
+
+def local_sizing(n_workers: int | None, threads_per_worker: int | None,
+                 memory_limit: str | None, alloc: Allocation | None = None) -> tuple[int, int, int]:
+    """(workers, threads, memory bytes) of a LocalCluster on this machine: up to 8 workers, the
+    CPUs split between them, and 90 % of the memory (the rest is this process's)."""
+    alloc = alloc or batch.allocation()
+    n = n_workers or max(1, min(alloc.cpus, 8))
+    threads = threads_per_worker or max(1, alloc.cpus // n)
+    mem = parse_bytes(memory_limit) if memory_limit else int(alloc.memory * 0.9) // n
+    return n, threads, mem
 
 
 def reserves() -> dict[str, int]:
@@ -152,3 +119,33 @@ def lifetime(job_end: float | None, margin: float, stagger: float,
             f"{margin:.0f}s; ask for more time (sbatch --time) or lower HPCDASK_LIFETIME_MARGIN"
         )
     return left
+
+
+def worker_lifetime(text: str | None, job_end: float | None = None) -> float | None:
+    """Seconds a worker lives from ``--lifetime``: none, a duration (55m), or auto (before the
+    job's end: ``job_end``, else $HPCDASK_JOB_END)."""
+    if text in (None, "", "none"):
+        return None
+    margin = dask.utils.parse_timedelta(config.get("lifetime-margin"))
+    stagger = dask.utils.parse_timedelta(config.get("lifetime-stagger"))
+    if text == "auto":
+        return lifetime(batch.job_end(job_end), margin, stagger)
+    try:
+        return dask.utils.parse_timedelta(text)
+    except (ValueError, KeyError):
+        raise BadInput(f"--lifetime '{text}' is not a duration; write it like 55m, "
+                       f"3600s, or auto (from the job's end time)") from None
+
+
+def walltime_lifetime(walltime: str) -> tuple[float, float]:
+    """(lifetime, stagger) seconds of a dask-jobqueue worker, so it retires (handing over its
+    data) before the job's ``walltime`` ends."""
+    total = batch.walltime_seconds(walltime)
+    margin = dask.utils.parse_timedelta(config.get("lifetime-margin"))
+    stagger = dask.utils.parse_timedelta(config.get("lifetime-stagger"))
+    life = total - margin - stagger
+    if life <= 0:
+        raise BadInput(f"walltime {walltime} leaves no time before the retirement margin of "
+                       f"{margin:.0f}s + {stagger:.0f}s stagger; ask for a longer walltime or "
+                       f"lower HPCDASK_LIFETIME_MARGIN")
+    return life, stagger

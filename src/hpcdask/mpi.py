@@ -4,7 +4,7 @@ dask-mpi (``mpirun -np 4 dask-mpi --scheduler-file F`` / ``dask_mpi.initialize()
 rank 0 the scheduler, rank 1 the client (your script) and every other rank a worker. Here each
 rank runs ``hpcdask mpi`` in the image, started by the host's launcher
 (``srun --mpi=pmi2 apptainer exec IMAGE hpcdask mpi ...``), and becomes the matching hpcdask
-role through hpcdask's launch core: the scheduler makes the per-cluster TLS credentials and runs
+role through hpcdask's role modules: the scheduler makes the per-cluster TLS credentials and runs
 the identity guard, the workers check themselves against it, the client checks every role.
 
 MPI carries what dask-mpi uses it for: the layout (rank, size, the ranks that share a node),
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import dask.utils
 
-from hpcdask import config, launch, memory
+from hpcdask import config, scheduler, script, worker
 from hpcdask.errors import BadInput
 
 logger = logging.getLogger("hpcdask")
@@ -77,16 +77,14 @@ def run(script: Path, args: tuple[str, ...], scheduler_file: Path, output: Path 
     logger.info("hpcdask mpi: rank %d of %d on %s (%d rank(s) on this node): %s", rank, size,
                 socket.gethostname(), share, role(rank))
     if rank == SCHEDULER:
-        launch.run_scheduler(scheduler_file, None, None, None, tls,
+        scheduler.run_scheduler(scheduler_file, None, None, None, tls,
                              until=lambda: _client_done(comm))
         return 0
     if rank == CLIENT:
         return _client(script, args, scheduler_file, output, tls, comm, workers=size - 2)
-    threads, mem = memory.worker_sizing(share, config.get("nthreads"),
-                                        config.get("memory-limit"), **memory.reserves())
-    launch.run_worker(launch.WorkerSpec(scheduler_file=scheduler_file, nworkers=1,
-                                        nthreads=threads, memory_limit=str(mem),
-                                        name=f"rank-{rank}", tls=tls))
+    # One worker process per rank, sized once (in run_worker) to its share of the node.
+    worker.run_worker(worker.WorkerSpec(scheduler_file=scheduler_file, nworkers=1,
+                                        node_share=share, name=f"rank-{rank}", tls=tls))
     return 0
 
 
@@ -108,12 +106,10 @@ async def _client_done(comm) -> str:
 def _client(script, args, scheduler_file, output, tls, comm, workers: int) -> int:
     """Rank 1: wait for every worker rank, run the script as ``hpcdask client`` does, then tell
     rank 0 the cluster may stop (also when the script failed)."""
-    from hpcdask import cli
-
     rc = 1
     try:
         timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
-        cli.run_script(script, args, scheduler_file, output, tls, wait_workers=workers,
+        script.run_script(script, args, scheduler_file, output, tls, wait_workers=workers,
                        wait_timeout=timeout, wait_hint="HPCDASK_SCHEDULER_FILE_TIMEOUT")
         rc = 0
     except SystemExit as e:

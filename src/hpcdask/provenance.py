@@ -25,10 +25,10 @@ import dask.config
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hpcdask import config, versions
-from hpcdask.errors import BadInput, Refused
+from hpcdask import batch, config, versions
+from hpcdask.errors import BadInput, HpcdaskError
 from hpcdask.files import atomic_write
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 logger = logging.getLogger("hpcdask")
 
@@ -93,13 +93,9 @@ def image_record() -> dict[str, Any]:
 
 
 def job_record() -> dict[str, Any]:
-    env = os.environ
-    return {
-        "id": env.get("SLURM_JOB_ID") or env.get("PBS_JOBID"),
-        "array_task": env.get("SLURM_ARRAY_TASK_ID") or env.get("PBS_ARRAY_INDEX"),
-        "nodelist": env.get("SLURM_JOB_NODELIST") or env.get("PBS_NODEFILE"),
-        "client_host": socket.gethostname(),
-    }
+    job = batch.job()
+    return {"id": job.id, "array_task": job.array_task, "nodelist": job.nodelist,
+            "client_host": socket.gethostname()}
 
 
 class Recorder:
@@ -157,7 +153,7 @@ def exit_status(exc: BaseException | None) -> int:
         return 0
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
-    if isinstance(exc, (BadInput, Refused)):
+    if isinstance(exc, HpcdaskError):
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 130

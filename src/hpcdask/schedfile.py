@@ -19,12 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from hpcdask import batch
 from hpcdask.errors import BadInput
 from hpcdask.files import atomic_write, private_dir, user_name
-
-
-def job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
 
 
 def claim(path: Path, tls: bool) -> tuple[Path, str]:
@@ -77,7 +74,7 @@ def _describe(path: Path) -> str:
 
 def _stamp(token: str, tls: bool) -> dict[str, Any]:
     return {
-        "job": job_id(),
+        "job": batch.job_id(),
         "owner": user_name(),
         "uid": os.getuid(),
         "host": socket.gethostname(),

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -203,3 +204,11 @@ def load(folder: Path) -> Credentials:
         raise BadInput(f"TLS file {creds.key} is not an unencrypted PEM private key; restart the "
                        f"scheduler to recreate the cluster's credentials") from None
     return creds
+
+
+def warn_no_tls(role: str) -> None:
+    """The red line of a role started with --no-tls."""
+    click.secho(
+        f"hpcdask: WARNING: {role} runs WITHOUT TLS (--no-tls): anyone who can reach its port "
+        f"can run code as you. Use it only on a network nobody else shares.",
+        fg="red", bold=True, err=True)

@@ -25,7 +25,7 @@ HOLD_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 import distributed
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 c = distributed.get_client()
 c.wait_for_workers(int(sys.argv[3]), timeout=200)
 info = cluster_info(c)

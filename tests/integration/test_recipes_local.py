@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpcdask import launch
+from hpcdask import connect
 
 from integration.test_roles import HPCDASK, start, stop, wait_workers
 
@@ -163,16 +163,16 @@ def test_gpu_workers_one_per_gpu_each_with_its_own_device_first(cluster, tmp_pat
     b = fake_bin(tmp_path, "nvidia-smi", 'echo 0; echo 1; echo 2')
     env = {**os.environ, "PATH": f"{b}:{os.environ['PATH']}", "HPCDASK_GPU": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    with launch.connect(cluster["path"], check=False) as c:
-        before = set(launch.cluster_info(c)["workers"])
+    with connect.connect(cluster["path"], check=False) as c:
+        before = set(connect.cluster_info(c)["workers"])
         w = start(["worker", "--scheduler-file", str(cluster["path"]), "--interface", "lo",
                    "--nthreads", "1", "--memory-limit", "300MiB"], tmp_path / "gpu.log", env)
         try:
             c.wait_for_workers(len(before) + 3, timeout=90)
-            new = set(launch.cluster_info(c)["workers"]) - before
+            new = set(connect.cluster_info(c)["workers"]) - before
             seen = c.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"), workers=list(new))
             assert sorted(seen.values()) == ["0,1,2", "1,2,0", "2,0,1"]
-            info = launch.cluster_info(c)["workers"]
+            info = connect.cluster_info(c)["workers"]
             assert all(info[a]["resources"] == {"GPU": 1} for a in new)
         finally:
             assert stop(w) == 0, (tmp_path / "gpu.log").read_text()
@@ -182,13 +182,13 @@ def test_gpu_workers_follow_the_batch_systems_devices(cluster, tmp_path):
     """Slurm's --gres sets CUDA_VISIBLE_DEVICES: those GPUs (not nvidia-smi's list) are used."""
     b = fake_bin(tmp_path, "nvidia-smi", "exit 9")
     env = {**os.environ, "PATH": f"{b}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "5,7"}
-    with launch.connect(cluster["path"], check=False) as c:
-        before = set(launch.cluster_info(c)["workers"])
+    with connect.connect(cluster["path"], check=False) as c:
+        before = set(connect.cluster_info(c)["workers"])
         w = start(["worker", "--gpus", "--scheduler-file", str(cluster["path"]), "--interface",
                    "lo", "--nthreads", "1", "--memory-limit", "300MiB"], tmp_path / "gpu.log", env)
         try:
             c.wait_for_workers(len(before) + 2, timeout=90)
-            new = set(launch.cluster_info(c)["workers"]) - before
+            new = set(connect.cluster_info(c)["workers"]) - before
             seen = c.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"), workers=list(new))
             assert sorted(seen.values()) == ["5,7", "7,5"]
         finally:
@@ -357,7 +357,7 @@ NOTEBOOK = {
     "cells": [
         {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": [
             "import dask.array as da\n", "import hpcdask\n",
-            "from distributed import get_client\n", "from hpcdask.launch import cluster_info\n",
+            "from distributed import get_client\n", "from hpcdask.connect import cluster_info\n",
             "client = hpcdask.client()\n",
             "print('same client:', get_client() is client)\n",
             "print('scheduler:', client.scheduler.address)\n"]},

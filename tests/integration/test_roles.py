@@ -19,7 +19,7 @@ import pytest
 from distributed import Client
 from distributed.security import Security
 
-from hpcdask import launch, security
+from hpcdask import connect, security
 
 HPCDASK = [sys.executable, "-m", "hpcdask"]
 pytestmark = pytest.mark.timeout(300)
@@ -42,7 +42,7 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=30) -> int:
 
 
 def wait_workers(path: Path, n: int, timeout=60) -> None:
-    with launch.connect(path, check=False) as c:
+    with connect.connect(path, check=False) as c:
         c.wait_for_workers(n, timeout=timeout)
 
 
@@ -87,10 +87,10 @@ def other_threadpoolctl(tmp_path_factory):
 
 
 def test_cluster_client_runs_work(cluster):
-    with launch.connect(cluster["path"]) as c:
+    with connect.connect(cluster["path"]) as c:
         assert c.submit(sum, [1, 2, 3]).result() == 6
         assert c.scheduler.address.startswith("tls://127.0.0.1:")
-        assert len(launch.cluster_info(c)["workers"]) == 2
+        assert len(connect.cluster_info(c)["workers"]) == 2
 
 
 def test_roles_comms_send_large_frames_unsplit(cluster):
@@ -105,7 +105,7 @@ def test_roles_comms_send_large_frames_unsplit(cluster):
     def scheduler_shards(dask_scheduler):
         return sorted({bs.comm.max_shard_size for bs in dask_scheduler.stream_comms.values()})
 
-    with launch.connect(cluster["path"], check=False) as c:
+    with connect.connect(cluster["path"], check=False) as c:
         assert set(c.run(worker_shard).values()) == {parse_bytes("1GiB")}
         assert c.run_on_scheduler(scheduler_shards) == [parse_bytes("1GiB")]
 
@@ -188,8 +188,8 @@ def test_worker_from_a_different_environment_is_refused(cluster, other_toolz, tm
     assert proc.returncode == 3, proc.stderr
     assert "toolz" in proc.stderr and "1.0.0" in proc.stderr
     assert "hpcdask: refused:" in proc.stderr and "Traceback" not in proc.stderr
-    with launch.connect(cluster["path"]) as c:
-        assert len(launch.cluster_info(c)["workers"]) == 2  # it never joined
+    with connect.connect(cluster["path"]) as c:
+        assert len(connect.cluster_info(c)["workers"]) == 2  # it never joined
 
 
 def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, other_toolz, tmp_path):
@@ -210,8 +210,8 @@ def test_plain_dask_worker_from_a_different_environment_is_removed(cluster, othe
         stop(proc, signal.SIGKILL)
     sched_log = (cluster["logs"] / "scheduler.log").read_text()
     assert "refused worker" in sched_log and "toolz" in sched_log
-    with launch.connect(cluster["path"]) as c:
-        assert len(launch.cluster_info(c)["workers"]) == 2
+    with connect.connect(cluster["path"]) as c:
+        assert len(connect.cluster_info(c)["workers"]) == 2
 
 
 def _free_port() -> int:
@@ -254,7 +254,7 @@ def test_mismatched_worker_runs_no_task(cluster, foreign, request, tmp_path):
     port = _free_port()
     log = cluster["logs"] / "scheduler.log"
     n = 300  # ~7.5 s on the cluster's two single-threaded workers
-    with launch.connect(cluster["path"]) as c:
+    with connect.connect(cluster["path"]) as c:
         futures = c.map(work, range(n))
         proc = _plain_dask_worker(cluster, env, tmp_path / "foreign.log", port)
         try:
@@ -268,7 +268,7 @@ def test_mismatched_worker_runs_no_task(cluster, foreign, request, tmp_path):
         finally:
             stop(proc, signal.SIGKILL)
         assert done_at_refusal < n, "the foreign worker joined after the map ended: no test"
-        assert len(launch.cluster_info(c)["workers"]) == 2
+        assert len(connect.cluster_info(c)["workers"]) == 2
     ran = {p.name.split("-")[0] for p in marks.iterdir()}
     assert len(list(marks.iterdir())) >= n
     assert str(proc.pid) not in ran, f"the foreign worker ran tasks: {sorted(ran)}"
@@ -451,8 +451,8 @@ def test_dashboard_off_means_no_http_listener(tmp_path):
                     "--memory-limit", "512MiB", "--dashboard", "off"], tmp_path / "w.log")
     try:
         wait_workers(path, 1)
-        with launch.connect(path) as c:
-            info = launch.cluster_info(c)
+        with connect.connect(path) as c:
+            info = connect.cluster_info(c)
             ((addr, ws),) = info["workers"].items()
             comms = {_port(info["address"]), _port(addr), _port(ws["nanny"])}
         assert _listening(sched, worker) == comms
@@ -493,7 +493,7 @@ def test_taken_dashboard_port_falls_back_with_the_right_tunnel(tmp_path):
 
 _COUNT_SCRIPT = """
 import distributed
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 print("WORKERS", len(cluster_info(distributed.get_client())["workers"]))
 """
 

@@ -39,7 +39,7 @@ import json, os, subprocess, sys, time
 import dask.array as da
 from distributed import Client
 from hpcdask.cluster import slurm_cluster
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 prefix, jobs, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 hold = sys.argv[4:6]  # COMMS_FILE RELEASE_FILE: publish the comm addresses, wait for RELEASE
@@ -219,7 +219,7 @@ ADAPT_SCRIPT = r"""
 import json, subprocess, sys, time
 from distributed import Client
 from hpcdask.cluster import slurm_cluster
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 prefix, maximum, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 subprocess.run([prefix, "sinfo", "-h"], check=True, timeout=60)

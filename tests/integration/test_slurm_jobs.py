@@ -153,7 +153,7 @@ def test_all_in_one_runs_the_default_workload_medium_on_three_nodes(slurm_cluste
 USER_SCRIPT = """\
 import os, sys
 import distributed
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 client = distributed.get_client()
 info = cluster_info(client)["workers"]
 n = len(info)
@@ -310,7 +310,7 @@ RETIRE_SCRIPT = r'''
 import os, sys, time
 import distributed
 import numpy as np
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 marks = sys.argv[1]
 client = distributed.get_client()
@@ -526,10 +526,10 @@ def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job
     assert res.state == "TIMEOUT", str(res)
     assert "STARTED" in res.stdout, str(res)
     err = res.stderr.splitlines()
-    from hpcdask.cli import _terminate_cleanly
+    from hpcdask.signals import terminate_cleanly
 
     assert [ln for ln in err if ln.startswith("hpcdask: interrupted by SIGTERM")] == [
-        _terminate_cleanly.MESSAGE], str(res)
+        terminate_cleanly.MESSAGE], str(res)
     assert "hpcdask-job: stopped by SIGTERM (time limit or scancel)" in err, str(res)
     # Finished runs are whole; the interrupted one left nothing (no .partial-*, no metrics.json).
     runs = sorted(out.iterdir(), key=lambda p: int(p.name.split("-")[1]))

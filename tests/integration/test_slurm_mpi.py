@@ -20,12 +20,12 @@ SCRIPT = '''
 import json, socket
 import dask.array as da
 from distributed import get_client
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 client = get_client()
 x = da.arange(2_000_000, chunks=100_000)
 total = int((x * 3).sum().compute())
-info = cluster_info(client)  # not scheduler_info(): see hpcdask.launch.cluster_info
+info = cluster_info(client)  # not scheduler_info(): see hpcdask.connect.cluster_info
 print("RESULT " + json.dumps({
     "sum": total, "scheduler": info["address"],
     "workers": {a: w["name"] for a, w in info["workers"].items()},

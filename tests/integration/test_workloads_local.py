@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from distributed import Client
 
-from hpcdask import launch
+from hpcdask import connect, local
 from hpcdask.workloads import WORKLOADS, execute
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -20,8 +21,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def client():
-    with launch.local_cluster(n_workers=2, threads_per_worker=1, tls=True) as cluster, \
-            launch.Client(cluster) as c:
+    with local.local_cluster(n_workers=2, threads_per_worker=1, tls=True) as cluster, \
+            Client(cluster) as c:
         yield c
 
 
@@ -63,8 +64,8 @@ def check_collections(m: dict, out: Path) -> None:
 def test_incremental(tmp_path):
     # Workers with a small memory limit: the data set must be larger than one worker's limit
     # and still go through without a worker being killed (streamed a few blocks at a time).
-    with launch.local_cluster(n_workers=2, threads_per_worker=1, tls=True,
-                              memory_limit="400MiB") as cluster, launch.Client(cluster) as c:
+    with local.local_cluster(n_workers=2, threads_per_worker=1, tls=True,
+                              memory_limit="400MiB") as cluster, Client(cluster) as c:
         m, out = run(c, "incremental", tmp_path)
     assert m["worker_memory_limit_min"] == 400 * 2**20
     check_incremental(m, out, workers=2)
@@ -210,17 +211,17 @@ def test_worker_watch_sees_a_killed_worker():
 
     from hpcdask.workloads import _data
 
-    with launch.local_cluster(n_workers=2, threads_per_worker=1, tls=True) as cluster, \
-            launch.Client(cluster) as c:
+    with local.local_cluster(n_workers=2, threads_per_worker=1, tls=True) as cluster, \
+            Client(cluster) as c:
         quiet = _data.WorkerWatch(c).start().stop()
         assert quiet["killed_or_restarted"] is False and quiet["memory_kills"] == 0
         watch = _data.WorkerWatch(c).start()
-        victim = min(launch.cluster_info(c)["workers"])
+        victim = min(connect.cluster_info(c)["workers"])
         # exit a moment after answering, so that the run call itself returns
         c.run(lambda: threading.Timer(0.2, os._exit, (1,)).start(), workers=[victim])
         deadline = time.monotonic() + 60  # the nanny restarts it: wait for a new address
         while time.monotonic() < deadline:
-            workers = set(launch.cluster_info(c)["workers"])
+            workers = set(connect.cluster_info(c)["workers"])
             if victim not in workers and len(workers) == 2:
                 break
             time.sleep(0.5)

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from hpcdask import cluster
+from hpcdask import batch, cluster
 from hpcdask.errors import BadInput
 
 
@@ -154,7 +154,7 @@ def test_dashboard_modes(shared, mode):
     ("2-12", 2 * 86400 + 12 * 3600), ("1-00:30", 86400 + 1800), ("0-01:02:03", 3723),
 ])
 def test_every_slurm_time_format(text, seconds):
-    assert cluster.walltime_seconds(text) == seconds
+    assert batch.walltime_seconds(text) == seconds
 
 
 @pytest.mark.parametrize("bad", ["1h", "1:2:3:4", "1-", "-5", "a-b", "1-2:3:4:5", "1.5"])

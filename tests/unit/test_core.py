@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from hpcdask import config, memory, schedfile, security, versions
+from hpcdask import batch, config, memory, schedfile, security, versions
 from hpcdask.errors import BadInput
 
 from cluster.nobody import run_as_nobody
@@ -59,19 +59,19 @@ def test_defaults_without_env():
 
 
 def test_allocation_from_slurm_mem_per_node():
-    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "8",
+    a = batch.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "8",
                            "SLURM_MEM_PER_NODE": "4096"})
     assert (a.cpus, a.memory, a.source) == (8, 4 * GiB, "slurm")
 
 
 def test_allocation_from_slurm_mem_per_cpu():
-    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "4",
+    a = batch.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "4",
                            "SLURM_MEM_PER_CPU": "512"})
     assert a.memory == 2 * GiB and a.cpus == 4
 
 
 def test_allocation_from_pbs():
-    a = memory.allocation({"PBS_JOBID": "9.gadi", "NCPUS": "6", "PBS_VMEM": str(3 * GiB)})
+    a = batch.allocation({"PBS_JOBID": "9.gadi", "NCPUS": "6", "PBS_VMEM": str(3 * GiB)})
     assert (a.cpus, a.memory, a.source) == (6, 3 * GiB, "pbs")
 
 
@@ -81,14 +81,14 @@ def test_pbs_workers_leave_the_same_headroom_as_slurms():
     mib = 2**20
     env = {"PBS_JOBID": "9.gadi", "NCPUS": "2", "PBS_VMEM": str(8000 * mib),
            "HPCDASK_NODE_MEMORY": str(2000 * mib)}
-    a = memory.allocation(env)
+    a = batch.allocation(env)
     assert (a.memory, a.source) == (2000 * mib, "pbs")
     assert memory.worker_sizing(1, None, "auto", a, nanny=160 * mib,
                                 batch_reserve=768 * mib) == (2, 1840 * mib)
 
 
 def test_worker_sizing_splits_the_allocation():
-    alloc = memory.Allocation(cpus=8, memory=16 * GiB, source="slurm")
+    alloc = batch.Allocation(cpus=8, memory=16 * GiB, source="slurm")
     assert memory.worker_sizing(2, None, "auto", alloc) == (4, 8 * GiB)
     assert memory.worker_sizing(4, 1, "1GiB", alloc) == (1, GiB)
     assert memory.worker_sizing(16, None, "auto", alloc) == (1, GiB)
@@ -97,32 +97,32 @@ def test_worker_sizing_splits_the_allocation():
 def test_worker_sizing_leaves_headroom_for_nannies_and_the_batch_nodes_roles(monkeypatch):
     mib = 2**20
     # A compute node: the allocation less one nanny per worker, split between the workers.
-    alloc = memory.Allocation(cpus=2, memory=4000 * mib, source="slurm")
+    alloc = batch.Allocation(cpus=2, memory=4000 * mib, source="slurm")
     assert memory.worker_sizing(2, None, "auto", alloc, nanny=160 * mib,
                                 batch_reserve=768 * mib) == (1, (4000 - 320) * mib // 2)
     # The batch node keeps the scheduler's and the client's share too (at most half).
-    batch = memory.Allocation(cpus=2, memory=4000 * mib, source="slurm", batch_node=True)
-    assert memory.worker_sizing(1, None, "auto", batch, nanny=160 * mib,
+    node1 = batch.Allocation(cpus=2, memory=4000 * mib, source="slurm", batch_node=True)
+    assert memory.worker_sizing(1, None, "auto", node1, nanny=160 * mib,
                                 batch_reserve=768 * mib) == (2, (4000 - 160 - 768) * mib)
-    small = memory.Allocation(cpus=1, memory=1000 * mib, source="slurm", batch_node=True)
+    small = batch.Allocation(cpus=1, memory=1000 * mib, source="slurm", batch_node=True)
     assert memory.worker_sizing(1, None, "auto", small, nanny=160 * mib,
                                 batch_reserve=768 * mib)[1] == (1000 - 160 - 500) * mib
     # Too little left: one line naming the fix.
     with pytest.raises(BadInput, match=r"leaves 0 MiB per worker .* \(sbatch --mem\)"):
         memory.worker_sizing(4, None, "auto", small, nanny=160 * mib, batch_reserve=768 * mib)
     # The batch node is the host the jobscript named.
-    monkeypatch.setattr(memory.socket, "gethostname", lambda: "node1")
+    monkeypatch.setattr(batch.socket, "gethostname", lambda: "node1")
     env = {"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "1", "SLURM_MEM_PER_NODE": "1000"}
-    assert memory.allocation({**env, "HPCDASK_BATCH_HOST": "node1"}).batch_node is True
-    assert memory.allocation({**env, "HPCDASK_BATCH_HOST": "node2"}).batch_node is False
-    assert memory.allocation(env).batch_node is False
+    assert batch.allocation({**env, "HPCDASK_BATCH_HOST": "node1"}).batch_node is True
+    assert batch.allocation({**env, "HPCDASK_BATCH_HOST": "node2"}).batch_node is False
+    assert batch.allocation(env).batch_node is False
 
 
 def test_a_job_without_mem_is_capped_by_what_the_node_allows(monkeypatch):
-    monkeypatch.setattr(memory, "node_memory", lambda: 3 * GiB)
-    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "2"})
+    monkeypatch.setattr(batch, "node_memory", lambda: 3 * GiB)
+    a = batch.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "2"})
     assert a.memory == 3 * GiB
-    a = memory.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "2",
+    a = batch.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "2",
                            "SLURM_MEM_PER_NODE": "8192"})
     assert a.memory == 3 * GiB
 
@@ -130,7 +130,7 @@ def test_a_job_without_mem_is_capped_by_what_the_node_allows(monkeypatch):
 def test_node_memory_is_distributeds_cgroup_aware_limit():
     from distributed.system import MEMORY_LIMIT
 
-    assert 0 < memory.node_memory() <= MEMORY_LIMIT
+    assert 0 < batch.node_memory() <= MEMORY_LIMIT
 
 
 def test_no_local_storage_preset_is_seed_003_policy():
@@ -359,11 +359,11 @@ def test_cluster_info_always_lists_every_worker_despite_the_clients_own_refresh(
     """distributed's Client.scheduler_info(n_workers=-1) returns an attribute its periodic
     refresh (without workers) can overwrite in between: under load it reported "0 workers"
     (seen in CI's compose test; here, with a 1 ms refresh, ~10 % of 2000 calls). hpcdask
-    reads the workers through launch.cluster_info, which fetches them every time."""
+    reads the workers through connect.cluster_info, which fetches them every time."""
     import dask
     from distributed import Client, LocalCluster
 
-    from hpcdask.launch import cluster_info
+    from hpcdask.connect import cluster_info
 
     with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
@@ -487,14 +487,14 @@ def test_a_heartbeat_meeting_a_closed_connection_is_one_line(caplog):
 
 _SIGNALLED = """
 import asyncio, os, signal
-from hpcdask import launch
+from hpcdask import signals
 
 async def main():
     async def forever():
         await asyncio.sleep(60)
     loop = asyncio.get_running_loop()
     loop.call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
-    why = await launch._until_signalled(asyncio.Event(), forever())
+    why = await signals.until_signalled(asyncio.Event(), forever())
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     for _ in range(20):  # the step's and the jobscript's: nothing happens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 #: block index offset of the held-out test blocks: never overlaps the training blocks
 TEST_BLOCKS = 1 << 30

@@ -13,7 +13,7 @@ the scaler's mean/variance (tree reduction vs running update), so accuracy agree
 
 from __future__ import annotations
 
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 DESCRIPTION = ("out-of-core scale + Incremental(SGDClassifier) on data larger than a worker's "
                "memory limit, no worker killed; same model as scikit-learn streaming the blocks")

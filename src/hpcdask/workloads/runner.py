@@ -17,7 +17,7 @@ from distributed import Client, performance_report
 
 from hpcdask import compat
 from hpcdask.errors import BadInput
-from hpcdask.launch import cluster_info
+from hpcdask.connect import cluster_info
 
 logger = logging.getLogger("hpcdask")
 
@@ -103,7 +103,7 @@ def cluster_shape(client: Client) -> dict[str, Any]:
 
 def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Path:
     """Run workload ``name`` and write its files into ``output``; returns metrics.json's path."""
-    from hpcdask import launch
+    from hpcdask import connect
     from hpcdask.workloads import WORKLOADS, resolve
 
     if size not in SIZES:
@@ -116,7 +116,7 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
     stage.mkdir()
     try:
         started = time.time()
-        roles = launch.check_cluster(client)
+        roles = connect.check_cluster(client)
         ctx = Context(client=client, size=size, seed=seed, outdir=stage)
         t0 = time.perf_counter()
         with _report(stage / "dask-report.html"), \

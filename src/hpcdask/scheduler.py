@@ -1,0 +1,130 @@
+"""The scheduler role: ``hpcdask scheduler`` (and rank 0 of ``hpcdask mpi``).
+
+A thin layer over distributed's ``Scheduler``: hpcdask picks the interface, makes the
+per-cluster TLS credentials, runs the identity guard, writes the scheduler file, and at the end
+(a signal, or the caller's ``until``) retires the workers in order before it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+
+import dask.utils
+from distributed import Scheduler
+from distributed.core import Status
+from distributed.security import Security
+
+from hpcdask import batch, config, netif, schedfile, security, servers, signals
+from hpcdask.guard import IdentityGuard
+from hpcdask.servers import NoHTTPScheduler
+from hpcdask.taskstream import TaskStream
+
+logger = logging.getLogger("hpcdask")
+
+
+def run_scheduler(scheduler_file: Path, interface: str | None, port: int | None,
+                  dashboard: str | None, tls: bool, job_end: float | None = None,
+                  until=None) -> None:
+    """Serve until the scheduler closes or SIGINT/SIGTERM, or until the coroutine function
+    ``until`` returns (its result says why); then the workers retire and the scheduler closes."""
+    iface = interface or config.get("scheduler-interface") or config.get("interface")
+    host = netif.address_of(iface)
+    port = config.get("scheduler-port", port)
+    netif.check_port_free(host, port, "--port")
+    dmode = config.get("dashboard", dashboard)
+    dport = config.get("dashboard-port")
+    daddr = servers.dashboard_address(dmode, host, dport)
+    if daddr:
+        dhost = daddr.rsplit(":", 1)[0]
+        if netif.port_or_any(dhost, dport) != dport:
+            daddr = f"{dhost}:0"  # taken (another user's dashboard?): a free one, said below
+    made_folder = not Path(scheduler_file).expanduser().absolute().parent.exists()
+    path, token = schedfile.claim(scheduler_file, tls)
+    creds = None
+    try:
+        cluster_id = batch.job_id() or uuid.uuid4().hex[:8]
+        if tls:
+            end = batch.job_end(job_end)
+            margin = dask.utils.parse_timedelta(config.get("credentials-margin"))
+            creds = security.create(path.parent, cluster_id, security.not_after(end, margin))
+            sec = creds.security()
+        else:
+            security.warn_no_tls("the scheduler")
+            sec = Security()
+        asyncio.run(_serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec,
+                                     until))
+    finally:
+        # Only this scheduler's own files: its claim, and the credentials it made under it;
+        # then the folder, if it made it and nothing else is in it.
+        if schedfile.remove_if_ours(path, token) and creds is not None:
+            security.remove(creds)
+            if made_folder:
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
+
+
+async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, sec,
+                           until=None) -> None:
+    guard = IdentityGuard()
+    cls = Scheduler if daddr else NoHTTPScheduler  # off: no HTTP listener at all
+    async with cls(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
+                   dashboard=daddr is not None, dashboard_address=daddr, plugins=[guard]) as s:
+        s.add_plugin(TaskStream(s))  # before any task: the one get_task_stream will find
+        schedfile.write(path, s.identity(), token, tls)
+        logger.info("hpcdask scheduler at %s, scheduler file %s, image %s", s.address, path,
+                    guard.identity["image"])
+        if daddr:
+            if dport and s.http_server.port != dport:
+                logger.info("hpcdask: dashboard port %s is taken (another cluster?); using %s",
+                            dport, s.http_server.port)
+            logger.info(servers.tunnel_hint(dmode, s.http_server.port))
+        finished = asyncio.ensure_future(s.finished())
+        asked = asyncio.ensure_future(until()) if until else None
+        ends = [finished, asked] if asked else [finished]
+        why = await signals.until_signalled(asyncio.Event(), asyncio.wait(
+            ends, return_when=asyncio.FIRST_COMPLETED))
+        if asked and asked.done() and why == "finished" and s.status == Status.running:
+            why = asked.result()
+        for f in ends:
+            f.cancel()
+        if why != "finished":
+            logger.info("hpcdask scheduler stopping (%s): retiring %d worker(s)", why,
+                        len(s.workers))
+            await retire_all(s)
+
+
+async def retire_all(s: Scheduler, timeout: float = 30) -> None:
+    """Orderly end: every nanny stops its worker (through the nanny's own stop queue, which
+    distributed's worker processes expect), then the scheduler closes once all have left."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        nannies = [ws.nanny for ws in s.workers.values() if ws.nanny]
+        plain = [addr for addr, ws in s.workers.items() if not ws.nanny]
+        if nannies:
+            # Fire and forget (reply=False): a nanny closes its comm as it terminates, which
+            # distributed's broadcast() would log as an ERROR for every worker.
+            await asyncio.wait_for(asyncio.gather(*[_terminate(s, n) for n in nannies]), timeout)
+        if plain:  # workers without a nanny close themselves (only they: the others are closing)
+            await asyncio.wait_for(s.retire_workers(workers=plain, close_workers=True,
+                                                    remove=False, stimulus_id="hpcdask-shutdown"),
+                                   timeout)
+        # Let each worker close its own stream, so nothing is cut mid-read.
+        while s.workers and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+    except asyncio.TimeoutError:
+        logger.warning("hpcdask: workers did not stop within %ss; closing anyway", timeout)
+    await s.close(reason="hpcdask-shutdown")
+
+
+async def _terminate(s: Scheduler, nanny: str) -> None:
+    # Seconds, not distributed's connect timeout: at a time limit or scancel the nanny may be gone
+    # already, and Slurm's KillWait is short.
+    try:
+        await asyncio.wait_for(s.rpc(nanny).terminate(reply=False, reason="hpcdask-shutdown"), 3)
+    except (OSError, asyncio.TimeoutError):  # already gone
+        pass

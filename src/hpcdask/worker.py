@@ -1,0 +1,119 @@
+"""The worker role: ``hpcdask worker`` (and the worker ranks of ``hpcdask mpi``).
+
+Thin over distributed's ``Nanny`` (dask-cuda's ``CUDAWorker`` on GPU nodes): hpcdask sizes the
+workers from the job's allocation (:mod:`hpcdask.memory`, once), sets the memory policy and the
+node-local scratch, checks itself against the scheduler's identity before it registers, and
+stops in order on a signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import dask.utils
+from distributed import Nanny
+
+from hpcdask import config, files, gpu, memory, netif, schedfile, servers, signals, versions
+from hpcdask.connect import connection, refuse_if_different, scheduler_identity
+
+logger = logging.getLogger("hpcdask")
+
+
+@dataclass
+class WorkerSpec:
+    """``hpcdask worker``'s options; None: from the configuration (hpcdask.yaml, HPCDASK_*)."""
+
+    scheduler_file: Path
+    interface: str | None = None
+    nthreads: int | None = None
+    nworkers: int | None = None
+    memory_limit: str | None = None
+    local_directory: str | None = None
+    memory_preset: str | None = None
+    lifetime: str | None = None
+    job_end: float | None = None
+    name: str | None = None
+    dashboard: str | None = None
+    tls: bool = True
+    gpus: bool | None = None
+    with_scheduler: bool = False  # started with its scheduler: the interface checked after its file
+    node_share: int | None = None  # processes sharing this node's allocation (MPI ranks); default nworkers
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Serve ``spec.nworkers`` worker processes (one per GPU with --gpus) until they end or a
+    signal comes."""
+    iface = config.get("interface", spec.interface)
+    host = None if spec.with_scheduler else netif.address_of(iface)
+    nworkers = config.get("nworkers", spec.nworkers)
+    gpus = gpu.devices() if config.get("gpu", spec.gpus) else []
+    if gpus:
+        nworkers = len(gpus)  # one worker process per GPU
+    threads, mem = memory.worker_sizing(spec.node_share or nworkers,
+                                        config.get("nthreads", spec.nthreads),
+                                        config.get("memory-limit", spec.memory_limit),
+                                        **memory.reserves())
+    preset = memory.preset(config.get("memory-preset", spec.memory_preset))
+    local_dir = files.local_directory(spec.local_directory)
+    life = memory.worker_lifetime(spec.lifetime, spec.job_end)
+    path = Path(spec.scheduler_file).expanduser()
+    timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
+    info = schedfile.wait(path, timeout)
+    if host is None:
+        # Started with its scheduler: a wrong interface that both share fails once, in the
+        # scheduler (which then never writes the file, and the job stops this worker).
+        host = netif.address_of(iface)
+    sec = connection(info, path, spec.tls, "worker")
+    http = servers.worker_http(config.get("dashboard", spec.dashboard))
+    with dask.config.set(preset), files.scratch(local_dir) as d:
+        asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
+                                   d, life, spec.name, http, gpus))
+
+
+async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local_dir, life,
+                         name, http, gpus=()) -> None:
+    timeout = dask.utils.parse_timedelta(config.get("connect-timeout"))
+    me = f"worker {name or socket.gethostname()}"
+    ref = await scheduler_identity(address, sec, "worker", path, timeout)
+    refuse_if_different(ref, versions.identity(), me)
+    base = name or f"{socket.gethostname()}-{os.getpid()}"
+    extra = {"lifetime": life, "lifetime_restart": False} if life else {}
+    if gpus and gpu.has_dask_cuda():
+        from dask_cuda import CUDAWorker  # one nanny per GPU, CUDA_VISIBLE_DEVICES rotated
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        cuda = CUDAWorker(address, host=host, nthreads=threads, name=base, memory_limit=mem,
+                          security=sec, local_directory=local_dir, death_timeout=timeout,
+                          preload=["hpcdask.shutdown"], **http, **extra)
+        await cuda
+        nannies = list(cuda.nannies)
+    else:
+        nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
+                         local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
+                         death_timeout=timeout, preload=["hpcdask.shutdown"],
+                         **_gpu_kwargs(i, gpus), **http, **extra)
+                   for i in range(nworkers)]
+        await asyncio.gather(*nannies)
+    logger.info("hpcdask: %d worker(s) on %s joined %s: %d thread(s), %s each, image %s", nworkers,
+                host, address, threads, dask.utils.format_bytes(mem), versions.image_label())
+    finished = asyncio.gather(*[n.finished() for n in nannies])
+    why = await signals.until_signalled(asyncio.Event(), finished)
+    if why != "finished":
+        logger.info("hpcdask: worker(s) on %s stopping (%s)", host, why)
+        # Seconds: at a time limit Slurm's KillWait follows, and the scratch must go first.
+        await asyncio.gather(*[n.close(timeout=3) for n in nannies], return_exceptions=True)
+
+
+def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:
+    """Worker ``i`` of a GPU node: its own CUDA_VISIBLE_DEVICES order and a GPU resource."""
+    if not gpus:
+        return {}
+    return {"env": {"CUDA_VISIBLE_DEVICES": gpu.visible_for(i, list(gpus))},
+            "resources": {"GPU": 1}}

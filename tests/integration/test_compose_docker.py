@@ -170,6 +170,7 @@ def _compose(engine, project: Path, *args: str, timeout: float = 600, **env: str
                           text=True, env=engine.env(**env), timeout=timeout, check=False)
 
 
+@pytest.mark.timeout(3600)  # ten real runs (2 min each on a loaded 2-core machine), a build
 def test_readme_commands_ten_times_each_run_its_own_folder_owned_by_the_user(
         engine, docker_image, project):
     _free_dashboard_port()

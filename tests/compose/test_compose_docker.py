@@ -255,7 +255,8 @@ def test_scale_kill_a_worker_dashboard_and_orderly_stop(engine, docker_image, pr
              f"http://127.0.0.1:{DASHBOARD}/workers"],
             capture_output=True, text=True, timeout=180, check=False)
         assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", browser.stderr
-        assert shot.stat().st_size > 20_000, (shot.stat().st_size, browser.stderr[-2000:])
+        # The dashboard's page, drawn (its menu bar alone is ~13 kB; an error page is ~5 kB).
+        assert shot.stat().st_size > 10_000, (shot.stat().st_size, browser.stderr[-2000:])
         with urllib.request.urlopen(f"http://127.0.0.1:{DASHBOARD}/json/counts.json",
                                     timeout=10) as r:
             assert json.load(r)["workers"] == 4

@@ -74,8 +74,12 @@ class HostState:
 
     @classmethod
     def read(cls, roots: tuple[str, ...] = ()) -> HostState:
+        # Every table's policies, and every rule or chain of Docker's (podman's CNI rules, which
+        # other tests add and remove meanwhile, are not the engine's).
         rules = "".join(
-            f"# {tool} -t {table}\n{_run(tool, '-w', '-t', table, '-S')}"
+            f"# {tool} -t {table}\n" + "".join(
+                line + "\n" for line in _run(tool, "-w", "-t", table, "-S").splitlines()
+                if line.startswith("-P ") or "docker" in line.lower())
             for tool in ("iptables", "ip6tables") for table in ("filter", "nat", "mangle", "raw"))
         sysctls = tuple((k, (Path("/proc/sys") / k).read_text().strip()
                          if (Path("/proc/sys") / k).exists() else "absent") for k in SYSCTLS)

@@ -106,15 +106,18 @@ sif:
 	    $(IMAGEBUILD) $(PYTHON) -m imagebuild.sif build --out dask.sif; \
 	fi
 
+# DOCKER_BUILD_ARGS: more `docker build` options, e.g. where no registry is reachable a local
+# base (--build-arg BASE_IMAGE=..., as tests/compose/docker.sh does) or --network host.
+DOCKER_BUILD_ARGS ?=
 docker:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make docker: no running Docker engine; start one, or use podman: bash tests/compose/podman.sh build" >&2; exit 2; }
-	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) -t hpcdask:latest .
+	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) -t hpcdask:latest $(DOCKER_BUILD_ARGS) .
 
 image: $(TVENV)/.done
 	$(IMAGEBUILD) $(TVENV)/bin/python -m imagebuild.image build
 
 compose-test: host-deps $(TVENV)/.done
-	$(TVENV)/bin/python -m pytest -m compose -s tests/compose/test_compose.py $(PYTEST_ARGS)
+	$(TVENV)/bin/python -m pytest -m compose -s tests/compose/test_compose.py tests/compose/test_compose_docker.py $(PYTEST_ARGS)
 
 # --- the test cluster -------------------------------------------------------------------------
 cluster-deps:

@@ -10,7 +10,6 @@ certificate has expired; before that hpcdask cannot tell, and says so.
 from __future__ import annotations
 
 import datetime
-import getpass
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from cryptography import x509
 
 from hpcdask import config, security
 from hpcdask.errors import BadInput
-from hpcdask.files import atomic_write
+from hpcdask.files import atomic_write, user_name
 
 STAMP = "owner.json"
 SCHEDULER_FILES = ("scheduler.json", "scheduler-*.json")
@@ -34,7 +33,7 @@ FRESH = 600  # seconds: a folder changed this recently may belong to a cluster s
 
 def stamp(folder: Path, **extra: Any) -> None:
     """Say who made ``folder`` (this process on this host), for :func:`survey`."""
-    info = {"uid": os.getuid(), "owner": getpass.getuser(), "host": socket.gethostname(),
+    info = {"uid": os.getuid(), "owner": user_name(), "host": socket.gethostname(),
             "pid": os.getpid(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     atomic_write(Path(folder) / STAMP, json.dumps(info, indent=2) + "\n")
 

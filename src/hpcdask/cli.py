@@ -110,7 +110,8 @@ def _private_scratch() -> None:
               help="Data size (default from config: small).")
 @click.option("--seed", type=int, default=0, help="Random seed of the generated data and models.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: hpcdask-output/WORKLOAD-SIZE[-jobID]).")
+              help="Output folder, refused if it holds an earlier run (default: hpcdask-output/"
+                   "WORKLOAD-SIZE[-jobID], or -2, -3, ... after it when that holds one).")
 @scheduler_file_option()
 @click.option("--address", default=None, help="Scheduler address (plain tcp:// only with --no-tls).")
 @click.option("--n-workers", type=click.IntRange(min=1), default=None,
@@ -142,6 +143,9 @@ def run(workload, list_, size, seed, output, scheduler_file, address, n_workers,
                        "(a LocalCluster has its workers at once)")
     wait_s = _timeout(wait_timeout, "--wait-timeout")
     size = config.get("size", size)
+    if memory_limit:  # bad input before a new output folder is made
+        from hpcdask.memory import parse_bytes
+        parse_bytes(memory_limit)
     output = output or output_folder(f"{name}-{size}")
     from hpcdask.local import run_workload
 
@@ -210,7 +214,8 @@ def worker(scheduler_file, interface, nthreads, nworkers, memory_limit, local_di
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @scheduler_file_option("The cluster's scheduler file.", required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where provenance.json goes (default: hpcdask-output/SCRIPT[-jobID]).")
+              help="Where provenance.json goes (default: hpcdask-output/SCRIPT[-jobID], or -2, -3, ... "
+                   "after it when that holds an earlier run).")
 @wait_options
 @tls_option
 def client(script, args, scheduler_file, output, wait_workers, wait_timeout, tls) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import tempfile
@@ -10,6 +11,16 @@ from pathlib import Path
 
 from hpcdask import config
 from hpcdask.errors import BadInput
+
+
+def user_name() -> str:
+    """This process's user name, or ``uid N`` for a user without one: a container run as an
+    arbitrary uid (docker compose's HPCDASK_UID) has no passwd entry, where getpass.getuser()
+    raises KeyError."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> Path:

@@ -201,5 +201,33 @@ def against(rec: dict[str, Any], now: dict[str, dict[str, Any]]
     return versions.differences(reference(rec), now)
 
 
+def run_folder(default: Path) -> Path:
+    """The folder of a new run whose output was not named: ``default`` itself, or, when that
+    exists already (an earlier run's results), the first free ``default-2``, ``default-3``, ...
+    next to it. Nothing of an earlier run is overwritten or deleted, so a command run again
+    (``docker compose up``, ``make run``) just works. Each run claims its folder with an atomic
+    mkdir, so runs started together get folders of their own. A folder named with ``--output``
+    is used as given instead (and refused when it holds a run: workloads.check_output)."""
+    default = Path(default)
+    parent, name = default.parent, default.name
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot create the output folder {parent} ({e.strerror}); "
+                       f"pick another with --output DIR") from None
+    for n in range(1, 100_000):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise BadInput(f"cannot create the output folder {folder} ({e.strerror}); "
+                           f"pick another with --output DIR") from None
+    raise BadInput(f"{parent} holds 99,999 runs named {name}-N; pick another folder with "
+                   f"--output DIR")
+
+
 def command_line() -> list[str]:
     return [Path(sys.argv[0]).name, *sys.argv[1:]]

@@ -11,7 +11,6 @@ unchanged: the extra ``hpcdask`` block is ignored by them.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import socket
@@ -23,7 +22,7 @@ from typing import Any
 
 from hpcdask import batch
 from hpcdask.errors import BadInput
-from hpcdask.files import atomic_write, private_dir
+from hpcdask.files import atomic_write, private_dir, user_name
 
 
 def claim_path(path: Path) -> Path:
@@ -91,7 +90,7 @@ def _describe(path: Path) -> str:
 def _stamp(token: str, tls: bool) -> dict[str, Any]:
     return {
         "job": batch.job_id(),
-        "owner": getpass.getuser(),
+        "owner": user_name(),
         "uid": os.getuid(),
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -16,9 +16,11 @@ from hpcdask.connect import READY_HINT, connect
 
 
 def output_folder(name: str) -> Path:
-    """Default output: hpcdask-output/NAME, with -jobID inside a batch job."""
+    """Default output: a new folder hpcdask-output/NAME (-jobID inside a batch job), or NAME-2,
+    NAME-3, ... when an earlier run has it (provenance.run_folder): reruns never collide."""
     job = batch.job_id()
-    return Path(config.get("output")) / f"{name}{f'-job{job}' if job else ''}"
+    return provenance.run_folder(
+        Path(config.get("output")) / f"{name}{f'-job{job}' if job else ''}")
 
 
 def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tls: bool,

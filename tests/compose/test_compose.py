@@ -96,6 +96,7 @@ def test_compose_cluster(image, tmp_path):
     project = f"hpcdask-test-{uuid.uuid4().hex[:8]}"
     output = tmp_path / "output"
     output.mkdir()
+    os.chown(output, 1000, 1000)  # the user's folder; the services run as 1000:1000
     env = podman_env(HPCDASK_DOCKER_IMAGE=image, HPCDASK_OUTPUT=str(output))
     compose = ["podman-compose", "-p", project, "-f", str(COMPOSE_FILE)]
     log = tmp_path / "compose.log"
@@ -112,7 +113,11 @@ def test_compose_cluster(image, tmp_path):
             f"podman-compose up exited {up.returncode}\n--- compose (tail)\n"
             f"{log.read_text()[-6000:]}\n--- client\n{client_log.stdout[-3000:]}{client_log.stderr[-3000:]}")
 
-        metrics = json.loads((output / "compose" / "metrics.json").read_text())
+        runs = list((output / "compose").iterdir())  # hpcdask run's new folder of this run
+        assert len(runs) == 1, runs
+        metrics = json.loads((runs[0] / "metrics.json").read_text())
+        owners = {(p.stat().st_uid, p.stat().st_gid) for p in runs[0].rglob("*")}
+        assert owners == {(1000, 1000)}, owners  # never root
         try:
             check_metrics(metrics)
         except AssertionError as e:
@@ -178,8 +183,8 @@ def check_running_cluster(project: str) -> None:
     assert len(ids) == 4 and len(set(ids)) == 1, ids
 
     # The credentials' folder on the shared volume is private, as the design asks.
-    mode = podman("exec", scheduler, "stat", "-c", "%a %U", "/shared/cluster").stdout.split()
-    assert mode == ["700", "root"], mode
+    mode = podman("exec", scheduler, "stat", "-c", "%a %u", "/shared/cluster").stdout.split()
+    assert mode == ["700", "1000"], mode
 
     versions = podman("exec", scheduler, "hpcdask", "versions", "--scheduler-file", SCHEDULER_FILE,
                       check=False, timeout=180)

@@ -138,3 +138,36 @@ def test_a_file_without_the_header_is_not_a_lock(tmp_path):
     (tmp_path / "hpcdask.lock").write_text("tinyadd==2.0.0\n")
     with pytest.raises(BadInput, match="is not an hpcdask.lock"):
         userlock.parse(tmp_path / "hpcdask.lock")
+
+
+def test_the_image_label_names_the_project_lock(tmp_path, monkeypatch):
+    from hpcdask import versions
+
+    info = tmp_path / "image.json"
+    info.write_text('{"lock_sha256": "' + "a" * 64 + '"}')
+    monkeypatch.setenv("HPCDASK_IMAGE_INFO", str(info))
+    base = versions.image_label()
+    info.write_text('{"lock_sha256": "' + "a" * 64 + '", "project": {"lock_sha256": "'
+                    + "b" * 64 + '"}}')
+    user = versions.image_label()
+    assert base.startswith(f"lock:{'a' * 16}") and "user:" not in base
+    assert user.startswith(f"lock:{'a' * 16} user:{'b' * 16}")
+    assert versions._flat({"image": base})["image"] != versions._flat({"image": user})["image"]
+
+
+def test_provenance_digests_the_code_folder(tmp_path):
+    from hpcdask import provenance
+
+    (tmp_path / "helpers.py").write_text("def f(x):\n    return x\n")
+    first = provenance.code_digest(tmp_path)
+    assert set(first) == {"folder", "py_sha256"}
+    (tmp_path / "helpers.py").write_text("def f(x):\n    return x + 1\n")
+    assert provenance.code_digest(tmp_path)["py_sha256"] != first["py_sha256"]
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    clean = provenance.code_digest(tmp_path)
+    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] is False
+    (tmp_path / "helpers.py").write_text("changed = True\n")
+    assert provenance.code_digest(tmp_path)["git_dirty"] is True

@@ -92,6 +92,44 @@ def image_record() -> dict[str, Any]:
     }
 
 
+def code_digest(folder: Path) -> dict[str, Any]:
+    """The script folder's code: its git commit and whether the tree was dirty when it is a
+    git work tree, else a sha256 over its ``*.py`` files (paths and contents, sorted)."""
+    import subprocess
+
+    folder = Path(folder)
+    try:
+        git = ["git", "-C", str(folder)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain"], capture_output=True,
+                                    text=True, check=True, timeout=30).stdout.strip())
+        return {"folder": str(folder), "git_commit": commit, "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.py")):
+        if any(part.startswith(".") or part == "__pycache__" for part in f.relative_to(folder).parts):
+            continue
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        try:
+            h.update(f.read_bytes())
+        except OSError:
+            continue
+    return {"folder": str(folder), "py_sha256": h.hexdigest()}
+
+
+def project_record(folder: Path | None) -> dict[str, Any]:
+    """The user's part of the run: the image's project layer (hpcdask.lock's sha256, the local
+    packages and their versions) and the code folder's digest."""
+    info = (versions.image_info() or {}).get("project", {})
+    rec: dict[str, Any] = {"lock_sha256": info.get("lock_sha256"),
+                           "local_packages": info.get("local_packages", {})}
+    if folder is not None:
+        rec["code"] = code_digest(folder)
+    return rec
+
+
 def job_record() -> dict[str, Any]:
     job = batch.job()
     return {"id": job.id, "array_task": job.array_task, "nodelist": job.nodelist,
@@ -105,11 +143,12 @@ class Recorder:
     cluster was recorded; a run that never reached a cluster writes nothing.
     """
 
-    def __init__(self, folder: Path, command: list[str]):
+    def __init__(self, folder: Path, command: list[str], code_folder: Path | None = None):
         self.folder = Path(folder)
         self.record: dict[str, Any] = {
             "kind": KIND, "format": FORMAT, "command": command,
             "started": _now(), "image": image_record(), "job": job_record(),
+            "project": project_record(code_folder),
         }
         self.recorded = False
 

@@ -36,7 +36,7 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
     compat.apply(defer=True)
     folder = project.script_folder(script)
     project.put_first(str(folder))  # as `python SCRIPT`: its helper modules import
-    with provenance.Recorder(output, provenance.command_line()) as record, \
+    with provenance.Recorder(output, provenance.command_line(), folder) as record, \
             signals.terminate_cleanly(), connect(scheduler_file, tls=tls, wait_workers=wait_workers,
                                                  wait_timeout=wait_timeout,
                                                  wait_hint=wait_hint) as c:

@@ -54,9 +54,12 @@ def image_info() -> dict[str, Any] | None:
 
 
 def image_label() -> str:
-    """``lock:<sha256[:16]>``, plus ``sif:<ID>`` when the role knows the SIF it runs from."""
+    """``lock:<sha256[:16]>``, ``user:<sha256[:16]>`` of the project's hpcdask.lock in an image
+    ``hpcdask image build`` made, plus ``sif:<ID>`` when the role knows the SIF it runs from."""
     info = image_info()
     label = f"lock:{info['lock_sha256'][:16]}" if info else "none (bare venv)"
+    user = (info or {}).get("project", {}).get("lock_sha256")
+    label = f"{label} user:{user[:16]}" if user else label
     sif_id = sif.image_id() if info else None
     return f"{label} sif:{sif_id}" if sif_id else label
 

@@ -331,7 +331,7 @@ def preflight(interface, scheduler_file, memory_limit, nworkers, local_directory
 @main.group("image", context_settings=CONTEXT)
 def image() -> None:
     """The project's own image: the user's requirements locked over the image's lock, and a
-    SIF that is the base image plus exactly that lock (see docs/your-project.md)."""
+    SIF that is the base image plus exactly that lock (see docs/project.md)."""
 
 
 @image.command("lock", context_settings=CONTEXT)

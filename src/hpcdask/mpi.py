@@ -24,7 +24,8 @@ from pathlib import Path
 
 import dask.utils
 
-from hpcdask import config, scheduler, script, worker
+from hpcdask import config, scheduler, worker
+from hpcdask import script as client_script
 from hpcdask.errors import BadInput
 
 logger = logging.getLogger("hpcdask")
@@ -109,7 +110,7 @@ def _client(script, args, scheduler_file, output, tls, comm, workers: int) -> in
     rc = 1
     try:
         timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
-        script.run_script(script, args, scheduler_file, output, tls, wait_workers=workers,
+        client_script.run_script(script, args, scheduler_file, output, tls, wait_workers=workers,
                        wait_timeout=timeout, wait_hint="HPCDASK_SCHEDULER_FILE_TIMEOUT")
         rc = 0
     except SystemExit as e:

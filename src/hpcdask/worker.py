@@ -3,7 +3,7 @@
 Thin over distributed's ``Nanny`` (dask-cuda's ``CUDAWorker`` on GPU nodes): hpcdask sizes the
 workers from the job's allocation (:mod:`hpcdask.memory`, once), sets the memory policy and the
 node-local scratch, checks itself against the scheduler's identity before it registers, and
-stops in order on a signal.
+on a signal (SIGTERM, the batch system's warning) drains (:mod:`hpcdask.drain`) and stops in order.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import dask.config
 import dask.utils
 from distributed import Nanny
 
-from hpcdask import config, files, gpu, memory, netif, schedfile, servers, signals, versions
+from hpcdask import config, drain, files, gpu, memory, netif, schedfile, servers, signals, versions
 from hpcdask.connect import connection, refuse_if_different, scheduler_identity
 
 logger = logging.getLogger("hpcdask")
@@ -107,7 +107,9 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     why = await signals.until_signalled(asyncio.Event(), finished)
     if why != "finished":
         logger.info("hpcdask: worker(s) on %s stopping (%s)", host, why)
-        # Seconds: at a time limit Slurm's KillWait follows, and the scratch must go first.
+        # Hand the results over first (bounded by hpcdask.drain-timeout), then close in seconds:
+        # the batch system's KillWait (or GraceTime) follows, and the scratch must go first.
+        await drain.drain(nannies, why)
         await asyncio.gather(*[n.close(timeout=3) for n in nannies], return_exceptions=True)
 
 

@@ -112,17 +112,23 @@ class terminate_cleanly:
 
     def __enter__(self):
         self.fired = False
+        warning = warning_signal()
 
         def handler(signum, frame):
             # Once: a batch system signals every process of the step, and the runner and the
             # jobscript pass it on too. The line first: KillWait may not leave time for more.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(warning, signal.SIG_IGN)
             self.fired = True
             shutdown.quiet()
+            if signum == warning and not _ending:  # the job's warning reached this process too
+                _ending.append(f"its job got {warning.name} (its end is near)")
             line = self.ENDING.format(_ending[0]) if _ending else self.MESSAGE
             print(line, file=sys.stderr, flush=True)
             raise Terminated()
         self._old = signal.signal(signal.SIGTERM, handler)
+        self._old_warning = signal.signal(warning, handler)
+        self._warning = warning
         _active.append(self)
         return self
 
@@ -139,6 +145,7 @@ class terminate_cleanly:
 
     def __exit__(self, exc_type, exc, tb):
         signal.signal(signal.SIGTERM, self._old)
+        signal.signal(self._warning, self._old_warning)
         if self in _active:
             _active.remove(self)
         # Whatever the unwinding raised after the signal (a cluster going away under a context

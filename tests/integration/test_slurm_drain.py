@@ -80,11 +80,12 @@ def signal_job(slurm_cluster, job: str, how: str) -> None:
     slurm_cluster.run(["scancel", *args, job])
 
 
-@pytest.mark.parametrize("how", ["TERM", "USR1"])
-def test_a_signalled_worker_job_hands_its_results_over(slurm_cluster, job_env, udir, how):
-    s = Session(slurm_cluster, job_env, udir)
+@pytest.mark.parametrize(("how", "key_mb"), [("TERM", 1), ("USR1", 1), ("TERM", 50)])
+def test_a_signalled_worker_job_hands_its_results_over(slurm_cluster, job_env, udir, how, key_mb):
+    # 40 keys of 50 MB: 1 GB on each worker, 2 GB on the one that stays (it may spill).
+    s = Session(slurm_cluster, job_env, udir, mem="1000M" if key_mb == 1 else "3000M")
     try:
-        held = s.start_client(MB, 2)
+        held = s.start_client(key_mb * MB, 2)
         assert len(held) == 2 and all(held.values()), held
         victim = s.workers[0]
         signal_job(slurm_cluster, victim, how)
@@ -93,12 +94,50 @@ def test_a_signalled_worker_job_hands_its_results_over(slurm_cluster, job_env, u
         assert s.lines() == 40  # nothing recomputed
         assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
         log = res.stderr
-        assert f"got SIG{how}: draining the workers" in log, str(res)
+        assert f"stopping (SIG{how})" in log, str(res)  # every worker of the job
+        # -b signals the batch script alone: it passes the signal on (scancel --signal, without
+        # -b, signals the job's steps, the workers themselves).
+        assert (f"got SIG{how}: draining the workers" in log) == (how == "USR1"), str(res)
         took = re.search(r"drained in ([\d.]+)s: (\d+) key", log)
         assert took and "could not drain" not in log, str(res)
         assert "Traceback" not in log and " - ERROR - " not in log, str(res)
-        measure(f"drain on {how}", keys=int(took.group(2)), key_mb=1, drain_s=float(took.group(1)))
+        measure(f"drain on {how}", keys=int(took.group(2)), key_mb=key_mb,
+                drain_s=float(took.group(1)))
     finally:
+        s.end()
+
+
+def test_a_preempted_worker_job_hands_its_results_over(slurm_cluster, job_env, udir):
+    """Preemption for real: the test cluster's `scavenger` partition (PreemptMode=CANCEL,
+    GraceTime=20) loses a node to a job of `debug` (PriorityTier 2), and its worker drains."""
+    s = Session(slurm_cluster, job_env, udir, nworkers=1)
+    preemptor = None
+    try:
+        victim = slurm_cluster.sbatch(
+            jobscript(slurm_cluster, "dask-workers.sbatch"), "-p", "scavenger", "--exclusive",
+            "--time=10", "--mem=1000M", f"--dependency=after:{s.sched}", wait=False,
+            workdir=udir, env=s.env).job_id
+        s.jobs.append(victim)
+        held = s.start_client(MB, 2)
+        assert len(held) == 2 and all(held.values()), held
+        node = slurm_cluster.job(victim).info["NodeList"]
+        preemptor = slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "debug", "-w", node,
+                                         "--exclusive", "--time=2", wait=False,
+                                         workdir=udir).job_id
+        res = slurm_cluster.wait(victim, timeout=90, workdir=udir)
+        s.finish_client()
+        assert s.lines() == 40  # nothing recomputed
+        log = res.stderr
+        assert "got SIGTERM: draining the workers" in log, str(res)
+        took = re.search(r"drained in ([\d.]+)s: (\d+) key", log)
+        assert took and "could not drain" not in log, str(res)
+        assert "Traceback" not in log and " - ERROR - " not in log, str(res)
+        assert res.state == "PREEMPTED", str(res)  # what Slurm records, whatever the exit code
+        measure("drain on preemption", keys=int(took.group(2)), key_mb=1,
+                drain_s=float(took.group(1)), state=res.state, exit_code=res.exit_code)
+    finally:
+        if preemptor:
+            slurm_cluster.run(["scancel", preemptor], check=False)
         s.end()
 
 
@@ -175,7 +214,9 @@ def test_a_warned_all_in_one_job_ends_its_client_in_one_line(slurm_cluster, job_
     finally:
         slurm_cluster.run(["scancel", job.job_id], check=False)
     ours = [ln for ln in res.stderr.splitlines() if ln.startswith("hpcdask:")]
-    assert len(ours) == 1 and ours[0].startswith(
-        "hpcdask: the cluster is ending: its scheduler's job got SIGUSR1"), str(res)
+    # From the scheduler, or first from scancel -b itself (it signals the batch step's processes,
+    # the client among them): either way one line.
+    assert len(ours) == 1 and re.match(
+        r"hpcdask: the cluster is ending: its (scheduler's )?job got SIGUSR1", ours[0]), str(res)
     assert res.state == "FAILED" and res.exit_code == 143, str(res)
     assert "Traceback" not in res.stderr, str(res)

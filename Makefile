@@ -2,6 +2,8 @@
 #   make run    create .venv from the lock and run the main job (default workload, LocalCluster)
 #   make test   install what the tests need (apt + .venv-test) and run every test, cluster ones included
 SHELL := /bin/bash
+# shq: TEXT single-quoted for the shell.
+shq = '$(subst ','\'',$(1))'
 PYTHON ?= python3
 VENV := .venv
 TVENV := .venv-test
@@ -10,12 +12,22 @@ DEVLOCK := tests/requirements-dev.lock
 ARGS ?=
 PYTEST_ARGS ?=
 PIP_QUIET := --quiet --disable-pip-version-check
+# The test cluster's batch system: tests/testcluster/$(BATCH).sh (slurm).
+BATCH ?= slurm
+CLUSTER := BATCH=$(BATCH) bash tests/testcluster/cluster.sh
+# The image builder used when there is no Apptainer (containers/imagebuild), run from the root.
+IMAGEBUILD := PYTHONPATH=$(CURDIR)/containers
+# cluster-login: CMD runs as AS (default hpcuser) on the login node; without CMD, a login shell.
+# (AS is also make's assembler: its built-in default counts as unset.)
+LOGIN_AS := $(if $(filter default undefined,$(origin AS)),hpcuser,$(AS))
+CMD ?=
 
 .PHONY: help run test test-unit lock venv sif docker image compose-test cluster-up cluster-down \
         cluster-env cluster-login cluster-deps host-deps bench clean
 
 help:
-	@echo "make run | test | lock | sif | docker | image | compose-test | cluster-up | cluster-login | cluster-down | cluster-env | bench | clean"
+	@echo "make run | test | test-unit | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
+	@echo "make cluster-login [CMD='squeue'] [AS=otheruser]   (BATCH=slurm selects the test cluster's batch system)"
 
 # --- environments -----------------------------------------------------------------------------
 # .venv is exactly the lock (+ hpcdask itself): what `make run` uses and what the lock test checks.
@@ -33,6 +45,14 @@ $(TVENV)/.done: $(LOCK) $(DEVLOCK) pyproject.toml
 	$(TVENV)/bin/pip install $(PIP_QUIET) --no-deps --no-build-isolation --no-index -e .
 	touch $@
 
+# The test-cluster package (tests/testcluster) and the image builder (containers/imagebuild),
+# importable in a venv: a .pth with their folders (the bench imports both; pytest has them
+# through pyproject.toml's pythonpath).
+%/.paths: %/.done
+	$*/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+	    | { read d; printf '%s\n' "$(CURDIR)/tests" "$(CURDIR)/containers" >"$$d/hpcdask-checkout.pth"; }
+	touch $@
+
 venv: $(VENV)/.done
 
 # --- the two commands -------------------------------------------------------------------------
@@ -45,6 +65,7 @@ host-deps:
 test: host-deps $(VENV)/.done $(TVENV)/.done
 	$(TVENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# No root, no image, no cluster: under a minute.
 test-unit: $(VENV)/.done $(TVENV)/.done
 	$(TVENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
@@ -58,46 +79,48 @@ lock:
 
 # --- images -----------------------------------------------------------------------------------
 # With a real Apptainer on PATH: apptainer build. Without: the test image's root filesystem
-# (debootstrap + the def's sections, tests/cluster/image.py) assembled into a SIF like Apptainer's
-# builder does (tests/cluster/sif.py: mksquashfs + siftool; needs root). Says which path it took.
+# (debootstrap + the def's sections, containers/imagebuild/image.py) assembled into a SIF like
+# Apptainer's builder does (containers/imagebuild/sif.py: mksquashfs + siftool; needs root).
+# Says which path it took.
 sif:
 	@a=$$(command -v apptainer || true); \
 	if [ -n "$$a" ] && ! grep -q 'bubblewrap test runner' "$$a" 2>/dev/null; then \
 	    echo "make sif: building with Apptainer ($$a): apptainer build dask.sif containers/dask.def"; \
 	    apptainer build dask.sif containers/dask.def; \
 	else \
-	    echo "make sif: no Apptainer on PATH: debootstrap root filesystem + the def's sections, assembled into a SIF with mksquashfs and siftool (tests/cluster/sif.py)"; \
-	    $(PYTHON) tests/cluster/sif.py build --out dask.sif; \
+	    echo "make sif: no Apptainer on PATH: debootstrap root filesystem + the def's sections, assembled into a SIF with mksquashfs and siftool (containers/imagebuild/sif.py)"; \
+	    $(IMAGEBUILD) $(PYTHON) -m imagebuild.sif build --out dask.sif; \
 	fi
 
 docker:
-	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make docker: no running Docker engine; start one, or use podman: bash tests/cluster/podman.sh build" >&2; exit 2; }
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make docker: no running Docker engine; start one, or use podman: bash tests/compose/podman.sh build" >&2; exit 2; }
 	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) -t hpcdask:latest .
 
 image: $(TVENV)/.done
-	$(TVENV)/bin/python tests/cluster/image.py build
+	$(IMAGEBUILD) $(TVENV)/bin/python -m imagebuild.image build
 
 compose-test: host-deps $(TVENV)/.done
-	$(TVENV)/bin/python -m pytest -m compose -s tests/integration/test_compose.py $(PYTEST_ARGS)
+	$(TVENV)/bin/python -m pytest -m compose -s tests/compose/test_compose.py $(PYTEST_ARGS)
 
 # --- the test cluster -------------------------------------------------------------------------
 cluster-deps:
-	bash tests/cluster/cluster.sh deps
+	$(CLUSTER) deps
 
 cluster-up: host-deps
-	bash tests/cluster/cluster.sh up
+	$(CLUSTER) up
 
 cluster-down:
-	bash tests/cluster/cluster.sh down
+	$(CLUSTER) down
 
 cluster-env:
-	@bash tests/cluster/cluster.sh env
+	@$(CLUSTER) env
 
+# make cluster-login CMD='squeue -u hpcuser' [AS=otheruser]: one command, its exit status passed on.
 cluster-login:
-	bash tests/cluster/cluster.sh login
+	@$(CLUSTER) login -u $(LOGIN_AS) $(if $(strip $(value CMD)),bash -lc $(call shq,$(value CMD)),)
 
 # --- benchmarks -------------------------------------------------------------------------------
-bench: host-deps $(VENV)/.done
+bench: host-deps $(VENV)/.done $(VENV)/.paths
 	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick,) $(ARGS)
 
 clean:

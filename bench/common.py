@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VENV = Path(sys.prefix)
 HPCDASK = VENV / "bin" / "hpcdask"
-RUNNER = REPO / "tests" / "cluster" / "bin" / "apptainer"
+RUNNER = REPO / "tests" / "testcluster" / "bin" / "apptainer"
 
 T_START = time.perf_counter()
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import rig
 from common import REPO, RUNNER, Skip, env_clean, log
 
-IMAGE_PY = REPO / "tests" / "cluster" / "image.py"
-# Images the bench runs from, hard links of tests/cluster/image.py's cache (outside the repo).
+# Images the bench runs from, hard links of containers/imagebuild/image.py's cache (outside the repo).
 BENCH_CACHE = Path(os.environ.get("HPCDASK_BENCH_CACHE", "/var/cache/hpcdask-bench"))
 
 _VERSION = "import sys, sysconfig; print(sys.version.replace(chr(10), ' '), sysconfig.get_config_var('BUILD_GNU_TYPE'))"
@@ -70,9 +69,9 @@ class Setup:
         """The test image as a SIF file (HPCDASK_IMAGE=.../dask-<key>.sif, as the rig and the
         jobscript tests use it), pinned for this run; raises Skip.
 
-        The sandbox of the current sources if tests/cluster/image.py has it cached (else it is
+        The sandbox of the current sources if containers/imagebuild/image.py has it cached (else it is
         built, up to --image-timeout; with --quick the newest cached image is used instead and
-        recorded as stale), assembled into a SIF by tests/cluster/sif.py. The sandbox is only that
+        recorded as stale), assembled into a SIF by containers/imagebuild/sif.py. The sandbox is only that
         build step (and the bare side's files: ``bare``). Both are hard-linked into BENCH_CACHE
         first, so another build pruning the shared cache cannot remove them mid-run.
         """
@@ -105,8 +104,7 @@ class Setup:
         if not shutil.which("bwrap"):
             raise Skip("bubblewrap (bwrap) is not installed: no image runner "
                        "(bash tests/setup-host.sh installs it)")
-        sys.path.insert(0, str(IMAGE_PY.parent))
-        import image as imagepy
+        from imagebuild import image as imagepy
 
         t0 = time.perf_counter()
         cache = imagepy.DEFAULT_CACHE
@@ -132,8 +130,8 @@ class Setup:
                     log(f"image: the current sources' image is not cached; --quick uses the "
                         f"newest cached one, {shared.name} (stale)")
                 else:
-                    log("image: python tests/cluster/image.py build (not cached: builds)")
-                    proc = subprocess.run([sys.executable, str(IMAGE_PY), "build"],
+                    log("image: python -m imagebuild.image build (not cached: builds)")
+                    proc = subprocess.run([sys.executable, "-m", "imagebuild.image", "build"],
                                           capture_output=True, text=True,
                                           timeout=self.args.image_timeout,
                                           stdin=subprocess.DEVNULL)
@@ -156,10 +154,9 @@ class Setup:
         return str(mine)
 
     def _find_sif(self, sandbox: Path) -> str:
-        """The SIF of ``sandbox``: tests/cluster/sif.py's cached dask-<key>.sif, else assembled
+        """The SIF of ``sandbox``: containers/imagebuild/sif.py's cached dask-<key>.sif, else assembled
         here (mksquashfs + siftool, as sif.py does), hard-linked into BENCH_CACHE."""
-        sys.path.insert(0, str(IMAGE_PY.parent))
-        import sif as sifpy
+        from imagebuild import sif as sifpy
 
         key = sandbox.name.removeprefix("image-")
         mine = BENCH_CACHE / f"dask-{key}.sif"
@@ -168,7 +165,7 @@ class Setup:
         t0 = time.perf_counter()
         shared = sifpy.DEFAULT_CACHE / f"dask-{key}.sif"
         if not shared.is_file():
-            log(f"image: assembling {shared.name} from {sandbox} (tests/cluster/sif.py)")
+            log(f"image: assembling {shared.name} from {sandbox} (containers/imagebuild/sif.py)")
             try:
                 sifpy.require_tools()
                 deffile = (sandbox / ".singularity.d" / "Singularity").read_bytes()
@@ -200,7 +197,7 @@ class Setup:
             image = self.image()
             self.cluster_state = "starting"
             log(f"cluster: instance {os.environ.get('HPCDASK_CLUSTER_INSTANCE', '0')}, "
-                f"tests/cluster/cluster.sh up unless it is up")
+                f"tests/testcluster/cluster.sh up unless it is up")
             self._rig, started = rig.connect(image)
             self.cluster_state = "started" if started else "up"
             return self._rig
@@ -215,6 +212,6 @@ class Setup:
         if self._rig is not None:  # the run's folders in hpcuser's home
             shutil.rmtree(self._rig.workdir, ignore_errors=True)
         if self.cluster_state in ("started", "starting"):
-            log("cluster: tests/cluster/cluster.sh down (this run started it)")
+            log("cluster: tests/testcluster/cluster.sh down (this run started it)")
             rig.down()
             self.cluster_state = "stopped again"

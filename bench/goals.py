@@ -8,7 +8,7 @@ summaries out of latest.json's ``sections`` and judges each against its goal. A 
   inconclusive   the spread straddles the goal, or fewer than MIN_N repetitions
   not measured   the section did not run (the reason is given)
 
-Pure functions, checked in tests/unit/test_bench.py.
+Pure functions, checked in bench/tests/test_bench.py.
 """
 
 from __future__ import annotations

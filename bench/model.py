@@ -1,6 +1,6 @@
 """The scaling model: time to ready and tiny-task throughput at N workers, as a band.
 
-Pure functions, checked in tests/unit/test_bench.py. The bench fits the model on the workers
+Pure functions, checked in bench/tests/test_bench.py. The bench fits the model on the workers
 it measured first (1-16), records its prediction for 32 and 64, measures those, and reports
 both (bench/scaling.py measures, bench/goals.py judges). The 100/1000-worker rows are an
 extrapolation from all measured points.

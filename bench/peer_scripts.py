@@ -11,7 +11,7 @@ would write: every one runs in the same image (HPCDASK_IMAGE, the .sif) as hpcus
                 node has no ib0)
 
 Each user script ends in the same PROBE: wait for N workers, note the time, run tiny tasks, and
-print one ``PEER {json}`` line. Pure text, checked in tests/unit/test_bench_peers.py.
+print one ``PEER {json}`` line. Pure text, checked in bench/tests/test_bench_peers.py.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ from distributed import Client
 prefix, n, image = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
 
-class Job(SLURMJob):  # the host's sbatch/scancel, bound into the image (tests/cluster)
+class Job(SLURMJob):  # the host's sbatch/scancel, bound into the image (tests/testcluster)
     submit_command = f"{prefix} sbatch"
     cancel_command = f"{prefix} scancel"
 

@@ -34,7 +34,7 @@ POLL = 0.2
 # The run's own files in its working folder: the scripts, Slurm's logs, hpcdask's provenance
 # record (hpcdask-output/, the product's documented output), the Slurm binds (slurmcluster).
 OUTPUTS = re.compile(r"^(slurm-\d+\.(out|err)|.*\.(py|sh)|mnt|hpcdask-output)$")
-# The bubblewrap runner's own squashfuse mount (test infrastructure, tests/cluster/bin/apptainer)
+# The bubblewrap runner's own squashfuse mount (test infrastructure, tests/testcluster/bin/apptainer)
 # can outlive a role that Slurm or the recipe killed; it is recorded apart.
 # A /proc line reads "PID CMDLINE", the program named by its full path.
 RUNNER_MOUNT = re.compile(r"^\d+ (?:\S*/)?squashfuse(?:_ll)? ")
@@ -57,7 +57,7 @@ def _wait_final(cluster, job_ids, timeout: float) -> float:
                           check=False, user=None).stdout
         for rec in out.splitlines():
             m = re.search(r"JobId=(\d+) .*JobState=(\S+)", rec)
-            if m and m.group(2) in rig._import_fixtures().FINAL_STATES:
+            if m and m.group(2) in rig.FINAL_STATES:
                 pending.discard(m.group(1))
         if not out.strip():  # forgotten by the controller: long done
             pending.clear()

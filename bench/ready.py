@@ -5,7 +5,7 @@ lo), timed like the all-in-one job: start the scheduler (and `hpcdask wait --wor
 job's client waits), start the workers once its file exists, stop the clock when `hpcdask wait`
 returns. (The roles' Python is the image's build, not the bench's: their scheduler refuses a
 client from the bench's venv.) The image side runs every role through the runner
-(tests/cluster/bin/apptainer exec); the bare side runs the same roles with the image's own
+(tests/testcluster/bin/apptainer exec); the bare side runs the same roles with the image's own
 interpreter and site-packages straight on the host (env.Setup.bare), so the ratio measures the
 container.
 """

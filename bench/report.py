@@ -1,6 +1,6 @@
 """latest.md: the goal table first, then each section's measured values, the model, the load.
 
-Pure functions of latest.json's content, checked in tests/unit/test_bench.py.
+Pure functions of latest.json's content, checked in bench/tests/test_bench.py.
 """
 
 from __future__ import annotations

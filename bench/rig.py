@@ -1,6 +1,7 @@
-"""The strict Slurm test cluster (tests/cluster/cluster.sh) as the bench uses it.
+"""The strict Slurm test cluster (tests/testcluster/cluster.sh) as the bench uses it.
 
-The handle is the tests' own ``tests/cluster/fixtures.py: SlurmCluster``: every user command runs
+The handle is the test-cluster package's ``testcluster.cluster.SlurmCluster`` (tests/testcluster,
+importable in the bench's venv through the .pth ``make bench`` writes): every user command runs
 as ``hpcuser`` on the login node (or a compute node) with a login shell's environment. The
 cluster instance is the one ``HPCDASK_CLUSTER_INSTANCE`` names, as for the tests. What a run
 leaves behind (jobs, files in node-local tmp, processes in the cluster's namespaces) is read
@@ -12,58 +13,26 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import sys
-import types
 from pathlib import Path
 
-from common import REPO
-
-TESTS = REPO / "tests"
-
-
-class _Anything:
-    def __getattr__(self, name):
-        return self
-
-    def __call__(self, *a, **k):
-        return a[0] if len(a) == 1 and callable(a[0]) and not k else self
-
-
-def _import_fixtures():
-    """tests/cluster/fixtures.py (and the test helpers the bench reuses) decorate with pytest;
-    the bench runs in the product venv, which has no pytest, and calls only their plain
-    functions, so pytest's decorators become no-ops here when pytest is absent."""
-    try:
-        import pytest  # noqa: F401
-    except ImportError:
-        shim = types.ModuleType("pytest")
-        shim.fixture = _Anything()
-        shim.mark = _Anything()
-        sys.modules["pytest"] = shim
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    from cluster import fixtures
-
-    return fixtures
+from testcluster.cluster import (  # noqa: F401  (FINAL_STATES: for peers.py)
+    FINAL_STATES, SlurmCluster, cluster_sh, exports, host_slurm_in_image)
 
 
 def connect(image: str):
     """(SlurmCluster handle, started): the running cluster, brought up with IMAGE if down."""
-    fx = _import_fixtures()
-    was_up = fx._cluster_sh("status", check=False).returncode == 0
+    was_up = cluster_sh("status", check=False).returncode == 0
     if not was_up:
-        fx._cluster_sh("up", image=Path(image))
-    return fx.SlurmCluster(fx._exports("env")), not was_up
+        cluster_sh("up", image=Path(image))
+    return SlurmCluster(exports("env")), not was_up
 
 
 def down() -> None:
-    _import_fixtures()._cluster_sh("down", check=False)
+    cluster_sh("down", check=False)
 
 
 def host_slurm_binds(cluster, mnt: Path) -> tuple[list[str], str]:
-    """The host's Slurm commands laid out for the image (binds, submit prefix): the tests' helper."""
-    from integration.test_slurm_cluster_helper import host_slurm_in_image
-
+    """The host's Slurm commands laid out for the image (binds, submit prefix): the test cluster's helper."""
     return host_slurm_in_image(cluster, mnt)
 
 

@@ -1,6 +1,6 @@
 """The bench's statistics: quantiles, summaries, paired ratios, the run order, a line fit.
 
-Pure functions (no timing, no I/O), checked in tests/unit/test_bench.py.
+Pure functions (no timing, no I/O), checked in bench/tests/test_bench.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from cryptography import x509
 from hpcdask import batch, config, memory, schedfile, security, versions
 from hpcdask.errors import BadInput
 
-from cluster.nobody import run_as_nobody
+from testcluster.nobody import run_as_nobody
 
 GiB = 2**30
 

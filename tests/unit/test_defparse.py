@@ -1,6 +1,6 @@
 """containers/dask.def read as Apptainer reads it, and kept in step with the Dockerfile.
 
-The parser is tests/cluster/image.py's (Apptainer's rules); spython, a third-party parser of
+The parser is containers/imagebuild/image.py's (Apptainer's rules); spython, a third-party parser of
 def files, cross-checks the header and %files.
 """
 
@@ -9,14 +9,12 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-import image
+from imagebuild import image
 
 DEF = REPO / "containers" / "dask.def"
 DOCKERFILE = REPO / "containers" / "Dockerfile"

@@ -1,5 +1,5 @@
 """hpcdask mpi's layout and its bad inputs, with a stand-in communicator (the real MPI world,
-under srun --mpi=pmi2 in the image, is tests/integration/test_slurm_mpi.py)."""
+under srun --mpi=pmi2 in the image, is tests/slurm/test_slurm_mpi.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,418 @@
+"""Build the test image: a sandbox folder laid out like ``apptainer build --sandbox`` makes it.
+
+No Apptainer and no image registry exist where the tests run, so this plays ``apptainer build``
+for ``containers/dask.def`` with what there is:
+
+1. ``containers/imagebuild/base.sh``: ``debootstrap --variant=minbase bookworm`` stands in for
+   ``From: debian:bookworm-slim@sha256:...``;
+2. a copy of it gets the ``%files`` (paths relative to the repository root, as ``apptainer build``
+   run from the root takes them), then ``%post`` runs inside it under bubblewrap as
+   ``/bin/sh -e -x``, with the host's network, its CA bundle (``PIP_CERT``) and
+   ``APPTAINER_LABELS`` / ``APPTAINER_ENVIRONMENT`` like Apptainer gives them;
+3. ``/.singularity.d/``: ``runscript``, ``test``, ``env/90-environment.sh``, ``runscript.help``,
+   ``labels.json`` (the ``%labels`` and those ``%post`` appended) and ``Singularity`` (the def),
+   as Apptainer writes them (``#!/bin/sh`` + the section body, verbatim).
+
+The def is read with the same rules as Apptainer's own parser (``pkg/build/types/parser``): a
+section starts at a line whose first word begins with ``%``, bodies are kept verbatim, the header
+is ``key: value`` lines. (spython's parser rewrites bodies: it strips indentation, which breaks
+heredocs, and folds ``%test`` into ``%post``; tests/unit/test_defparse.py only cross-checks the
+header and ``%files`` against it.)
+
+The result is cached outside the repository, keyed by the base and every input (the def and
+each ``%files`` source), so a second build is instant. Like ``apptainer build --notest``: run
+``%test`` with ``python -m imagebuild.image test IMAGE`` (through ``tests/testcluster/bin/apptainer``).
+
+    python -m imagebuild.image build [--cache DIR]    # prints the sandbox path
+    python -m imagebuild.image test IMAGE [--bind SRC:DST]...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEFFILE = REPO / "containers" / "dask.def"
+BASE_SH = REPO / "containers" / "imagebuild" / "base.sh"
+RUNNER = REPO / "tests" / "testcluster" / "bin" / "apptainer"
+DEFAULT_CACHE = Path(os.environ.get("HPCDASK_TEST_CACHE", "/var/cache/hpcdask-test"))
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+# Local package indexes the lock may name (--extra-index-url file://..., --find-links): bound
+# read-only into the build when the host has them, so pip resolves the lock as on the host.
+LOCAL_INDEXES = re.compile(r"^\s*--(?:extra-index-url|index-url|find-links)[ =](?:file://)?(/\S+)", re.MULTILINE)
+BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SCRIPT_SECTIONS = ("setup", "post", "environment", "runscript", "test", "startscript", "help")
+
+
+class BuildError(RuntimeError):
+    """A build step failed; the message names the step and what to do."""
+
+
+@dataclass
+class Section:
+    name: str
+    args: str = ""
+    body: str = ""
+
+
+@dataclass
+class Definition:
+    """An Apptainer definition file, parsed the way Apptainer parses it."""
+
+    raw: str
+    header: dict[str, str] = field(default_factory=dict)
+    sections: dict[str, Section] = field(default_factory=dict)
+    files: list[tuple[str, str]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def body(self, name: str) -> str:
+        return self.sections[name].body if name in self.sections else ""
+
+
+VALID_SECTIONS = {
+    "help", "setup", "files", "labels", "environment", "pre", "post", "runscript", "test",
+    "startscript", "arguments",
+}
+
+
+def parse_def(text: str) -> Definition:
+    """Split a def file into header, sections, %files and %labels as Apptainer does."""
+    d = Definition(raw=text)
+    chunks: list[list[str]] = [[]]
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0].startswith("%"):
+            chunks.append([line])
+        else:
+            chunks[-1].append(line)
+    head, *secs = chunks
+    for line in head:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.split("#", 1)[0]
+        if ":" not in line:
+            raise ValueError(f"def header line without 'key: value': {line!r}")
+        key, val = line.split(":", 1)
+        d.header[key.strip().lower()] = val.strip()
+    for chunk in secs:
+        first, rest = chunk[0].strip(), chunk[1:]
+        name, _, args = first[1:].partition(" ")
+        name = name.lower()
+        if name not in VALID_SECTIONS:
+            raise ValueError(f"invalid section %{name} in the def file")
+        body = "\n".join(rest) + "\n" if rest else ""
+        if name == "files":
+            for fline in body.strip().splitlines():
+                fline = fline.strip()
+                if not fline or fline.startswith("#"):
+                    continue
+                parts = fline.split()
+                src = parts[0].strip('"')
+                dst = parts[1].strip('"') if len(parts) > 1 else src
+                d.files.append((src, dst))
+            continue
+        if name == "labels":
+            for lline in body.strip().splitlines():
+                lline = lline.strip()
+                if lline and not lline.startswith("#"):
+                    key, _, val = lline.partition(" ")
+                    d.labels[key.strip()] = val.strip()
+        sec = d.sections.setdefault(name, Section(name))
+        sec.args = args.strip()
+        sec.body += body
+    return d
+
+
+def script(section: Section | None) -> str:
+    """The file Apptainer writes for a runtime section: a shebang, a blank line, the body."""
+    if section is None:
+        return ""
+    body = section.body.rstrip("\n")
+    if body.lstrip().startswith("#!"):
+        return body + "\n"
+    shebang = "#!/bin/sh" + (" " + section.args.split("#")[0].strip() if section.args else "")
+    return f"{shebang}\n\n{body}\n"
+
+
+# --- inputs and cache ----------------------------------------------------------------------------
+
+def _walk(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__" and not x.endswith(".egg-info"))
+        out += [Path(root) / f for f in sorted(files) if not f.endswith((".pyc", ".pyo"))]
+    return out
+
+
+def input_key(defn: Definition, def_path: Path, base: Path, context: Path) -> str:
+    """sha256 over the base's name, the def and every %files source (paths and contents)."""
+    h = hashlib.sha256()
+    h.update(base.name.encode() + b"\0")
+    h.update(def_path.read_bytes() + b"\0")
+    for src, dst in defn.files:
+        p = context / src
+        if not p.exists():
+            raise BuildError(f"%files source {src} (for {dst}) is missing in {context}")
+        for f in _walk(p):
+            h.update(str(f.relative_to(context)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def build_base(cache: Path) -> Path:
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", str(BASE_SH), str(cache)], stdout=subprocess.PIPE, text=True, check=False)
+    if out.returncode != 0:
+        raise BuildError(f"{BASE_SH} failed (exit {out.returncode}); its output is above")
+    base = Path(out.stdout.strip().splitlines()[-1])
+    log(f"base {base} ({time.monotonic() - t0:.1f} s)")
+    return base
+
+
+def log(msg: str) -> None:
+    print(f"image.py: {msg}", file=sys.stderr, flush=True)
+
+
+def require_tools() -> None:
+    missing = [t for t in ("bwrap", "debootstrap") if shutil.which(t) is None]
+    if missing:
+        raise BuildError(f"missing {', '.join(missing)}: apt-get install bubblewrap debootstrap")
+    if os.geteuid() != 0:
+        raise BuildError("building the test image needs root (debootstrap, apt in the rootfs)")
+
+
+# --- the build ---------------------------------------------------------------------------------
+
+def copy_files(defn: Definition, context: Path, rootfs: Path) -> None:
+    """%files: ``cp -fLr SRC ROOTFS/DST``, parents created, like Apptainer."""
+    for src, dst in defn.files:
+        target = rootfs / dst.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log(f"%files {src} -> {dst}")
+        subprocess.run(["cp", "-fLr", str(context / src), str(target)], check=True)
+
+
+def bwrap_build(rootfs: Path, argv: list[str], env: dict[str, str], ro_binds: list[tuple[str, str]]) -> None:
+    """Run ``argv`` as root inside ``rootfs`` (writable), with the host's network."""
+    cmd = ["bwrap", "--bind", str(rootfs), "/", "--dev", "/dev", "--proc", "/proc",
+           "--perms", "1777", "--tmpfs", "/tmp", "--die-with-parent", "--cap-add", "ALL", "--clearenv", "--chdir", "/"]
+    for f in ("/etc/resolv.conf", "/etc/hosts"):
+        if Path(f).exists():
+            cmd += ["--ro-bind", f, f]
+    for src, dst in ro_binds:
+        cmd += ["--ro-bind", src, dst]
+    for k, v in env.items():
+        cmd += ["--setenv", k, v]
+    # Build output goes to stderr: stdout of `image.py build` is the image path alone.
+    proc = subprocess.run(cmd + argv, check=False, stdout=sys.stderr)
+    if proc.returncode != 0:
+        raise BuildError(f"{' '.join(argv[:3])}... failed in the rootfs (exit {proc.returncode})")
+
+
+def singularity_d(rootfs: Path, defn: Definition, dynamic_labels: dict[str, str]) -> None:
+    sd = rootfs / ".singularity.d"
+    for sub in ("env", "actions", "libs"):
+        (sd / sub).mkdir(parents=True, exist_ok=True)
+    env = sd / "env"
+    # What Apptainer's docker bootstrap writes for debian:bookworm-slim (its image config's ENV).
+    (env / "10-docker2singularity.sh").write_text(
+        f"#!/bin/sh\nexport PATH=\"{BUILD_PATH}\"\n")
+    (env / "90-environment.sh").write_text(script(defn.sections.get("environment"))
+                                           or "#!/bin/sh\n")
+    (env / "99-base.sh").write_text(
+        '#!/bin/sh\nif [ -z "$LD_LIBRARY_PATH" ]; then\n    LD_LIBRARY_PATH="/.singularity.d/libs"\n'
+        'else\n    LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/.singularity.d/libs"\nfi\n'
+        'PS1="Apptainer> "\nexport LD_LIBRARY_PATH PS1\n')
+    for f in env.iterdir():
+        f.chmod(0o755)
+    for name, fname in (("runscript", "runscript"), ("test", "test"), ("startscript", "startscript")):
+        if defn.body(name).strip():
+            (sd / fname).write_text(script(defn.sections[name]))
+            (sd / fname).chmod(0o755)
+    if defn.body("help").strip():
+        (sd / "runscript.help").write_text(defn.body("help").rstrip("\n") + "\n")
+    (sd / "Singularity").write_text(defn.raw)
+    for action in ("exec", "run", "test"):
+        target = {"exec": '"$@"', "run": "/.singularity.d/runscript \"$@\"",
+                  "test": "/.singularity.d/test \"$@\""}[action]
+        a = sd / "actions" / action
+        a.write_text('#!/bin/sh\nfor script in /.singularity.d/env/*.sh; do\n'
+                     '    if [ -f "$script" ]; then . "$script"; fi\ndone\n'
+                     f"exec {target}\n")
+        a.chmod(0o755)
+    for link in ("singularity", "runscript"):
+        (rootfs / link).unlink(missing_ok=True)
+    (rootfs / "singularity").symlink_to(".singularity.d/runscript")
+    (rootfs / "environment").unlink(missing_ok=True)
+    (rootfs / "environment").symlink_to(".singularity.d/env/90-environment.sh")
+    labels = {
+        "org.label-schema.build-arch": {"x86_64": "amd64", "aarch64": "arm64"}.get(
+            platform.machine(), platform.machine()),
+        "org.label-schema.build-date": datetime.datetime.now(datetime.UTC).strftime(
+            "%A_%d_%B_%Y_%H:%M:%S_%Z"),
+        "org.label-schema.schema-version": "1.0",
+        "org.label-schema.usage": "/.singularity.d/runscript.help",
+        "org.label-schema.usage.apptainer.deffile.bootstrap": defn.header.get("bootstrap", ""),
+        "org.label-schema.usage.apptainer.deffile.from": defn.header.get("from", ""),
+        "org.hpcdask.test-build": "containers/imagebuild/image.py (debootstrap + bubblewrap), not apptainer",
+        **defn.labels,
+        **dynamic_labels,
+    }
+    (sd / "labels.json").write_text(json.dumps(labels, indent=4, sort_keys=True) + "\n")
+    (sd / "labels.json").chmod(0o644)
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                k, _, v = line.partition(" ")
+                out[k] = v.strip()
+    return out
+
+
+# Each is ~1.3 GB and every source edit makes a new one; several checkouts (worktrees) may test
+# at once, each with its own sources: HPCDASK_TEST_KEEP_IMAGES keeps more.
+KEEP_IMAGES = int(os.environ.get("HPCDASK_TEST_KEEP_IMAGES", "3"))
+
+
+def prune(cache: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest images of the cache (the base stays)."""
+    done = sorted(cache.glob("image-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for marker in done[keep:]:
+        img = marker.with_suffix("")
+        log(f"pruning the older image {img}")
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(img, ignore_errors=True)
+
+
+def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path = REPO) -> Path:
+    """Build (or reuse) the sandbox image of ``def_path`` and return its path."""
+    require_tools()
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".image.lock", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        defn = parse_def(def_path.read_text())
+        base = build_base(cache)
+        key = input_key(defn, def_path, base, context)[:16]
+        dest = cache / f"image-{key}"
+        done = cache / f"image-{key}.json"
+        if dest.is_dir() and done.exists():
+            log(f"reusing {dest}")
+            return dest
+        t0 = time.monotonic()
+        work = Path(tempfile.mkdtemp(prefix=f".image-{key}.", dir=cache))
+        try:
+            rootfs = work / "rootfs"
+            log(f"copying the base into {rootfs}")
+            subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], check=True)
+            copy_files(defn, context, rootfs)
+
+            sd = rootfs / ".singularity.d"
+            (sd / "env").mkdir(parents=True, exist_ok=True)
+            labels_file = sd / "labels.build"
+            labels_file.touch()
+            env = {
+                "PATH": BUILD_PATH, "HOME": "/root", "LANG": "C", "TERM": "dumb",
+                "APPTAINER_ROOTFS": "/", "SINGULARITY_ROOTFS": "/",
+                "APPTAINER_LABELS": "/.singularity.d/labels.build",
+                "SINGULARITY_LABELS": "/.singularity.d/labels.build",
+                "APPTAINER_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
+                "SINGULARITY_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
+            }
+            if os.environ.get("SOURCE_DATE_EPOCH"):  # reproducible builds: install.sh uses it
+                env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+            ro_binds = []
+            ca = os.environ.get("PIP_CERT") or (str(HOST_CA) if HOST_CA.exists() else "")
+            if ca:
+                # Not at /etc/ssl/certs/ca-certificates.crt: the ca-certificates package writes there.
+                (rootfs / "run").mkdir(exist_ok=True)
+                (rootfs / "run" / "host-ca.crt").touch()
+                ro_binds.append((ca, "/run/host-ca.crt"))
+                env["PIP_CERT"] = "/run/host-ca.crt"
+            mounts = []
+            for src in sorted(set(LOCAL_INDEXES.findall(
+                    "\n".join((context / s).read_text(errors="replace") for s, _ in defn.files
+                              if (context / s).is_file() and s.endswith((".lock", ".txt")))))):
+                if src.rstrip("/").endswith("/simple"):  # its pages link to ../../files/
+                    src = str(Path(src).parent)
+                if Path(src).is_dir() and not (rootfs / src.lstrip("/")).exists():
+                    (rootfs / src.lstrip("/")).mkdir(parents=True)
+                    mounts.append(rootfs / src.lstrip("/"))
+                    ro_binds.append((src, src))
+            post = defn.sections.get("post")
+            if post and post.body.strip():
+                log("%post")
+                shell = ["/bin/sh", "-e", "-x"] + (post.args.split() if post.args else [])
+                bwrap_build(rootfs, shell + ["-c", post.body], env, ro_binds)
+            # Remove what the build alone needed.
+            if ca:
+                (rootfs / "run" / "host-ca.crt").unlink()
+            for m in mounts:
+                while m != rootfs and m.is_dir() and not any(m.iterdir()):
+                    m.rmdir()
+                    m = m.parent
+            dynamic = read_labels(labels_file)
+            labels_file.unlink()
+            singularity_d(rootfs, defn, dynamic)
+            seconds = time.monotonic() - t0
+            if dest.exists():
+                shutil.rmtree(dest)
+            rootfs.rename(dest)
+            done.write_text(json.dumps({"key": key, "base": str(base), "seconds": round(seconds, 1),
+                                        "def": str(def_path)}) + "\n")
+            log(f"built {dest} in {seconds:.0f} s")
+            prune(cache, keep=KEEP_IMAGES)
+            return dest
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_test(image: Path, binds: list[str] = (), cleanenv: bool = True) -> int:
+    """``apptainer test IMAGE`` through the bubblewrap runner; returns its exit code."""
+    cmd = [str(RUNNER), "test"] + (["--cleanenv"] if cleanenv else [])
+    for b in binds:
+        cmd += ["--bind", b]
+    return subprocess.run(cmd + [str(image)], check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build or reuse the sandbox image; print its path")
+    b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (outside the repo)")
+    b.add_argument("--def", dest="def_path", type=Path, default=DEFFILE)
+    t = sub.add_parser("test", help="run the image's %%test through tests/testcluster/bin/apptainer")
+    t.add_argument("image", type=Path)
+    t.add_argument("--bind", "-B", action="append", default=[])
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            print(build(args.cache, args.def_path))
+            return 0
+        return run_test(args.image, args.bind)
+    except BuildError as e:
+        log(f"error: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

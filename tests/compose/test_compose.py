@@ -1,0 +1,187 @@
+"""docker-compose.yml, unchanged, runs a real cluster under podman-compose.
+
+The image is containers/Dockerfile built by tests/compose/podman.sh (debootstrap base imported into
+podman, cached by the hash of every input: the first build takes minutes, later ones nothing).
+One `podman-compose up` starts the scheduler, two workers and the client; the client's workload
+must finish on both workers, every role must report the same Python, packages and image, the
+dashboard must answer on 127.0.0.1:8787 and nowhere else on this host, and `down -v` must leave
+nothing behind. Needs root, podman, podman-compose, runc and debootstrap: without them these tests
+FAIL, they do not skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hpcdask import netif
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+PODMAN_SH = REPO / "tests" / "compose" / "podman.sh"
+CONTAINERS_CONF = REPO / "tests" / "compose" / "containers.conf"
+LOCK = REPO / "containers" / "requirements.lock"
+DASHBOARD = 8787
+SCHEDULER_FILE = "/shared/cluster/scheduler.json"
+
+pytestmark = [pytest.mark.compose, pytest.mark.slow]
+
+
+def podman_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINERS_CONF)),
+            **extra}
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
+                       env=podman_env(), check=False)
+    if check and r.returncode != 0:
+        pytest.fail(f"podman {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    missing = [t for t in ("podman", "podman-compose", "debootstrap") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: make host-deps (required: the compose test "
+                    f"runs in CI)")
+    if os.geteuid() != 0:
+        pytest.fail("the compose test needs root (debootstrap, podman's networks)")
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(PODMAN_SH), "build"], capture_output=True, text=True,
+                       timeout=3600, env=podman_env(), check=False)
+    if r.returncode != 0:
+        pytest.fail(f"tests/compose/podman.sh build failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    tag = r.stdout.strip().splitlines()[-1]
+    print(f"\nimage {tag} ready in {time.monotonic() - t0:.1f}s")
+    return tag
+
+
+def project_leftovers(project: str) -> dict[str, list[str]]:
+    label = f"label=io.podman.compose.project={project}"
+    return {
+        "containers": podman("ps", "-a", "--filter", label, "--format", "{{.Names}}").stdout.split(),
+        "volumes": podman("volume", "ls", "--filter", label, "--format", "{{.Name}}").stdout.split(),
+        "networks": podman("network", "ls", "--filter", label, "--format", "{{.Name}}").stdout.split(),
+    }
+
+
+def http_status(url: str, timeout: float = 5) -> int | str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError as e:
+        return type(e).__name__
+
+
+def test_compose_cluster(image, tmp_path):
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", DASHBOARD)) == 0:
+            pytest.fail(f"127.0.0.1:{DASHBOARD} is already taken on this host; stop what listens "
+                        f"there (ss -ltnp 'sport = :{DASHBOARD}') before the compose test")
+    project = f"hpcdask-test-{uuid.uuid4().hex[:8]}"
+    output = tmp_path / "output"
+    output.mkdir()
+    env = podman_env(HPCDASK_DOCKER_IMAGE=image, HPCDASK_OUTPUT=str(output))
+    compose = ["podman-compose", "-p", project, "-f", str(COMPOSE_FILE)]
+    log = tmp_path / "compose.log"
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    try:
+        with log.open("w") as f:
+            up = subprocess.run([*compose, "up", "--abort-on-container-exit", "--exit-code-from",
+                                 "client"], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                timeout=900, check=False)
+        timings["up_to_client_done"] = time.monotonic() - t0
+        client_log = podman("logs", f"{project}_client_1", check=False)
+        assert up.returncode == 0, (
+            f"podman-compose up exited {up.returncode}\n--- compose (tail)\n"
+            f"{log.read_text()[-6000:]}\n--- client\n{client_log.stdout[-3000:]}{client_log.stderr[-3000:]}")
+
+        metrics = json.loads((output / "compose" / "metrics.json").read_text())
+        try:
+            check_metrics(metrics)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- compose (tail)\n{log.read_text()[-8000:]}") from None
+        check_running_cluster(project)
+    finally:
+        t1 = time.monotonic()
+        down = subprocess.run([*compose, "down", "-v"], capture_output=True, text=True, env=env,
+                              timeout=300, check=False)
+        # podman-compose 1.0.x's `down` removes containers, pods and (-v) volumes, not the
+        # networks `up` made: remove those by the project label, as `docker compose down` does.
+        for net in project_leftovers(project)["networks"]:
+            podman("network", "rm", net, check=False)
+        timings["down"] = time.monotonic() - t1
+        left = project_leftovers(project)
+        print(f"\ncompose: up -> client done {timings.get('up_to_client_done', -1):.1f}s, "
+              f"down {timings['down']:.1f}s")
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    assert left == {"containers": [], "volumes": [], "networks": []}, left
+
+
+def check_metrics(metrics: dict) -> None:
+    """The workload ran on >= 2 workers in separate containers, all roles identical."""
+    cluster = metrics["cluster"]
+    assert cluster["workers"] >= 2, cluster
+    assert len(set(cluster["worker_hosts"])) >= 2, cluster
+
+    roles = metrics["roles"]
+    workers = {name: r for name, r in roles.items() if name.startswith("worker")}
+    assert "scheduler" in roles and "client" in roles and len(workers) >= 2, sorted(roles)
+    # Each worker its own container: its own hostname (the container's id).
+    assert len({r["host"] for r in workers.values()}) == len(workers), {
+        n: r["host"] for n, r in workers.items()}
+    assert len({r["host"] for r in roles.values()}) == len(roles)
+
+    lock_sha = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    reference = roles["scheduler"]
+    assert reference["image"] == f"lock:{lock_sha[:16]}", reference["image"]
+    for name, r in roles.items():
+        assert r["container"], f"{name} does not report a container: {r.get('container')!r}"
+        for key in ("python", "image", "packages"):
+            assert r[key] == reference[key], f"{name} differs from the scheduler in {key}"
+
+
+def check_running_cluster(project: str) -> None:
+    """After the client: healthcheck, dashboard on loopback only, versions, image identity."""
+    scheduler = f"{project}_scheduler_1"
+    # podman runs healthchecks from systemd timers; where there is no systemd, run it by hand.
+    hc = podman("healthcheck", "run", scheduler, check=False)
+    assert hc.returncode == 0 and hc.stdout.strip() in ("", "healthy"), hc.stdout + hc.stderr
+
+    assert http_status(f"http://127.0.0.1:{DASHBOARD}/health") == 200
+    ports = podman("port", scheduler).stdout.split("\n")
+    assert [p for p in ports if p.strip()] == [f"{DASHBOARD}/tcp -> 127.0.0.1:{DASHBOARD}"], ports
+    for name, addr in netif.interfaces().items():
+        if addr and not addr.startswith("127."):
+            status = http_status(f"http://{addr}:{DASHBOARD}/health", timeout=3)
+            assert status != 200, f"the dashboard answers on {name} ({addr}), not only on loopback"
+
+    # One image for every role: every container of the project runs the same image id.
+    ids = podman("ps", "-a", "--filter", f"label=io.podman.compose.project={project}",
+                 "--format", "{{.ImageID}}").stdout.split()
+    assert len(ids) == 4 and len(set(ids)) == 1, ids
+
+    # The credentials' folder on the shared volume is private, as the design asks.
+    mode = podman("exec", scheduler, "stat", "-c", "%a %U", "/shared/cluster").stdout.split()
+    assert mode == ["700", "root"], mode
+
+    versions = podman("exec", scheduler, "hpcdask", "versions", "--scheduler-file", SCHEDULER_FILE,
+                      check=False, timeout=180)
+    assert versions.returncode == 0, versions.stdout + versions.stderr
+    assert "roles identical" in versions.stdout, versions.stdout

@@ -1,0 +1,92 @@
+"""The test cluster and the test image as pytest fixtures (registered by ``tests/conftest.py``).
+
+``image`` and ``sif``: the test image (containers/imagebuild: debootstrap + containers/dask.def's
+sections), as a sandbox folder and as a SIF file, built once and cached by their inputs.
+``slurm_cluster`` brings the cluster up once per session and tears it down at the end, even when
+tests fail. If the cluster cannot be started the fixture fails loudly: these tests are required
+in CI, so a missing Slurm is an error, never a skip. A cluster that was already healthy before
+the session (``make cluster-up``) is left up; ``HPCDASK_CLUSTER_KEEP=1`` keeps the one the session
+started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testcluster.cluster import REPO, ClusterError, SlurmCluster, cluster_sh, exports
+
+
+def _built(module: str, what: str, ok) -> Path:
+    """``python -m imagebuild.MODULE build`` (cached): the path it prints last, checked by OK.
+    Fails, never skips, when nothing is built: these tests run in CI."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "containers")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"imagebuild.{module}", "build"], env=env, cwd=REPO,
+            capture_output=True, text=True, timeout=3600, check=False, stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"building {what} failed: {exc}", pytrace=False)
+    lines = proc.stdout.strip().splitlines()
+    path = Path(lines[-1]) if lines else None
+    if proc.returncode != 0 or path is None or not ok(path):
+        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
+        pytest.fail(f"python -m imagebuild.{module} build exited {proc.returncode} without {what} "
+                    f"(required: these tests run in CI)\n{tail}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The test image (a sandbox folder): ``python -m imagebuild.image build`` (cached), its path."""
+    return _built("image", "an image", Path.is_dir)
+
+
+@pytest.fixture(scope="session")
+def sif() -> Path:
+    """The image as a SIF file: ``python -m imagebuild.sif build`` (the sandbox of ``image``,
+    assembled like ``apptainer build`` does; cached under $HPCDASK_TEST_CACHE by the same input
+    key), its path."""
+    return _built("sif", "a SIF", Path.is_file)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(sif: Path) -> Iterator[SlurmCluster]:
+    """The running Slurm test cluster (started once per session, stopped at its end), whose
+    users get the session's test image, as a SIF file, as HPCDASK_IMAGE."""
+    was_up = cluster_sh("status", check=False).returncode == 0
+    try:
+        up = cluster_sh("up", image=sif)
+    except (ClusterError, subprocess.TimeoutExpired, OSError) as exc:
+        cluster_sh("down", check=False)
+        pytest.fail(f"the Slurm test cluster did not start:\n{exc}", pytrace=False)
+    print(up.stderr, end="")
+    try:
+        cluster = SlurmCluster(exports("env"))
+        yield cluster
+    finally:
+        if "cluster" in locals():
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
+        if not was_up and os.environ.get("HPCDASK_CLUSTER_KEEP") != "1":
+            cluster_sh("down", check=False)
+
+
+@pytest.fixture
+def udir(slurm_cluster) -> Path:
+    """A new folder of hpcuser's in its home (the shared filesystem): a job's working directory."""
+    return slurm_cluster.mkdtemp("t-")
+
+
+@pytest.fixture
+def job_env(slurm_cluster, sif) -> dict[str, str]:
+    """What every test job adds to hpcuser's login environment: the image (the SIF), and a private
+    shared folder of its own for the cluster folders (so a test can check it is left empty)."""
+    return {"HPCDASK_IMAGE": str(sif),
+            "HPCDASK_SHARED_DIR": str(slurm_cluster.mkdtemp("clusters-"))}

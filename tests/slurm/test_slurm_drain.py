@@ -32,8 +32,10 @@ class Session:
         self.shared = Path(job_env["HPCDASK_SHARED_DIR"])
         self.env = {**job_env, "HPCDASK_CLUSTER_DIR": str(self.cdir)}
         self.sched = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-scheduler.sbatch"),
-                                          "--time=10", "--mem=1000M", env=self.env, wait=False,
-                                          workdir=udir).job_id
+                                          "--time=10", "--mem=1000M", wait=False, workdir=udir,
+                                          # on eth0: the client runs on the login node
+                                          env={**self.env, "HPCDASK_SCHEDULER_INTERFACE": "eth0"}
+                                          ).job_id
         self.jobs = [self.sched]
         self.workers = [self.add_worker(worker_env) for _ in range(nworkers)]
         self.client = None
@@ -55,8 +57,17 @@ class Session:
                  "--scheduler-file", str(self.cdir / "scheduler.json"), "--wait-workers",
                  str(nworkers), "--", "persist.py", str(self.marks), str(self.go), str(size)],
                 env=self.env, cwd=self.udir, stdout=out, stderr=err)
-        line = wait_for_text(self.out, r"HELD (.*)\n", 300).group(1)
-        return eval(line)  # noqa: S307 - our own dict
+        deadline = time.monotonic() + 300
+        while not (m := re.search(r"HELD (.*)\n", self.out.read_text())):
+            assert self.client.poll() is None and time.monotonic() < deadline, (
+                self.out.read_text() + self.err.read_text() + self.logs())
+            time.sleep(0.5)
+        return eval(m.group(1))  # noqa: S307 - our own dict
+
+    def logs(self) -> str:
+        """The jobs' outputs so far (for a failure's message)."""
+        return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                       for p in sorted(self.udir.glob("slurm-*")))
 
     def finish_client(self) -> str:
         self.go.touch()

@@ -139,11 +139,13 @@ def test_a_preempted_worker_job_hands_its_results_over(slurm_cluster, job_env, u
         s.finish_client()
         assert s.lines() == 40  # nothing recomputed
         log = res.stderr
-        assert "got SIGTERM: draining the workers" in log, str(res)
+        # Slurm signals the job's steps (the workers: "STEP ... CANCELLED"), not the batch script,
+        # which then ends on its own, exit 0, inside GraceTime: Slurm records it COMPLETED.
+        assert "CANCELLED AT" in log and "stopping (SIGTERM)" in log, str(res)
         took = re.search(r"drained in ([\d.]+)s: (\d+) key", log)
         assert took and "could not drain" not in log, str(res)
         assert "Traceback" not in log and " - ERROR - " not in log, str(res)
-        assert res.state == "PREEMPTED", str(res)  # what Slurm records, whatever the exit code
+        assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
         measure("drain on preemption", keys=int(took.group(2)), key_mb=1,
                 drain_s=float(took.group(1)), state=res.state, exit_code=res.exit_code)
     finally:

@@ -1,6 +1,7 @@
 # hpcdask: the README's verbs, each a thin call of a script or the CLI.
 #   make run    create .venv from the lock and run the main job (default workload, LocalCluster)
 #   make test   install what the tests need (apt + .venv-test) and run every test, cluster ones included
+#   make docs   build the documentation (docs/, Sphinx) into docs/_build/html, warnings as errors
 SHELL := /bin/bash
 # shq: TEXT single-quoted for the shell.
 shq = '$(subst ','\'',$(1))'
@@ -22,11 +23,11 @@ IMAGEBUILD := PYTHONPATH=$(CURDIR)/containers
 LOGIN_AS := $(if $(filter default undefined,$(origin AS)),hpcuser,$(AS))
 CMD ?=
 
-.PHONY: help run test test-unit lock venv sif docker image compose-test cluster-up cluster-down \
+.PHONY: help run test test-unit docs lock venv sif docker image compose-test cluster-up cluster-down \
         cluster-env cluster-login cluster-deps host-deps bench clean
 
 help:
-	@echo "make run | test | test-unit | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
+	@echo "make run | test | test-unit | docs | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
 	@echo "make cluster-login [CMD='squeue'] [AS=otheruser]   (BATCH=slurm selects the test cluster's batch system)"
 
 # --- environments -----------------------------------------------------------------------------
@@ -68,6 +69,13 @@ test: host-deps $(VENV)/.done $(TVENV)/.done
 # No root, no image, no cluster: under a minute.
 test-unit: $(VENV)/.done $(TVENV)/.done
 	$(TVENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# --- the documentation -----------------------------------------------------------------------
+# Offline: -n (nitpicky) and MyST's heading anchors make every link between the pages an error when
+# it does not resolve, and docs/_ext/local_links.py checks README.md's relative links; nothing is
+# fetched. make test builds it too (tests/unit/test_docs.py).
+docs: $(TVENV)/.done
+	$(TVENV)/bin/python -m sphinx -W --keep-going -n -b html docs docs/_build/html
 
 # --- the lock ---------------------------------------------------------------------------------
 lock:
@@ -124,4 +132,4 @@ bench: host-deps $(VENV)/.done $(VENV)/.paths
 	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick,) $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(TVENV) .venv-tools hpcdask-output .pytest_cache
+	rm -rf $(VENV) $(TVENV) .venv-tools hpcdask-output .pytest_cache docs/_build

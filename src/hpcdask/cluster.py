@@ -1,6 +1,7 @@
 """dask-jobqueue clusters whose workers run in the image: ``slurm_cluster`` and ``pbs_cluster``.
 
-Seed 002's ``SLURMCluster`` and seed 001's ``PBSCluster``, with hpcdask's defaults: each worker
+The ``SLURMCluster`` of the tutorial "Distributed Python code" (SFU Cedar) and the ``PBSCluster`` of
+"Dask Distributed" (NCI, https://intro-to-dask.readthedocs.io), with hpcdask's defaults: each worker
 job runs dask-jobqueue's own worker command under ``apptainer exec IMAGE python``, binds the
 workers' interface (``ib0``) while the scheduler binds its own (``scheduler_interface``: login
 nodes often lack ``ib0``; then, unless ``interface=`` is given, the workers bind the scheduler's
@@ -236,7 +237,8 @@ def _with_prefix(job_cls: type, prefix: str | None) -> type:
 
 def slurm_cluster(image: str | os.PathLike[str] | None = None, *,
                   submit_prefix: str | None = None, **kwargs: Any):
-    """A ``dask_jobqueue.SLURMCluster`` whose workers run in ``image`` (seed 002's Cedar example).
+    """A ``dask_jobqueue.SLURMCluster`` whose workers run in ``image`` (the Cedar example of the
+    tutorial "Distributed Python code").
 
     Keyword arguments are :func:`job_kwargs`'s and ``SLURMCluster``'s (``cores``, ``memory``,
     ``walltime``, ``account``, ``queue``, ``job_extra_directives``, ...). ``gpus=1``: each worker
@@ -256,7 +258,8 @@ def pbs_cluster(image: str | os.PathLike[str] | None = None, *,
                 submit_prefix: str | None = None, project: str | None = None,
                 ncpus: int | None = None, mem: str | None = None, jobfs: str | None = None,
                 job_extra_directives: list[str] | None = None, **kwargs: Any):
-    """A ``dask_jobqueue.PBSCluster`` whose workers run in ``image`` (seed 001's Gadi example).
+    """A ``dask_jobqueue.PBSCluster`` whose workers run in ``image`` (the Gadi example of NCI's
+    tutorial "Dask Distributed").
 
     ``project``, ``ncpus``, ``mem`` and ``jobfs`` become Gadi's ``-P``, ``-l ncpus=``, ``-l mem=``
     and ``-l jobfs=`` directives (Gadi takes no ``select``, so it is skipped); the workers'

@@ -27,6 +27,9 @@ CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado
                              "distributed.worker", "distributed.protocol.core",
                              "distributed.comm.utils")
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
+#: What a closing worker's own pending calls raise when its loop or its connection pool closed
+#: under them (a drain that timed out or failed closes the worker as the scheduler drops it).
+CLOSED_UNDER_US = ("Event loop is closed", "ConnectionPool is closed")
 
 
 class NoClosedConnectionTraceback(logging.Filter):
@@ -38,8 +41,9 @@ class NoClosedConnectionTraceback(logging.Filter):
     the INFO line it was meant to be. And a worker's heartbeat that meets a closed connection
     becomes one line with its cause: an INFO line when this process's workers are closing
     anyway (an orderly stop closes the worker's connections under a heartbeat on its way), a
-    WARNING otherwise (distributed retries at the next heartbeat). And a reply cut off by its
-    own worker closing ("Event loop is closed": a drain that timed out) becomes an INFO line."""
+    WARNING otherwise (distributed retries at the next heartbeat). And a call cut off by its
+    own worker closing (:data:`CLOSED_UNDER_US`: a drain that timed out or failed) becomes an
+    INFO line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -51,7 +55,7 @@ class NoClosedConnectionTraceback(logging.Filter):
                       "Failed to communicate with scheduler during heartbeat (%s: %s)"
                       + ("; this worker is closing" if closing else ""),
                       (type(exc).__name__, exc))
-        elif (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+        elif (isinstance(exc, RuntimeError) and str(exc) in CLOSED_UNDER_US
               and _workers_closing()):
             _one_line(record, logging.INFO,
                       "a reply to a peer was cut off as this worker closed (%s)", (exc,))

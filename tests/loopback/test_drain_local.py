@@ -139,7 +139,7 @@ def test_a_signalled_worker_hands_its_results_over_and_nothing_is_recomputed(tmp
     try:
         held = held_by(wait_for(tmp_path / "client.out", "HELD", client))
         assert len(held) == 2 and all(held.values()), held  # both hold results
-        a.send_signal(sig)
+        os.killpg(a.pid, sig)  # as a batch system: every process of the step
         assert finish(a) == 0
         (tmp_path / "go").touch()
         assert finish(client, 120) == 0, (tmp_path / "client.err").read_text()
@@ -161,7 +161,7 @@ def test_a_worker_with_nowhere_to_drain_says_what_was_lost_and_it_is_recomputed(
         client = run_persist(tmp_path, path, 1_000_000)
         held = held_by(wait_for(tmp_path / "client.out", "HELD", client))
         assert list(held.values()) == [40], held
-        a.send_signal(signal.SIGTERM)
+        os.killpg(a.pid, signal.SIGTERM)  # as a batch system: every process of the step
         assert finish(a) == 0
         b = worker(path, tmp_path / "b.log", "b")  # a new worker job
         (tmp_path / "go").touch()
@@ -183,7 +183,7 @@ def test_a_drain_that_times_out_says_so_in_one_line_and_exits(tmp_path):
     client = run_persist(tmp_path, path, 1_000_000)
     try:
         held_by(wait_for(tmp_path / "client.out", "HELD", client))
-        a.send_signal(signal.SIGTERM)
+        os.killpg(a.pid, signal.SIGTERM)  # as a batch system: every process of the step
         t0 = time.monotonic()
         assert finish(a) == 0
         took = time.monotonic() - t0

@@ -19,6 +19,12 @@
 #   HPCDASK_STOP_TIMEOUT   seconds the workers get to retire once the client is done (default 60)
 #   HPCDASK_KILL_GRACE     seconds the roles get to end on SIGTERM/exit before SIGKILL (default 4:
 #                          inside Slurm's KillWait, which is 30 s on most sites)
+#   HPCDASK_WARNING_SIGNAL the batch system's early warning (default USR1: #SBATCH --signal=B:USR1@N;
+#                          USR2 for Grid Engine's -notify); hpcdask's own setting too (warning-signal)
+# Signals: a worker job passes SIGTERM (scancel, preemption) and the warning signal once to its
+# workers, which drain (hand their results to the other workers, hpcdask.drain-timeout) and exit;
+# the job waits for them. A scheduler or all-in-one job passes the warning once to its scheduler,
+# which tells the clients the cluster is ending and stops in order. A second signal changes nothing.
 # The interface is hpcdask's setting (hpcdask.yaml: ib0), so ~/.config/dask/*.yaml,
 # DASK_HPCDASK__INTERFACE and HPCDASK_INTERFACE all reach the roles unchanged.
 # Node-local scratch: $TMPDIR (Slurm/PBS make it per job on each node) is bound into the image
@@ -28,6 +34,9 @@ HJ_APPTAINER=${HPCDASK_APPTAINER:-apptainer}
 HJ_READY_TIMEOUT=${HPCDASK_READY_TIMEOUT:-300s}
 HJ_STOP_TIMEOUT=${HPCDASK_STOP_TIMEOUT:-60}
 HJ_KILL_GRACE=${HPCDASK_KILL_GRACE:-4}
+HJ_WARNING=${HPCDASK_WARNING_SIGNAL:-USR1}
+HJ_WARNING=${HJ_WARNING#SIG}
+HJ_SIGNALLED=''   # the first signal this job passed on (a second one changes nothing)
 
 HJ_EXEC=()        # apptainer exec [--bind ...] IMAGE: the prefix of every role
 HJ_DIR=''         # this cluster's folder (scheduler file + credentials)
@@ -261,24 +270,29 @@ hj_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
 # Wait until any background role ends; then HJ_ENDED names it (client/waiter/scheduler/workers)
 # and HJ_RC is its exit code.
+# A signal the job passes on (hj_drain, hj_warned) interrupts the wait: it goes on while a role runs.
 hj_wait_any() {
-    wait -n 2>/dev/null || true
     local name pid
-    for name in waiter client scheduler workers; do
-        case $name in
-            waiter) pid=$HJ_WAITER ;; client) pid=$HJ_CLIENT ;;
-            scheduler) pid=$HJ_SCHED ;; workers) pid=$HJ_WORKERS ;;
-        esac
-        if [ -n "$pid" ] && ! hj_alive "$pid"; then
-            HJ_ENDED=$name
-            HJ_RC=0
-            wait "$pid" 2>/dev/null || HJ_RC=$?
+    while :; do
+        wait -n 2>/dev/null || true
+        for name in waiter client scheduler workers; do
             case $name in
-                waiter) HJ_WAITER='' ;; client) HJ_CLIENT='' ;;
-                scheduler) HJ_SCHED='' ;; workers) HJ_WORKERS='' ;;
+                waiter) pid=$HJ_WAITER ;; client) pid=$HJ_CLIENT ;;
+                scheduler) pid=$HJ_SCHED ;; workers) pid=$HJ_WORKERS ;;
             esac
-            return 0
-        fi
+            if [ -n "$pid" ] && ! hj_alive "$pid"; then
+                HJ_ENDED=$name
+                HJ_RC=0
+                wait "$pid" 2>/dev/null || HJ_RC=$?
+                case $name in
+                    waiter) HJ_WAITER='' ;; client) HJ_CLIENT='' ;;
+                    scheduler) HJ_SCHED='' ;; workers) HJ_WORKERS='' ;;
+                esac
+                return 0
+            fi
+        done
+        hj_alive "$HJ_WAITER" || hj_alive "$HJ_CLIENT" || hj_alive "$HJ_SCHED" ||
+            hj_alive "$HJ_WORKERS" || break
     done
     HJ_ENDED=''
 }
@@ -335,7 +349,10 @@ hj_wait_client() {
         hj_wait_any
         case $HJ_ENDED in
             client) return 0 ;;
-            scheduler | workers) hj_fail_ended "client was running" ;;
+            scheduler | workers)
+                # Warned, the scheduler told the client and stops: the client's own line follows.
+                if [ -n "$HJ_SIGNALLED" ] && hj_alive "$HJ_CLIENT"; then continue; fi
+                hj_fail_ended "client was running" ;;
         esac
     done
 }
@@ -449,11 +466,41 @@ hj_ours() {
     [ -n "$id" ] && grep -qs "\"job\": \"$id\"" "$1"
 }
 
-# SIGTERM/SIGINT to the job (time limit, scancel/qdel): the cleanup trap does the rest.
+# SIGTERM/SIGINT to the job (time limit, scancel/qdel): the cleanup trap does the rest. The
+# warning signal (a scheduler or all-in-one job): passed once to the scheduler (hj_warned).
 hj_traps() {
     trap hj_cleanup EXIT
     trap 'hj_say "stopped by SIGTERM (time limit or scancel)"; exit 143' TERM
     trap 'hj_say "stopped by SIGINT"; exit 130' INT
+    # shellcheck disable=SC2064 # the signal's name now
+    trap "hj_warned $HJ_WARNING" "$HJ_WARNING"
+}
+
+# The warning (SIG): the scheduler tells its clients that the cluster is ending and stops in order.
+hj_warned() {
+    [ -z "$HJ_SIGNALLED" ] || return 0
+    HJ_SIGNALLED=$1
+    hj_say "got SIG$1: the cluster is ending; the scheduler tells the clients and stops"
+    if hj_alive "$HJ_SCHED"; then kill -s "$1" "$HJ_SCHED" 2>/dev/null || true; fi
+}
+
+# A worker job: SIGTERM (scancel, preemption, the time limit) and the warning signal drain the
+# workers (hj_drain); the job waits for them to hand their results over and exits with their code.
+hj_drain_traps() {
+    trap hj_cleanup EXIT
+    trap 'hj_drain TERM' TERM
+    # shellcheck disable=SC2064 # the signal's name now
+    trap "hj_drain $HJ_WARNING" "$HJ_WARNING"
+    trap 'hj_say "stopped by SIGINT"; exit 130' INT
+}
+
+# SIG, once, to the workers' step (srun passes it to every task; under scancel without -b the
+# tasks have it already, and the second one changes nothing).
+hj_drain() {
+    [ -z "$HJ_SIGNALLED" ] || return 0
+    HJ_SIGNALLED=$1
+    hj_say "got SIG$1: draining the workers (they hand their results over, then exit)"
+    if hj_alive "$HJ_WORKERS"; then kill -s "$1" "$HJ_WORKERS" 2>/dev/null || true; fi
 }
 
 # The all-in-one job: scheduler on this node, NODES x NWORKERS workers, the client here; exits

@@ -19,7 +19,7 @@ from distributed import Client
 from distributed.core import rpc
 from distributed.security import Security
 
-from hpcdask import config, proof, schedfile, security, versions
+from hpcdask import config, proof, schedfile, security, signals, versions
 from hpcdask.errors import BadInput, NotReady, Refused
 
 # How to wait longer for workers, as hpcdask run/client and the jobscripts offer it.
@@ -109,6 +109,8 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
         raise BadInput(f"{hint} ({type(e).__name__})") from None
     except ImportError as e:  # how distributed's Client reports the guard's refusal
         raise Refused(str(e).removeprefix("hpcdask: ")) from None
+    # The scheduler's word that the cluster is ending (its job got the warning signal).
+    client.subscribe_topic(signals.ENDING_TOPIC, signals.cluster_ending)
     try:
         if wait_workers:
             wait_for_workers(client, wait_workers, wait_timeout, wait_hint)

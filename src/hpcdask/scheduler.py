@@ -2,7 +2,8 @@
 
 A thin layer over distributed's ``Scheduler``: hpcdask picks the interface, makes the
 per-cluster TLS credentials, runs the identity guard, writes the scheduler file, and at the end
-(a signal, or the caller's ``until``) retires the workers in order before it closes.
+(a signal, or the caller's ``until``) retires the workers in order before it closes. At the
+batch system's warning signal it first tells the clients that the cluster is ending.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from distributed import Scheduler
 from distributed.core import Status
 from distributed.security import Security
 
-from hpcdask import batch, config, netif, schedfile, security, servers, signals
+from hpcdask import batch, config, drain, netif, schedfile, security, servers, signals
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
 from hpcdask.taskstream import TaskStream
@@ -94,9 +95,26 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
         for f in ends:
             f.cancel()
         if why != "finished":
+            if why == signals.warning_signal().name:
+                await end_clients(s, f"its scheduler's job got {why} (its end is near)")
             logger.info("hpcdask scheduler stopping (%s): retiring %d worker(s)", why,
                         len(s.workers))
             await retire_all(s)
+
+
+async def end_clients(s: Scheduler, why: str) -> None:
+    """Tell every client that the cluster is ending (hpcdask's clients stop in order: one line,
+    exit 143, nothing written), and give them until ``hpcdask.drain-timeout`` to leave."""
+    logger.info("hpcdask scheduler: telling %d client(s) that the cluster is ending", _clients(s))
+    s.log_event(signals.ENDING_TOPIC, {"why": why})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + drain.timeout()
+    while _clients(s) and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def _clients(s: Scheduler) -> int:
+    return sum(1 for c in s.clients if c != "fire-and-forget")
 
 
 async def retire_all(s: Scheduler, timeout: float = 30) -> None:

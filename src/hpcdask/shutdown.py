@@ -20,9 +20,16 @@ NOISY = ("distributed", "tornado", "asyncio")
 #: (a time limit stops every process of a job within milliseconds, in no particular order).
 #: And tornado.application, which reports distributed's listener stopping under a TLS handshake,
 #: and distributed.worker, whose heartbeat to a scheduler that is closing fails.
+#: And distributed.protocol.core and comm.utils, whose "Failed to Serialize" (CRITICAL) and
+#: ERROR are a reply to a peer cut off ("Event loop is closed") when a worker closes under it: a
+#: drain that timed out closes a worker mid-replication.
 CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado.application",
-                             "distributed.worker")
+                             "distributed.worker", "distributed.protocol.core",
+                             "distributed.comm.utils")
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
+#: What a closing worker's own pending calls raise when its loop or its connection pool closed
+#: under them (a drain that timed out or failed closes the worker as the scheduler drops it).
+CLOSED_UNDER_US = ("Event loop is closed", "ConnectionPool is closed")
 
 
 class NoClosedConnectionTraceback(logging.Filter):
@@ -34,7 +41,9 @@ class NoClosedConnectionTraceback(logging.Filter):
     the INFO line it was meant to be. And a worker's heartbeat that meets a closed connection
     becomes one line with its cause: an INFO line when this process's workers are closing
     anyway (an orderly stop closes the worker's connections under a heartbeat on its way), a
-    WARNING otherwise (distributed retries at the next heartbeat)."""
+    WARNING otherwise (distributed retries at the next heartbeat). And a call cut off by its
+    own worker closing (:data:`CLOSED_UNDER_US`: a drain that timed out or failed) becomes an
+    INFO line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -46,6 +55,10 @@ class NoClosedConnectionTraceback(logging.Filter):
                       "Failed to communicate with scheduler during heartbeat (%s: %s)"
                       + ("; this worker is closing" if closing else ""),
                       (type(exc).__name__, exc))
+        elif (isinstance(exc, RuntimeError) and str(exc) in CLOSED_UNDER_US
+              and _workers_closing()):
+            _one_line(record, logging.INFO,
+                      "a reply to a peer was cut off as this worker closed (%s)", (exc,))
         elif (isinstance(exc, ValueError) and "non-started TCPListener" in str(exc)
               and isinstance(exc.__context__, OSError)):
             _one_line(record, logging.INFO,
@@ -107,7 +120,8 @@ def quiet_cluster(client) -> None:
 
 
 def dask_setup(worker=None) -> None:
-    """Preload hook, in the worker process: on SIGTERM, go quiet and let the nanny stop us.
+    """Preload hook, in the worker process: on SIGTERM (or USR1/USR2), go quiet and let the
+    nanny stop us (it drains us first: hpcdask.drain).
     As a nanny's preload (``dask worker --preload-nanny``) it only installs the log filters
     (on import): the nanny's own SIGTERM handling stays distributed's."""
     from distributed import Nanny
@@ -118,7 +132,10 @@ def dask_setup(worker=None) -> None:
     def on_term(signum, frame) -> None:
         quiet()
 
-    signal.signal(signal.SIGTERM, on_term)
+    # The batch system signals every process of the step: SIGTERM, and its warning signal (USR1,
+    # USR2), whose default action would kill this process under the nanny's drain.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, on_term)
 
 
 # Every hpcdask role imports this module (the worker processes as their preload): install there.

@@ -32,7 +32,6 @@ import socket
 import subprocess
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -221,102 +220,6 @@ def test_readme_commands_ten_times_each_run_its_own_folder_owned_by_the_user(
 def _container(engine, project: Path, service: str, index: int) -> str:
     return f"{project.name}-{service}-{index}"
 
-
-def _wait_log(engine, name: str, pattern: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = engine.docker("logs", name, check=False)
-        text = r.stdout + r.stderr
-        if re.search(pattern, text, re.M):
-            return text
-        time.sleep(0.5)
-    raise AssertionError(f"{name}: no line matching {pattern!r} in {timeout:.0f}s:\n{text[-4000:]}")
-
-
-def test_scale_kill_a_worker_dashboard_and_orderly_stop(engine, docker_image, project, tmp_path):
-    _free_dashboard_port()
-    (project / "hpcdask-output").mkdir()
-    os.chown(project / "hpcdask-output", 1000, 1000)
-    user: dict[str, str] = {}  # compose's default user, 1000:1000
-    try:
-        up = _compose(engine, project, "up", "-d", "--scale", "worker=4", **user)
-        assert up.returncode == 0, up.stderr[-4000:]
-        ps = _compose(engine, project, "ps", "--format", "{{.Service}}", **user).stdout.split()
-        assert ps.count("worker") == 4, ps
-
-        # The dashboard in a real browser, through the port published on loopback.
-        shot = tmp_path / "dashboard.png"
-        _wait_status(f"http://127.0.0.1:{DASHBOARD}/status", timeout=120)
-        browser = subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
-             "--window-size=1280,800", "--virtual-time-budget=8000", f"--screenshot={shot}",
-             f"http://127.0.0.1:{DASHBOARD}/workers"],
-            capture_output=True, text=True, timeout=180, check=False)
-        assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", browser.stderr
-        # The dashboard's page, drawn (its menu bar alone is ~13 kB; an error page is ~5 kB).
-        assert shot.stat().st_size > 10_000, (shot.stat().st_size, browser.stderr[-2000:])
-        with urllib.request.urlopen(f"http://127.0.0.1:{DASHBOARD}/json/counts.json",
-                                    timeout=10) as r:
-            assert json.load(r)["workers"] == 4
-
-        # Kill one worker once the client's workload is under way: the result stays right.
-        client = _container(engine, project, "client", 1)
-        _wait_log(engine, client, r"hpcdask: fit on the cluster \.\.\.", timeout=300)
-        victim = _container(engine, project, "worker", 3)
-        engine.docker("kill", victim)
-        code = engine.docker("wait", client, timeout=900).stdout.strip()
-        log = engine.docker("logs", client).stderr + engine.docker("logs", client).stdout
-        assert code == "0", log[-6000:]
-        run = next((project / "hpcdask-output" / "compose").iterdir())
-        metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["cluster"]["workers"] == 4, metrics["cluster"]
-        assert metrics["score"] == pytest.approx(metrics["baseline_score"], abs=0.02), metrics
-        assert {(p.stat().st_uid, p.stat().st_gid) for p in run.rglob("*")} == {(1000, 1000)}
-        # The credentials' folder: private to the services' user.
-        scheduler = _container(engine, project, "scheduler", 1)
-        mode = engine.docker("exec", scheduler, "stat", "-c", "%a %u", "/shared/cluster")
-        assert mode.stdout.split() == ["700", "1000"], mode.stdout
-        assert engine.docker("exec", scheduler, "id", "-u").stdout.strip() == "1000"
-
-        t0 = time.monotonic()
-        stop = _compose(engine, project, "stop", **user)
-        TIMES["docker compose stop (scheduler + 3 workers)"] = time.monotonic() - t0
-        assert stop.returncode == 0, stop.stderr[-3000:]
-        states = {}
-        for service, count in (("scheduler", 1), ("worker", 4)):
-            for i in range(1, count + 1):
-                name = _container(engine, project, service, i)
-                st = json.loads(engine.docker("inspect", "--format", "{{json .State}}", name).stdout)
-                logs = engine.docker("logs", name)
-                assert "Traceback" not in logs.stdout + logs.stderr, (name, logs.stderr[-4000:])
-                states[name] = st
-        stopped = {n: s for n, s in states.items() if n != victim}
-        # Orderly: exit 0 (SIGTERM handled, not SIGKILLed after the grace period).
-        assert {n: s["ExitCode"] for n, s in stopped.items()} == {n: 0 for n in stopped}, states
-        # In order: the workers before the scheduler they depend on.
-        assert max(s["FinishedAt"] for n, s in stopped.items() if "-worker-" in n) <= \
-            stopped[scheduler]["FinishedAt"], states
-    finally:
-        down = _compose(engine, project, "down", "-v", **user)
-    assert down.returncode == 0, down.stderr[-3000:]
-
-
-def _wait_status(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(1)
-
-
-# --- the host as it was, and the Slurm cluster still working ---------------------------------
 
 def test_engine_stops_and_leaves_the_host_as_it_was(engine):
     running = HostState.read(engine.roots)

@@ -68,31 +68,30 @@ def cluster(tmp_path_factory):
         stop(worker)
 
 
+def _pip_target(factory, name: str, spec: str) -> Path:
+    """A folder holding ``spec`` alone (pip --target), to put on PYTHONPATH."""
+    target = factory.mktemp(name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(target), spec], check=True)
+    return target
+
+
 @pytest.fixture(scope="module")
 def other_toolz(tmp_path_factory):
-    """A folder holding another release of one small package (toolz), to put on PYTHONPATH."""
-    target = tmp_path_factory.mktemp("toolz")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--target", str(target), "toolz==1.0.0"], check=True)
-    return target
+    """Another release of one small package (toolz)."""
+    return _pip_target(tmp_path_factory, "toolz", "toolz==1.0.0")
 
 
 @pytest.fixture(scope="module")
 def other_threadpoolctl(tmp_path_factory):
     """Another release of a package distributed does not report (only the full identity shows it)."""
-    target = tmp_path_factory.mktemp("threadpoolctl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--target", str(target), "threadpoolctl==3.5.0"], check=True)
-    return target
+    return _pip_target(tmp_path_factory, "threadpoolctl", "threadpoolctl==3.5.0")
 
 
 @pytest.fixture(scope="module")
 def extra_termcolor(tmp_path_factory):
-    """A package the lock lacks (termcolor), to put on PYTHONPATH: the lock plus one package."""
-    target = tmp_path_factory.mktemp("termcolor")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--target", str(target), "termcolor"], check=True)
-    return target
+    """A package the lock lacks (termcolor): the lock plus one package."""
+    return _pip_target(tmp_path_factory, "termcolor", "termcolor")
 
 
 def test_cluster_client_runs_work(cluster):

@@ -374,49 +374,9 @@ hj_shutdown() {
         hj_wait_pid "$HJ_SCHED" "$HJ_STOP_TIMEOUT" || hj_say "the scheduler did not stop within ${HJ_STOP_TIMEOUT}s"
     fi
     HJ_SCHED=''
-    if hj_alive "$HJ_WORKERS" && ! hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT"; then
-        hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
-        hj_end_workers
+    if hj_alive "$HJ_WORKERS"; then
+        hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT" || hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
     fi
-}
-
-# The workers' step did not end: say which nodes do not answer (a crashed node: Slurm would
-# hold the job until it declares the node down, minutes later, and then cancel the job), and
-# end the step now, so the job ends with the client's exit code whatever that node's step does.
-hj_end_workers() {
-    local quiet='' keep node tmp
-    [ -n "${SLURM_JOB_ID:-}" ] && quiet=$(hj_silent_nodes)
-    [ -z "$quiet" ] && return 0
-    # Let the silent nodes go: a job shrunk to its live nodes ends as soon as its batch script
-    # does (COMPLETED with the client's exit code), instead of waiting for Slurm to declare the
-    # node down and then recording NODE_FAIL. scontrol writes slurm_job_<id>_resize.{sh,csh}
-    # into its working directory: a private temporary one, removed.
-    keep=$(for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
-        [[ " $quiet " == *" $node "* ]] || echo "$node"; done | paste -sd, -)
-    tmp=$(mktemp -d)
-    if (cd "$tmp" && scontrol update JobId="$SLURM_JOB_ID" NodeList="$keep" >/dev/null 2>&1); then
-        hj_say "node(s) $quiet did not answer; the job lets them go and ends without them"
-    else
-        hj_say "node(s) $quiet did not answer; ending the job without them"
-    fi
-    rm -rf -- "$tmp"
-}
-
-# Nodes of this job, other than this one, whose slurmd does not start a step within 10 s.
-hj_silent_nodes() {
-    local node me pids=() names=() i quiet=()
-    me=$(hostname -s)
-    for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
-        [ "$node" = "$me" ] && continue
-        timeout -s KILL 10 srun --overlap --nodes=1 --ntasks=1 --mem=0 -w "$node" true \
-            >/dev/null 2>&1 &
-        pids+=($!)
-        names+=("$node")
-    done
-    for i in "${!pids[@]}"; do
-        wait "${pids[$i]}" || quiet+=("${names[$i]}")
-    done
-    echo "${quiet[*]}"
 }
 
 # Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:

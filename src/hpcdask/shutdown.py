@@ -23,13 +23,17 @@ NOISY = ("distributed", "tornado", "asyncio")
 #: And distributed.protocol.core and comm.utils, whose "Failed to Serialize" (CRITICAL) and
 #: ERROR are a reply to a peer cut off ("Event loop is closed") when a worker closes under it: a
 #: drain that timed out closes a worker mid-replication.
+#: And distributed.utils, whose log_errors reports a closing worker's last call to its nanny
+#: when the nanny's socket closed before the TLS handshake (tornado: TORNADO_NOT_IDLE).
 CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado.application",
                              "distributed.worker", "distributed.protocol.core",
-                             "distributed.comm.utils")
+                             "distributed.comm.utils", "distributed.utils")
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
 #: What a closing worker's own pending calls raise when its loop or its connection pool closed
 #: under them (a drain that timed out or failed closes the worker as the scheduler drops it).
 CLOSED_UNDER_US = ("Event loop is closed", "ConnectionPool is closed")
+#: tornado's words when a connection's socket closed before its TLS handshake could start.
+TORNADO_NOT_IDLE = "IOStream is not idle; cannot convert to SSL"
 
 
 class NoClosedConnectionTraceback(logging.Filter):
@@ -42,8 +46,9 @@ class NoClosedConnectionTraceback(logging.Filter):
     becomes one line with its cause: an INFO line when this process's workers are closing
     anyway (an orderly stop closes the worker's connections under a heartbeat on its way), a
     WARNING otherwise (distributed retries at the next heartbeat). And a call cut off by its
-    own worker closing (:data:`CLOSED_UNDER_US`: a drain that timed out or failed) becomes an
-    INFO line."""
+    own worker closing (:data:`CLOSED_UNDER_US`: a drain that timed out or failed; or
+    :data:`TORNADO_NOT_IDLE`: its nanny, stopping too, closed the socket of the worker's last
+    call before the TLS handshake) becomes an INFO line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -56,9 +61,10 @@ class NoClosedConnectionTraceback(logging.Filter):
                       + ("; this worker is closing" if closing else ""),
                       (type(exc).__name__, exc))
         elif (isinstance(exc, RuntimeError) and str(exc) in CLOSED_UNDER_US
-              and _workers_closing()):
+              or isinstance(exc, ValueError) and str(exc) == TORNADO_NOT_IDLE) \
+                and _workers_closing():
             _one_line(record, logging.INFO,
-                      "a reply to a peer was cut off as this worker closed (%s)", (exc,))
+                      "a connection to a peer was cut off as this worker closed (%s)", (exc,))
         elif (isinstance(exc, ValueError) and "non-started TCPListener" in str(exc)
               and isinstance(exc.__context__, OSError)):
             _one_line(record, logging.INFO,

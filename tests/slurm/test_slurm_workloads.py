@@ -57,6 +57,8 @@ def test_every_workload_on_three_nodes(slurm_cluster, job_env, udir):
         elif name == "xgboost":
             tracker = m["cluster"]["scheduler"][len("tls://"):].rsplit(":", 1)[0]
             check(m, Path(path).parent, tracker_host=tracker)
+        elif name == "gridsearch":  # a worker per node, threads and BLAS from its allocation
+            check(m, Path(path).parent, threads=None, local_cpus=False)
         elif check is not None:
             check(m, Path(path).parent)
         else:  # pipeline and smoke: the same model as scikit-learn on the same blocks

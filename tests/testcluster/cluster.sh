@@ -381,8 +381,8 @@ do_up() {
     do_down 2>/dev/null
     trap on_up_exit EXIT
     trap 'exit 130' INT TERM
-    if ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; then
-        die "port $PORT is in use: stop what listens there or set HPCDASK_CLUSTER_PORT"
+    if [ -n "$BATCH_HOST_PORT" ] && ss -Hltn "sport = :$BATCH_HOST_PORT" 2>/dev/null | grep -q .; then
+        die "port $BATCH_HOST_PORT is in use: stop what listens there or set HPCDASK_CLUSTER_PORT"
     fi
     # The previous run's logs are kept one generation back.
     rm -rf "${STATE:?}/log.prev"

@@ -24,6 +24,7 @@
 
 BATCH_COMMANDS=(/usr/sbin/sge_qmaster /usr/sbin/sge_execd qsub qconf qstat qdel qhost qacct)
 BATCH_PACKAGES=(gridengine-master gridengine-exec gridengine-client)
+BATCH_HOST_PORT=   # sge_qmaster listens in the master's own namespace: no host port to check
 
 SGE_ROOT_DIR=$STATE/sge/root      # SGE_ROOT: links to the package's bin/lib/utilbin/util + the cell
 SGE_CELL_NAME=hpcdask

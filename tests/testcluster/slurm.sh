@@ -14,6 +14,7 @@ CONF=$STATE/etc/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
 BATCH_COMMANDS=(slurmctld slurmd sinfo srun sbatch scontrol munged munge unmunge)
 BATCH_PACKAGES=(slurm-wlm munge)
+BATCH_HOST_PORT=$PORT   # slurmctld listens on the host's end of the bridge
 # Clients (sinfo, scontrol, ...) read the generated config.
 export SLURM_CONF=$CONF
 

@@ -503,6 +503,49 @@ def test_a_heartbeat_meeting_a_closed_connection_is_one_line(caplog):
     assert ours[2].getMessage() == ours[0].getMessage() + "; this worker is closing"
 
 
+
+def test_a_closing_workers_call_to_its_stopping_nanny_is_one_line(caplog):
+    """Seen in CI on Docker Engine: both containers' nannies stopping, a worker the scheduler had
+    already dropped closes itself and calls its nanny, whose socket closed before the TLS
+    handshake; tornado raises ValueError("IOStream is not idle; cannot convert to SSL") and
+    distributed's log_errors logs it as an ERROR with a traceback. While this process's worker
+    (a real one) is closing that is one INFO line; while it runs, the ERROR and traceback stay."""
+    import asyncio
+    import logging
+
+    from distributed import Scheduler, Worker
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    log = logging.getLogger("distributed.utils")
+
+    def fails(exc):
+        try:
+            raise exc
+        except Exception as e:
+            log.error("%s", e, exc_info=True)
+
+    async def main():
+        async with Scheduler(host="127.0.0.1", dashboard_address=":0") as s:
+            w = await Worker(s.address, nthreads=1)
+            fails(ValueError(shutdown.TORNADO_NOT_IDLE))  # running: stays an ERROR
+            closing = asyncio.ensure_future(w.close())
+            await asyncio.sleep(0)
+            assert w.status.name in ("closing", "closed")
+            fails(ValueError(shutdown.TORNADO_NOT_IDLE))
+            fails(ValueError("something else"))
+            await closing
+
+    with caplog.at_level(logging.DEBUG, logger="distributed.utils"):
+        asyncio.run(main())
+    ours = [r for r in caplog.records if r.name == "distributed.utils"]
+    assert [(r.levelname, r.exc_info is None) for r in ours] == [
+        ("ERROR", False), ("INFO", True), ("ERROR", False)]
+    assert ours[1].getMessage() == ("a connection to a peer was cut off as this worker closed "
+                                    "(IOStream is not idle; cannot convert to SSL)")
+
+
 _SIGNALLED = """
 import asyncio, os, signal
 from hpcdask import signals

@@ -72,9 +72,9 @@ host-deps:
 test: host-deps $(VENV)/.done $(TVENV)/.done
 	$(TVENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# No root, no image, no cluster: under a minute.
+# No root, no image, no cluster: under a minute (on every core: pytest-xdist).
 test-unit: $(VENV)/.done $(TVENV)/.done
-	$(TVENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(TVENV)/bin/python -m pytest -n auto tests/unit $(PYTEST_ARGS)
 
 # --- the documentation -----------------------------------------------------------------------
 # Offline: -n (nitpicky) and MyST's heading anchors make every link between the pages an error when

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from hpcdask import batch, config, connect, files, memory, netif, provenance, versions
+from hpcdask import batch, config, connect, files, memory, netif, provenance, sif, versions
 from hpcdask.errors import BadInput
 
 Lines = Iterator[tuple[str, bool]]  # (line, to stderr)
@@ -90,3 +90,25 @@ def preflight(interface: str | None, scheduler_file: Path | None, memory_limit: 
     yield f"ok sizing from {alloc.source}: {threads} thread(s), {mem // 2**20} MiB per worker"
     yield f"ok local directory {files.local_directory(local_directory)}: writable"
     yield f"ok image {versions.image_label()}"
+
+
+def runs_from(image: str) -> None:
+    """Refuse (BadInput) unless this process runs in ``image``: a scheduler started here would
+    otherwise differ from the workers that run in it (a .sif: the same SIF, by its ID)."""
+    if versions.image_info() is None:
+        raise BadInput("this process runs outside the image, so the scheduler it starts would "
+                       "differ from the workers; run it in the image: apptainer exec "
+                       f"{image} python YOUR_SCRIPT.py (or pass require_image=False knowingly)")
+    if not Path(image).is_file():
+        return
+    # The workers see their .sif's ID (bound onto the image's placeholder); so must we.
+    try:
+        theirs = sif.read_header(image).id
+    except (OSError, ValueError) as e:
+        raise BadInput(f"image {image}: {e}; point image= / HPCDASK_IMAGE at a .sif or a "
+                       "sandbox folder") from None
+    if sif.image_id() != theirs:
+        raise BadInput(f"this process does not run from {image} (SIF {theirs}; here: "
+                       f"{sif.image_id() or 'no SIF visible'}), so its scheduler would refuse "
+                       f"the workers; run it as: apptainer exec --bind {image}:{sif.IMAGE_SIF}:ro "
+                       f"{image} python YOUR_SCRIPT.py")

@@ -15,38 +15,11 @@ import click
 
 import hpcdask
 from hpcdask import checks, config, connect, files
+from hpcdask.cli_image import image
+from hpcdask.cli_options import (CONTEXT, _timeout, scheduler_file_option, tls_option,
+                                 wait_options)
 from hpcdask.errors import BadInput, HpcdaskError
 from hpcdask.script import output_folder, run_script
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
-
-def scheduler_file_option(help: str = "The cluster's scheduler file on the shared filesystem; its "
-                                       "folder holds the TLS credentials.", required: bool = False):
-    """--scheduler-file, the option every role shares (required where the role needs a cluster)."""
-    return click.option("--scheduler-file", required=required,
-                        type=click.Path(dir_okay=False, path_type=Path), help=help)
-
-
-tls_option = click.option("--tls/--no-tls", default=True,
-                          help="TLS with the cluster's credentials; --no-tls only knowingly.")
-
-
-def wait_options(f):
-    """--wait-workers/--wait-timeout: start a client together with the workers, and let it wait."""
-    f = click.option("--wait-timeout", default="300s", show_default=True,
-                     help="How long --wait-workers waits (exit 1 after it).")(f)
-    return click.option("--wait-workers", type=click.IntRange(min=0), default=0,
-                        help="First wait until this many workers have joined (0: do not wait).")(f)
-
-
-def _timeout(value: str, option: str) -> float:
-    import dask.utils
-
-    try:
-        return dask.utils.parse_timedelta(value)
-    except (ValueError, KeyError):
-        raise BadInput(f"{option} {value!r} is not a duration; give e.g. {option} 300s or 10m") from None
-
 
 def _logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -328,59 +301,4 @@ def preflight(interface, scheduler_file, memory_limit, nworkers, local_directory
         click.echo(line)
 
 
-@main.group("image", context_settings=CONTEXT)
-def image() -> None:
-    """The project's own image: the user's requirements locked over the image's lock, and a
-    SIF that is the base image plus exactly that lock (see docs/project.md)."""
-
-
-@image.command("lock", context_settings=CONTEXT)
-@click.option("-r", "--requirements", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("requirements.txt"), help="The project's requirements (pip's syntax).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The lock to write (default: hpcdask.lock beside the requirements).")
-@click.option("--base-lock", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The image's lock (default: $HPCDASK_BASE_LOCK or the image's own).")
-def image_lock(requirements, output, base_lock) -> None:
-    """Resolve the requirements against the image's lock; write hpcdask.lock with hashes.
-
-    Run it with the image's Python: apptainer exec $HPCDASK_IMAGE hpcdask image lock -r
-    requirements.txt. pip's own settings (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX,
-    pip.conf) choose where packages come from.
-    """
-    from hpcdask import userlock
-
-    path = userlock.write(requirements, output, base_lock)
-    lock = userlock.parse(path)
-    click.echo(f"{path}: {len(lock.pins)} package(s), {len(lock.local)} local, over the image's "
-               f"lock {lock.base_lock_sha256[:16]}")
-
-
-@image.command("build", context_settings=CONTEXT)
-@click.option("-r", "--requirements", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("requirements.txt"), help="The project's requirements (pip's syntax).")
-@click.option("--base", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The base image's SIF (\"$HPCDASK_IMAGE\").")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The project's SIF to write (e.g. myproject.sif).")
-def image_build(requirements, base, output) -> None:
-    """The base image plus a layer holding exactly hpcdask.lock (locked first when missing or
-    stale), built as an ordinary user on the login node.
-
-    Runs the assembler of the hpcdask checkout (containers/imagebuild/userlayer.py; needs
-    unsquashfs, mksquashfs, siftool and bwrap on this node), or $HPCDASK_CONTAINERS/imagebuild.
-    """
-    import os
-    import subprocess
-
-    containers = Path(os.environ.get("HPCDASK_CONTAINERS")
-                      or Path(hpcdask.__file__).resolve().parents[2] / "containers")
-    if not (containers / "imagebuild" / "userlayer.py").is_file():
-        raise BadInput("hpcdask image build needs the hpcdask checkout's containers/ folder; run "
-                       "it on the login node from the checkout, or set HPCDASK_CONTAINERS=PATH")
-    env = {**os.environ, "PYTHONPATH": str(containers)}
-    proc = subprocess.run([sys.executable, "-m", "imagebuild.userlayer", "build", "-r",
-                           str(requirements), "--base", str(base), "-o", str(output)],
-                          env=env, check=False)
-    if proc.returncode:
-        raise click.exceptions.Exit(proc.returncode)
+main.add_command(image)

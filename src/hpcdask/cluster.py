@@ -43,7 +43,7 @@ from typing import Any
 
 import dask.utils
 
-from hpcdask import clean, config, files, memory, netif, security, sif, versions
+from hpcdask import checks, clean, config, files, memory, netif, security, sif
 from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
@@ -100,22 +100,8 @@ def job_kwargs(
     ``hpcdask.shared-dir``, which must be on the shared filesystem).
     """
     image = _image(image)
-    if require_image and versions.image_info() is None:
-        raise BadInput("this process runs outside the image, so the scheduler it starts would "
-                       "differ from the workers; run it in the image: apptainer exec "
-                       f"{image} python YOUR_SCRIPT.py (or pass require_image=False knowingly)")
-    if require_image and os.path.isfile(image):
-        # The workers see their .sif's ID (bound below); this scheduler must see the same one.
-        try:
-            theirs = sif.read_header(image).id
-        except (OSError, ValueError) as e:
-            raise BadInput(f"image {image}: {e}; point image= / HPCDASK_IMAGE at a .sif or a "
-                           "sandbox folder") from None
-        if sif.image_id() != theirs:
-            raise BadInput(f"this process does not run from {image} (SIF {theirs}; here: "
-                           f"{sif.image_id() or 'no SIF visible'}), so its scheduler would refuse "
-                           f"the workers; run it as: apptainer exec --bind {image}:{sif.IMAGE_SIF}:ro "
-                           f"{image} python YOUR_SCRIPT.py")
+    if require_image:
+        checks.runs_from(image)
     iface = config.get("interface", interface)
     sched_iface = scheduler_interface or config.get("scheduler-interface") or iface
     host = netif.address_of(sched_iface, "scheduler_interface=")

@@ -187,7 +187,7 @@ def test_deferred_apply_imports_nothing_and_patches_when_dask_ml_is_imported():
         res["patched"] = [f is compat.r2_score for f in (
             glm.r2_score, dask_ml.metrics.r2_score, scorer.SCORERS["r2"][0])]
         res["active after"] = list(compat.active())
-        res["hooks left"] = sum(isinstance(f, compat._OnImport) for f in sys.meta_path)
+        res["hooks left"] = sum(isinstance(f, compat.OnImport) for f in sys.meta_path)
         import inspect
         res["source readable"] = "def " in inspect.getsource(dask_ml.metrics.regression)
         import dask.array as da
@@ -217,7 +217,7 @@ def test_an_eager_apply_after_a_deferred_one_does_not_deadlock():
         import dask_ml.metrics
         print(json.dumps({"active": list(active), "patched":
                           dask_ml.metrics.r2_score is compat.r2_score,
-                          "hooks left": sum(isinstance(f, compat._OnImport)
+                          "hooks left": sum(isinstance(f, compat.OnImport)
                                             for f in sys.meta_path)}))
         """,
         timeout=90,

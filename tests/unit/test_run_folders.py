@@ -8,10 +8,8 @@ import os
 import threading
 
 import pytest
-from click.testing import CliRunner
 
 from hpcdask import provenance
-from hpcdask.cli import main
 from hpcdask.errors import BadInput
 
 
@@ -63,19 +61,6 @@ def test_an_unwritable_parent_is_bad_input(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(BadInput, match="cannot create the output folder"):
         provenance.run_folder(tmp_path / "file" / "x")
-
-
-def test_hpcdask_run_twice_with_the_default_output(tmp_path, monkeypatch):
-    """The real `hpcdask run` twice in one folder (LocalCluster): both exit 0, two folders."""
-    monkeypatch.chdir(tmp_path)
-    args = ["run", "--size", "small", "--n-workers", "1", "--threads-per-worker", "1"]
-    for _ in range(2):
-        r = CliRunner().invoke(main, args, catch_exceptions=False)
-        assert r.exit_code == 0, r.output
-    runs = sorted(p.name for p in (tmp_path / "hpcdask-output").iterdir())
-    assert len(runs) == 2 and runs[1] == runs[0] + "-2", runs
-    for r in runs:
-        assert (tmp_path / "hpcdask-output" / r / "metrics.json").is_file()
 
 
 def test_a_user_without_a_name_still_stamps_files(monkeypatch):

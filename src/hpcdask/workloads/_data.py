@@ -13,6 +13,10 @@ from hpcdask.connect import cluster_info
 
 #: block index offset of the held-out test blocks: never overlaps the training blocks
 TEST_BLOCKS = 1 << 30
+#: the largest block a workload makes
+BLOCK_BYTES = 64 << 20
+#: features of the generated classification data (the label is one more column)
+FEATURES = 20
 
 
 def _params(seed: int, d: int):
@@ -39,6 +43,13 @@ def block_xy(seed: int, block: int, rows: int, d: int) -> np.ndarray:
     return out
 
 
+def layout(rows_total: int, row_bytes: int, nworkers: int, per_worker: int = 2) -> tuple[int, int]:
+    """(blocks, rows per block) for ``rows_total`` rows of ``row_bytes`` each: blocks of at most
+    ~64 MiB, and at least ``per_worker`` of them per worker so every worker gets work."""
+    nblocks = max(per_worker * nworkers, -(-rows_total * row_bytes // BLOCK_BYTES))
+    return nblocks, -(-rows_total // nblocks)
+
+
 def _map_block(seed, rows, d, first, block_id=None):
     return block_xy(seed, first + block_id[0], rows, d)
 
@@ -50,6 +61,14 @@ def dask_xy(seed: int, nblocks: int, rows: int, d: int, first: int = 0):
     return da.map_blocks(_map_block, seed, rows, d, first, chunks=((rows,) * nblocks, (d + 1,)),
                          dtype=np.float64, meta=np.empty((0, 0)),
                          name=f"hpcdask-xy-{seed}-{first}-{nblocks}-{rows}-{d}")
+
+
+def lazy_xy(ctx, rows_total: int, per_worker: int = 2, d: int = FEATURES):
+    """(X, y, blocks, rows per block): ``rows_total`` rows of :func:`dask_xy`, laid out by
+    :func:`layout` over ``ctx``'s workers, generated on the workers when computed."""
+    nblocks, rows = layout(rows_total, (d + 1) * 8, ctx.nworkers, per_worker)
+    x, y = split(dask_xy(ctx.seed, nblocks, rows, d))
+    return x, y, nblocks, rows
 
 
 def split(xy):

@@ -10,9 +10,6 @@ from __future__ import annotations
 DESCRIPTION = ("ParallelPostFit batch prediction of a model trained on a sample, over the full "
                "chunked data; equal to scikit-learn's predict")
 
-D = 20
-
-
 def run(ctx) -> dict:
     import numpy as np
     from dask_ml.wrappers import ParallelPostFit
@@ -20,18 +17,14 @@ def run(ctx) -> dict:
 
     from hpcdask.workloads import _data
 
-    n = ctx.pick(200_000, 1_000_000, 40_000_000)
-    n_sample = ctx.pick(20_000, 50_000, 100_000)
-    # blocks of at most ~64 MiB, at least 4 per worker
-    nblocks = max(4 * ctx.nworkers, -(-n * (D + 1) * 8 // (64 << 20)))
-    rows = -(-n // nblocks)
-    XY = _data.dask_xy(ctx.seed, nblocks, rows, D)
-    X, y = _data.split(XY)
+    X, y, nblocks, rows = _data.lazy_xy(ctx, ctx.pick(200_000, 1_000_000, 40_000_000),
+                                        per_worker=4)
+    n_sample, d = ctx.pick(20_000, 50_000, 100_000), _data.FEATURES
 
     with ctx.step("train on a sample (one machine)"):
         # the sample: the first rows of the data, generated locally
         sample_blocks = -(-n_sample // rows)
-        s = np.concatenate([_data.block_xy(ctx.seed, i, rows, D) for i in range(sample_blocks)])
+        s = np.concatenate([_data.block_xy(ctx.seed, i, rows, d) for i in range(sample_blocks)])
         xs, ys = _data.split(s[:n_sample])
         model = HistGradientBoostingClassifier(max_iter=50, random_state=ctx.seed).fit(xs, ys)
 
@@ -43,7 +36,7 @@ def run(ctx) -> dict:
     with ctx.step("single-machine baseline (predict block by block)"):
         ref_labels, ref_proba, ref_truth = [], [], []
         for i in range(nblocks):
-            xi, yi = _data.split(_data.block_xy(ctx.seed, i, rows, D))
+            xi, yi = _data.split(_data.block_xy(ctx.seed, i, rows, d))
             ref_labels.append(model.predict(xi))
             ref_proba.append(model.predict_proba(xi)[:, 1])
             ref_truth.append(yi)
@@ -60,7 +53,7 @@ def run(ctx) -> dict:
         "max_probability_difference": float(np.max(np.abs(proba - ref_proba))),
         "same_truth": bool(np.array_equal(truth, ref_truth)),
         # whole blocks: the data holds rows * nblocks samples, a little more than n
-        "data": {"samples": rows * nblocks, "features": D, "train_sample": n_sample,
+        "data": {"samples": rows * nblocks, "features": d, "train_sample": n_sample,
                  "blocks": nblocks,
                  "block_rows": rows, "bytes": int(X.nbytes)},
     }

@@ -18,9 +18,6 @@ from __future__ import annotations
 DESCRIPTION = ("xgboost.dask training and prediction vs single-machine xgboost.train "
                "(accuracy/AUC within 0.01), feature importance plot")
 
-D = 20
-
-
 def run(ctx) -> dict:
     import matplotlib
     import numpy as np
@@ -32,13 +29,12 @@ def run(ctx) -> dict:
 
     from hpcdask.workloads import _data
 
+    d = _data.FEATURES
     n = ctx.pick(100_000, 500_000, 10_000_000)
     rounds = ctx.pick(30, 50, 200)
-    nblocks = max(2 * ctx.nworkers, -(-n * (D + 1) * 8 // (64 << 20)))
-    rows = -(-n // nblocks)
+    X, y, nblocks, rows = _data.lazy_xy(ctx, n)
     test_blocks = max(1, nblocks // 5)
-    X, y = _data.split(_data.dask_xy(ctx.seed, nblocks, rows, D))
-    Xt, yt = _data.split(_data.dask_xy(ctx.seed, test_blocks, rows, D, first=_data.TEST_BLOCKS))
+    Xt, yt = _data.split(_data.dask_xy(ctx.seed, test_blocks, rows, d, first=_data.TEST_BLOCKS))
     params = {"tree_method": "hist", "objective": "binary:logistic",
               "eval_metric": ["logloss", "auc"], "max_depth": 6, "eta": 0.3,
               "seed": ctx.seed}
@@ -57,7 +53,7 @@ def run(ctx) -> dict:
     with ctx.step("single-machine xgboost.train (baseline)"):
         def local(first, count):
             return _data.split(np.concatenate(
-                [_data.block_xy(ctx.seed, first + i, rows, D) for i in range(count)]))
+                [_data.block_xy(ctx.seed, first + i, rows, d) for i in range(count)]))
         xtr, ytr = local(0, nblocks)
         xte, yte = local(_data.TEST_BLOCKS, test_blocks)
         sk_booster = xgb.train(params, xgb.DMatrix(xtr, label=ytr), num_boost_round=rounds)
@@ -67,7 +63,7 @@ def run(ctx) -> dict:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ax = xgb.plot_importance(booster, height=0.8, max_num_features=D)
+        ax = xgb.plot_importance(booster, height=0.8, max_num_features=d)
         ax.grid(False, axis="y")
         ax.set_title("Feature importance (xgboost.dask, weight)")
         ax.figure.tight_layout()
@@ -89,6 +85,6 @@ def run(ctx) -> dict:
         "train_logloss_last": float(hist["logloss"][-1]),
         "tracker_host": tracker_host,
         "plot": "feature_importance.png",
-        "data": {"samples": rows * nblocks, "test_samples": rows * test_blocks, "features": D,
+        "data": {"samples": rows * nblocks, "test_samples": rows * test_blocks, "features": d,
                  "blocks": nblocks, "rounds": rounds, "bytes": int(X.nbytes)},
     }

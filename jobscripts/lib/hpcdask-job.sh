@@ -170,12 +170,13 @@ hj_srun_workers() {
     local file=$1 end=$2 nodes=$3
     hj_worker_argv "$file" "$end"
     # srun (22.05+) does not inherit --cpus-per-task from sbatch: pass it on, so task binding
-    # gives each worker the CPUs the job asked for.
+    # gives each worker the CPUs the job asked for. --no-kill: a node that fails ends its own
+    # worker only; the others finish the work (the jobscripts ask sbatch for --no-kill too).
     local cpt=()
     [ -z "${SLURM_CPUS_PER_TASK:-}" ] || cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # The workers' scratch: the user's setting, else their own node's $TMPDIR (not HJ_SCRATCH).
     HPCDASK_LOCAL_DIRECTORY=$HJ_USER_LOCAL srun --nodes="$nodes" --ntasks-per-node=1 "${cpt[@]}" \
-        --kill-on-bad-exit=0 "${HJ_WORKER_ARGV[@]}" &
+        --kill-on-bad-exit=0 --no-kill "${HJ_WORKER_ARGV[@]}" &
     HJ_WORKERS=$!
 }
 
@@ -375,8 +376,23 @@ hj_shutdown() {
     fi
     HJ_SCHED=''
     if hj_alive "$HJ_WORKERS"; then
-        hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT" || hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
+        if ! hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT"; then
+            hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
+            hj_lost_nodes
+        fi
     fi
+}
+
+# Slurm: name the job's nodes that dropped out (a node that crashed: with --no-kill the job goes
+# on without it, and Slurm removes it from the allocation once it declares it down).
+hj_lost_nodes() {
+    [ -n "${SLURM_JOB_ID:-}" ] || return 0
+    local all now lost down
+    all=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | sort) || return 0
+    now=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N 2>/dev/null)" 2>/dev/null | sort)
+    down=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -t down,fail,no_respond -o %N 2>/dev/null | sort -u)
+    lost=$( { comm -23 <(echo "$all") <(echo "$now"); echo "$down"; } | sed '/^$/d' | sort -u | paste -sd, -)
+    [ -z "$lost" ] || hj_say "node(s) $lost did not answer (down or removed from the job); the job ends without their workers"
 }
 
 # Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:

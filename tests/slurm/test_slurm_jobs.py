@@ -499,6 +499,58 @@ def test_a_task_killed_for_memory_ends_the_job_cleanly(slurm_cluster, job_env, u
     assert slurm_cluster.user_files_in_node_tmp() == []
 
 
+NODE_LOSS_SCRIPT = """\
+import time, distributed
+c = distributed.get_client()
+def slow(i):
+    time.sleep(0.1)
+    return i * i
+futures = c.map(slow, range(600), pure=False)
+for n, _ in enumerate(distributed.as_completed(futures), 1):
+    if n == 60:
+        print("STARTED", flush=True)
+print("RESULT", sum(c.gather(futures)), flush=True)
+"""
+
+
+def test_a_dead_node_does_not_hold_the_job(slurm_cluster, job_env, udir):
+    """A node crashes mid-workload (every process of its namespace killed, its slurmd too): the
+    other workers finish the map, and once the client has ended and the workers had their stop
+    timeout the job ends with the client's exit code, naming the node that did not answer,
+    instead of waiting until Slurm declares the node down (then CANCELLED, NODE FAIL: the job
+    and the worker step run with --no-kill)."""
+    (udir / "map.py").write_text(NODE_LOSS_SCRIPT)
+    stop_timeout = 20
+    env = {**job_env, "HPCDASK_STOP_TIMEOUT": str(stop_timeout)}
+    job = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
+                 ["-N3", "--mem=1500M", "--time=10"], ["map.py"], env, udir, wait=False)
+    out = udir / f"slurm-{job.job_id}.out"
+    victim = slurm_cluster.nodes[-1]
+    try:
+        wait_for_text(out, "STARTED", 240)
+        pids = subprocess.run(["ip", "netns", "pids", slurm_cluster.netns(victim)],
+                              capture_output=True, text=True, check=True).stdout.split()
+        assert pids, victim
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        # From the client's end (as the jobscript logs it) to the job leaving the queue.
+        wait_for_text(udir / f"slurm-{job.job_id}.err", r"client ended \(exit 0\)", 300)
+        client_end = time.monotonic()
+        res = slurm_cluster.wait(job.job_id, timeout=400, workdir=udir)
+        after_client = time.monotonic() - client_end
+    finally:
+        slurm_cluster.run(["scancel", job.job_id], check=False)
+        slurm_cluster.cluster_sh("up")  # the victim's slurmd again, for the tests after this one
+    assert f"RESULT {sum(i * i for i in range(600))}" in res.stdout, str(res)
+    assert res.state == "COMPLETED" and res.exit_code == 0, str(res)
+    assert re.search(rf"^hpcdask-job: .*did not answer.*\b{victim}\b", res.stderr, re.M), str(res)
+    measure("node lost mid-workload", client_end_to_job_end_s=round(after_client, 1))
+    assert after_client < stop_timeout + 5 + 30, after_client  # stop timeout + KillWait + slack
+
+
 def test_wrong_interface_fails_fast_listing_the_interfaces(slurm_cluster, job_env, udir):
     t0 = time.monotonic()
     res = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-cluster.sbatch"), "-N2",

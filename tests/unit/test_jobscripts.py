@@ -101,7 +101,7 @@ def test_library_key_lines():
     assert "HPCDASK_INTERFACE=" not in text
     # Workers: one srun task per node, never an apptainer instance.
     assert ('HPCDASK_LOCAL_DIRECTORY=$HJ_USER_LOCAL srun --nodes="$nodes" --ntasks-per-node=1 '
-            '"${cpt[@]}" \\\n        --kill-on-bad-exit=0 "${HJ_WORKER_ARGV[@]}" &') in text
+            '"${cpt[@]}" \\\n        --kill-on-bad-exit=0 --no-kill "${HJ_WORKER_ARGV[@]}" &') in text
     # This node's roles keep their scratch in HJ_SCRATCH, removed even after a SIGKILL.
     assert '[ -z "$HJ_SCRATCH" ] || rm -rf -- "$HJ_SCRATCH"' in text
     assert 'HJ_WORKER_ARGV=("${HJ_EXEC[@]}" hpcdask worker --scheduler-file "$1")' in text

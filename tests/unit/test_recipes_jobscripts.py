@@ -55,7 +55,7 @@ def test_gpu_workers_run_with_nv_and_gpus(tmp_path, gpu):
                env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "log").read_text().splitlines() == [
-        f"srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=0 apptainer exec --nv --bind "
+        f"srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=0 --no-kill apptainer exec --nv --bind "
         f"{tmp_path}/c /img.sif hpcdask worker --scheduler-file F --lifetime auto --job-end "
         f"1700000000 --gpus"]
 
@@ -66,7 +66,7 @@ def test_cpu_workers_unchanged_without_hpcdask_gpu(tmp_path, gpu):
     proc = lib(f'hj_cluster_dir "{tmp_path}/c" 1; hj_srun_workers F "" 1; wait "$HJ_WORKERS"', env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "log").read_text().splitlines() == [
-        f"srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=0 apptainer exec --bind "
+        f"srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=0 --no-kill apptainer exec --bind "
         f"{tmp_path}/c /img.sif hpcdask worker --scheduler-file F"]
 
 
@@ -161,7 +161,7 @@ def test_slurm_array_task_retires_before_its_own_end(tmp_path):
     calls = (tmp_path / "log").read_text().splitlines()
     assert "squeue -h -j 1000_2 -o %e" in calls
     end = 1893492000  # 2030-01-01T10:00:00Z
-    assert calls[-1] == (f"srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=0 apptainer exec "
+    assert calls[-1] == (f"srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=0 --no-kill apptainer exec "
                          f"--bind {tmp_path}/c --bind {img}:/opt/hpcdask/image.sif:ro {img} "
                          f"hpcdask worker --scheduler-file "
                          f"{tmp_path}/c/scheduler.json --lifetime auto --job-end {end}")

@@ -51,6 +51,29 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return r
 
 
+FORWARDING = (Path("/proc/sys/net/ipv4/ip_forward"), Path("/proc/sys/net/ipv6/conf/all/forwarding"))
+
+
+def _links() -> set[str]:
+    return {line.split()[0].split("@")[0] for line in subprocess.run(
+        ["ip", "-br", "link"], capture_output=True, text=True, check=False).stdout.splitlines()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host_as_found():
+    """podman's CNI bridge plugin turns on IP forwarding and leaves its default bridge
+    (cni-podman0) behind: both go back to what they were before these tests."""
+    before = {p: p.read_text() for p in FORWARDING if p.exists()}
+    links = _links()
+    yield
+    for link in sorted(_links() - links):
+        if link.startswith("cni-podman"):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+    for path, value in before.items():
+        if path.read_text() != value:
+            path.write_text(value)
+
+
 @pytest.fixture(scope="session")
 def image() -> str:
     missing = [t for t in ("podman", "podman-compose", "debootstrap") if shutil.which(t) is None]

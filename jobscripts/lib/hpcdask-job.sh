@@ -392,7 +392,7 @@ hj_lost_nodes() {
     now=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N 2>/dev/null)" 2>/dev/null | sort)
     down=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -t down,fail,no_respond -o %N 2>/dev/null | sort -u)
     lost=$( { comm -23 <(echo "$all") <(echo "$now"); echo "$down"; } | sed '/^$/d' | sort -u | paste -sd, -)
-    [ -z "$lost" ] || hj_say "node(s) $lost did not answer (down or removed from the job); the job ends without their workers"
+    [ -z "$lost" ] || hj_say "these node(s) did not answer (down, or removed from the job): $lost; the job ends without their workers"
 }
 
 # Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:

@@ -368,15 +368,17 @@ hj_wait_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
-# Orderly end: SIGTERM the scheduler (it retires the workers first), then wait for the workers.
+# Orderly end: SIGTERM the scheduler (it retires the workers first), then wait for the workers;
+# HPCDASK_STOP_TIMEOUT bounds both together (then hj_cleanup ends what is left).
 hj_shutdown() {
+    local end=$((SECONDS + HJ_STOP_TIMEOUT))
     if hj_alive "$HJ_SCHED"; then
         kill -TERM "$HJ_SCHED" 2>/dev/null || true
         hj_wait_pid "$HJ_SCHED" "$HJ_STOP_TIMEOUT" || hj_say "the scheduler did not stop within ${HJ_STOP_TIMEOUT}s"
     fi
     HJ_SCHED=''
     if hj_alive "$HJ_WORKERS"; then
-        if ! hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT"; then
+        if ! hj_wait_pid "$HJ_WORKERS" $((end > SECONDS ? end - SECONDS : 0)); then
             hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
             hj_lost_nodes
         fi

@@ -16,7 +16,7 @@
 #   HPCDASK_SHARED_DIR     parent of the per-job cluster folders (default ~/.hpcdask/clusters)
 #   HPCDASK_CLUSTER_DIR    the cluster folder of the scheduler job + worker jobs pattern
 #   HPCDASK_READY_TIMEOUT  how long to wait for every worker to join (default 300s)
-#   HPCDASK_STOP_TIMEOUT   seconds the workers get to retire once the client is done (default 60)
+#   HPCDASK_STOP_TIMEOUT   seconds the scheduler and the workers get, together, to stop once the client is done (default 60)
 #   HPCDASK_KILL_GRACE     seconds the roles get to end on SIGTERM/exit before SIGKILL (default 4:
 #                          inside Slurm's KillWait, which is 30 s on most sites)
 #   HPCDASK_WARNING_SIGNAL the batch system's early warning (default USR1: #SBATCH --signal=B:USR1@N;

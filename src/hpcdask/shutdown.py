@@ -29,6 +29,9 @@ CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado
                              "distributed.worker", "distributed.protocol.core",
                              "distributed.comm.utils", "distributed.utils")
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
+#: distributed's worker, serving data to a peer whose connection closed mid-transfer (the peer
+#: stopped or died; it asks again elsewhere): logged as an ERROR with a traceback.
+GET_DATA_FAILED = "failed during get data with %s -> %s"
 #: What a closing worker's own pending calls raise when its loop or its connection pool closed
 #: under them (a drain that timed out or failed closes the worker as the scheduler drops it).
 CLOSED_UNDER_US = ("Event loop is closed", "ConnectionPool is closed")
@@ -45,7 +48,9 @@ class NoClosedConnectionTraceback(logging.Filter):
     the INFO line it was meant to be. And a worker's heartbeat that meets a closed connection
     becomes one line with its cause: an INFO line when this process's workers are closing
     anyway (an orderly stop closes the worker's connections under a heartbeat on its way), a
-    WARNING otherwise (distributed retries at the next heartbeat). And a call cut off by its
+    WARNING otherwise (distributed retries at the next heartbeat); so does a transfer to a peer
+    whose connection closed (:data:`GET_DATA_FAILED`: a cluster stopping all at once, where one
+    worker still serves another that is going). And a call cut off by its
     own worker closing (:data:`CLOSED_UNDER_US`: a drain that timed out or failed; or
     :data:`TORNADO_NOT_IDLE`: its nanny, stopping too, closed the socket of the worker's last
     call before the TLS handshake) becomes an INFO line."""
@@ -54,6 +59,12 @@ class NoClosedConnectionTraceback(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if record.levelno < logging.WARNING and isinstance(exc, OSError):  # CommClosedError too
             _one_line(record)
+        elif record.msg == GET_DATA_FAILED and isinstance(exc, OSError):
+            closing = _workers_closing()
+            _one_line(record, logging.INFO if closing else logging.WARNING,
+                      "a peer's connection closed while this worker sent it data (%s -> %s: "
+                      "%s: %s)" + ("; this worker is closing" if closing else ""),
+                      (*record.args, type(exc).__name__, exc))
         elif record.msg == HEARTBEAT_FAILED and isinstance(exc, OSError):
             closing = _workers_closing()
             _one_line(record, logging.INFO if closing else logging.WARNING,

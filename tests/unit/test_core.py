@@ -504,6 +504,49 @@ def test_a_heartbeat_meeting_a_closed_connection_is_one_line(caplog):
 
 
 
+def test_a_transfer_to_a_peer_that_closed_is_one_line(caplog):
+    """distributed's worker logs "failed during get data with A -> B" with its traceback when
+    the peer it serves closes mid-transfer (seen on Grid Engine at h_rt: the scheduler retires
+    every worker at once). One line with its cause: INFO while this process's (real) worker is
+    closing, WARNING while it runs; another failure keeps its ERROR and traceback."""
+    import asyncio
+    import logging
+
+    from distributed import Scheduler, Worker
+    from distributed.comm.core import CommClosedError
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    log = logging.getLogger("distributed.worker")
+    args = ("tls://10.0.0.1:1", "tls://10.0.0.2:2")
+
+    def fails(exc):
+        try:
+            raise exc
+        except Exception:
+            log.exception(shutdown.GET_DATA_FAILED, *args)
+
+    async def main():
+        async with Scheduler(host="127.0.0.1", dashboard_address=":0") as s:
+            w = await Worker(s.address, nthreads=1)
+            fails(CommClosedError("in <TLS (closed)>"))
+            fails(RuntimeError("unexpected"))
+            closing = asyncio.ensure_future(w.close())
+            await asyncio.sleep(0)
+            fails(CommClosedError("in <TLS (closed)>"))
+            await closing
+
+    with caplog.at_level(logging.DEBUG, logger="distributed.worker"):
+        asyncio.run(main())
+    ours = [r for r in caplog.records if "10.0.0.2:2" in r.getMessage()]
+    assert [(r.levelname, r.exc_info is None) for r in ours] == [
+        ("WARNING", True), ("ERROR", False), ("INFO", True)]
+    assert ours[0].getMessage() == ("a peer's connection closed while this worker sent it data "
+                                    "(tls://10.0.0.1:1 -> tls://10.0.0.2:2: CommClosedError: in "
+                                    "<TLS (closed)>)")
+    assert ours[2].getMessage() == ours[0].getMessage() + "; this worker is closing"
+
 def test_a_closing_workers_call_to_its_stopping_nanny_is_one_line(caplog):
     """Seen in CI on Docker Engine: both containers' nannies stopping, a worker the scheduler had
     already dropped closes itself and calls its nanny, whose socket closed before the TLS

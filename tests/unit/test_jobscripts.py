@@ -67,6 +67,7 @@ def test_all_in_one_sbatch_defaults():
         "--ntasks-per-node=1",
         "--time=00:30:00",
         "--output=hpcdask-%j.out",
+        "--no-kill",  # a crashed node ends its own worker only (docs/slurm.md)
     ]
 
 
@@ -76,7 +77,7 @@ def test_scheduler_and_worker_job_defaults():
                                      "--output=hpcdask-scheduler-%j.out"]
     assert directives(WORKERS) == ["--job-name=hpcdask-workers", "--nodes=1",
                                    "--ntasks-per-node=1", "--time=00:30:00",
-                                   "--output=hpcdask-workers-%j.out"]
+                                   "--output=hpcdask-workers-%j.out", "--no-kill"]
 
 
 def test_all_in_one_folder_and_scheduler_file_are_per_job():

@@ -272,3 +272,77 @@ def test_a_killed_worker_task_does_not_lose_the_workload(sge_cluster, sge_env, s
     assert not cdir.exists()
     assert_clean(c, jobs, Path(sge_env["HPCDASK_SHARED_DIR"]), res.stdout, wout[1], wout[2],
                  killed=f"{workers.job_id}.3")
+
+
+LOOP_SCRIPT = """\
+import sys
+from pathlib import Path
+from distributed import get_client
+from hpcdask.workloads import execute
+
+out, client, i = Path(sys.argv[1]), get_client(), 0
+print("STARTED", flush=True)
+while True:  # longer than the job: Grid Engine's h_rt ends it
+    execute(client, "pipeline", "small", i, out / f"run-{i}")
+    i += 1
+"""
+
+
+def test_h_rt_reached_mid_workload_ends_cleanly(sge_cluster, sge_env, sge_udir):
+    """qsub -l h_rt=0:1:0 dask-scheduler.sge SCRIPT on a workload longer than that, with a 2-task
+    worker array: at h_rt Grid Engine sends -notify's SIGUSR2 to every process of the job (SIGKILL
+    follows after the queue's notify time, 10 s here). The jobscript says so in one line, the
+    client says in one line that the cluster is ending and no results were written (exit 143),
+    the scheduler retires the workers (their tasks end, exit 0), no role prints a traceback or an
+    ERROR, the finished runs are whole and the interrupted one left nothing, and nothing is left
+    behind."""
+    c = sge_cluster
+    cdir = Path(sge_env["HPCDASK_SHARED_DIR"]) / "session"
+    env = {**sge_env, "HPCDASK_CLUSTER_DIR": str(cdir), "HPCDASK_WAIT_WORKERS": "2"}
+    (sge_udir / "loop.py").write_text(LOOP_SCRIPT)
+    c.give(sge_udir / "loop.py")
+    out = c.mkdtemp("out-")
+    t0 = time.time()
+    sched = c.qsub("-l", "h_vmem=2000M", "-l", "h_rt=0:1:0", str(jobscript(c, "dask-scheduler.sge")),
+                   "loop.py", str(out), env=env, wait=False, workdir=sge_udir)
+    jobs = [sched.job_id]
+    try:
+        deadline = time.monotonic() + 60
+        while not (cdir / "scheduler.json").exists():
+            assert time.monotonic() < deadline, str(c.job(sched.job_id, workdir=sge_udir))
+            time.sleep(0.5)
+        workers = c.qsub("-t", "1-2", "-l", "h_vmem=1500M", str(jobscript(c, "dask-workers.sge")),
+                         env=env, wait=False, workdir=sge_udir)
+        jobs.append(workers.job_id)
+        res = c.wait(sched.job_id, timeout=150, workdir=sge_udir)
+        done = time.time()
+        wres = c.wait(workers.job_id, timeout=60, workdir=sge_udir)
+    finally:
+        for j in jobs:
+            c.run(["qdel", j], check=False)
+    text = res.stdout
+    assert "STARTED" in text, str(res)
+    assert res.exit_code == 143, str(res)  # the client's
+    lines = text.splitlines()
+    ours = [ln for ln in lines if ln.startswith("hpcdask:") and "worker(s) ready" not in ln]
+    # From the scheduler, or first from -notify's signal itself (Grid Engine signals every
+    # process of the job, the client among them): either way one line.
+    assert len(ours) == 1 and re.match(
+        r"hpcdask: the cluster is ending: its (scheduler's )?job got SIGUSR2", ours[0]), ours
+    assert [ln for ln in lines if ln.startswith("hpcdask-job: got SIG")] == [
+        "hpcdask-job: got SIGUSR2: the cluster is ending; the scheduler tells the clients and "
+        "stops"], str(res)
+    wout = "".join(p.read_text() for p in sorted(sge_udir.glob(f"*.o{workers.job_id}.*")))
+    assert wres.info["tasks"] == "2" and wres.exit_code == 0, str(wres)
+    assert wout.count("worker ended (exit 0)") == 2, wout
+    # Finished runs are whole; the interrupted one left nothing (no .partial-*, no metrics.json).
+    runs = sorted(out.iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert runs, str(res)
+    for run in runs[:-1]:
+        json.loads((run / "metrics.json").read_text())
+    last = runs[-1] / "metrics.json"
+    assert not last.exists() or json.loads(last.read_text()), last
+    assert not list(out.rglob(".partial-*"))
+    measure("sge h_rt reached mid-workload", qsub_to_end_s=round(done - t0, 1), runs=len(runs))
+    assert not cdir.exists()
+    assert_clean(c, jobs, Path(sge_env["HPCDASK_SHARED_DIR"]), text, wout)

@@ -16,7 +16,7 @@
 #   HPCDASK_SHARED_DIR     parent of the per-job cluster folders (default ~/.hpcdask/clusters)
 #   HPCDASK_CLUSTER_DIR    the cluster folder of the scheduler job + worker jobs pattern
 #   HPCDASK_READY_TIMEOUT  how long to wait for every worker to join (default 300s)
-#   HPCDASK_STOP_TIMEOUT   seconds the workers get to retire once the client is done (default 60)
+#   HPCDASK_STOP_TIMEOUT   seconds the scheduler and the workers get, together, to stop once the client is done (default 60)
 #   HPCDASK_KILL_GRACE     seconds the roles get to end on SIGTERM/exit before SIGKILL (default 4:
 #                          inside Slurm's KillWait, which is 30 s on most sites)
 #   HPCDASK_WARNING_SIGNAL the batch system's early warning (default USR1: #SBATCH --signal=B:USR1@N;
@@ -368,15 +368,17 @@ hj_wait_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
-# Orderly end: SIGTERM the scheduler (it retires the workers first), then wait for the workers.
+# Orderly end: SIGTERM the scheduler (it retires the workers first), then wait for the workers;
+# HPCDASK_STOP_TIMEOUT bounds both together (then hj_cleanup ends what is left).
 hj_shutdown() {
+    local end=$((SECONDS + HJ_STOP_TIMEOUT))
     if hj_alive "$HJ_SCHED"; then
         kill -TERM "$HJ_SCHED" 2>/dev/null || true
         hj_wait_pid "$HJ_SCHED" "$HJ_STOP_TIMEOUT" || hj_say "the scheduler did not stop within ${HJ_STOP_TIMEOUT}s"
     fi
     HJ_SCHED=''
     if hj_alive "$HJ_WORKERS"; then
-        if ! hj_wait_pid "$HJ_WORKERS" "$HJ_STOP_TIMEOUT"; then
+        if ! hj_wait_pid "$HJ_WORKERS" $((end > SECONDS ? end - SECONDS : 0)); then
             hj_say "the workers did not stop within ${HJ_STOP_TIMEOUT}s; ending them"
             hj_lost_nodes
         fi
@@ -392,7 +394,7 @@ hj_lost_nodes() {
     now=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N 2>/dev/null)" 2>/dev/null | sort)
     down=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -t down,fail,no_respond -o %N 2>/dev/null | sort -u)
     lost=$( { comm -23 <(echo "$all") <(echo "$now"); echo "$down"; } | sed '/^$/d' | sort -u | paste -sd, -)
-    [ -z "$lost" ] || hj_say "node(s) $lost did not answer (down or removed from the job); the job ends without their workers"
+    [ -z "$lost" ] || hj_say "these node(s) did not answer (down, or removed from the job): $lost; the job ends without their workers"
 }
 
 # Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:

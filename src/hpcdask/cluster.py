@@ -41,8 +41,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import dask.utils
-
 from hpcdask import checks, clean, config, files, memory, netif, security, sif
 from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard

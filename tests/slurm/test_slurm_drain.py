@@ -9,7 +9,6 @@ exit 0: the signal alone does not cancel it. Required in CI like the other Slurm
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 

@@ -27,7 +27,7 @@ def run(ctx) -> dict:
     with ctx.step("generate data"):
         X, truth = make_blobs(n_samples=n, n_features=d, centers=k, cluster_std=1.5,
                               center_box=(-20, 20), random_state=ctx.seed)
-        _, chunk = _data.layout(n, X.itemsize * d, ctx.nworkers)
+        nblocks, chunk = _data.layout(n, X.itemsize * d, ctx.nworkers)
         dX = _data.scatter_array(ctx.client, X, chunk)
 
     with ctx.step("dask-ml KMeans on the cluster"):

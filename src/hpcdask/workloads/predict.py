@@ -52,7 +52,7 @@ def run(ctx) -> dict:
         "labels_different": int(np.sum(labels != ref_labels)),
         "max_probability_difference": float(np.max(np.abs(proba - ref_proba))),
         "same_truth": bool(np.array_equal(truth, ref_truth)),
-        # whole blocks: the data holds rows * nblocks samples, a little more than n
+        # whole blocks: the data holds rows * nblocks samples, a little more than asked for
         "data": {"samples": rows * nblocks, "features": d, "train_sample": n_sample,
                  "blocks": nblocks,
                  "block_rows": rows, "bytes": int(X.nbytes)},

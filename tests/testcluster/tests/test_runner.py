@@ -9,14 +9,11 @@ need root, bubblewrap and debootstrap; without them they FAIL (the project requi
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 RUNNER = REPO / "tests" / "testcluster" / "bin" / "apptainer"

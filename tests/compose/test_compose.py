@@ -59,10 +59,11 @@ def _links() -> set[str]:
         ["ip", "-br", "link"], capture_output=True, text=True, check=False).stdout.splitlines()}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session")
 def host_as_found():
     """podman's CNI bridge plugin turns on IP forwarding and leaves its default bridge
-    (cni-podman0) behind: both go back to what they were before these tests."""
+    (cni-podman0) behind (the image's build already does): both go back to what they were
+    before the podman build, at the session's end."""
     before = {p: p.read_text() for p in FORWARDING if p.exists()}
     links = _links()
     yield
@@ -75,7 +76,7 @@ def host_as_found():
 
 
 @pytest.fixture(scope="session")
-def image() -> str:
+def image(host_as_found) -> str:
     missing = [t for t in ("podman", "podman-compose", "debootstrap") if shutil.which(t) is None]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: make host-deps (required: the compose test "

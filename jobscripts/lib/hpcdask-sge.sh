@@ -49,8 +49,9 @@ hj_sge_worker() {
     HJ_WORKERS=$!
 }
 
-# With -notify, Grid Engine sends SIGUSR2 (before SIGKILL: qdel) and SIGUSR1 (before SIGSTOP)
-# to the job's processes. The roles ignore both (started after this, they inherit it), and the
-# jobscript itself turns SIGUSR2 into the orderly end (hj_sge_notify_trap, after the roles start).
-hj_sge_notify_ignore() { trap '' USR1 USR2; }
-hj_sge_notify_trap() { trap 'hj_say "stopped by SIGUSR2 (qdel or the end of h_rt)"; exit 143' USR2; }
+# With -notify, Grid Engine sends SIGUSR2 to every process of the job (qdel, the end of h_rt)
+# the queue's notify time before SIGKILL, and SIGUSR1 before SIGSTOP (a suspension). SIGUSR2 is
+# the jobscripts' warning signal (HPCDASK_WARNING_SIGNAL, hj_traps/hj_drain_traps): the roles
+# handle it themselves, as Apptainer gives its payload the default of every signal back (a
+# trap '' here would not reach them). The jobscript only ignores SIGUSR1: a suspension ends nothing.
+hj_sge_notify_ignore() { trap '' USR1; }

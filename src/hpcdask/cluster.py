@@ -277,9 +277,11 @@ def sge_cluster(image: str | os.PathLike[str] | None = None, *,
     Engine, through dask-jobqueue instead of ``qsub -b y``).
 
     Each worker job asks for its memory as ``h_vmem`` (the address-space limit Grid Engine
-    enforces) unless ``resource_spec`` says otherwise; ``queue`` and ``walltime`` become ``-q``
-    and ``-l h_rt``. Grid Engine's clients must be reachable: ``SGE_ROOT`` set (or
-    ``submit_prefix``, e.g. ``ssh login1``).
+    enforces, in whole MiB) unless ``resource_spec`` says otherwise; ``queue`` and ``walltime``
+    become ``-q`` and ``-l h_rt``. Grid Engine's clients must be reachable: ``SGE_ROOT`` set (or
+    ``submit_prefix``, e.g. ``ssh login1``). Grid Engine checks that request first (``qsub -w v``:
+    :func:`hpcdask.sge.check_request`), so a queue that does not exist or a resource the site
+    forces is one line (BadInput) instead of jobs that never start.
     """
     from dask_jobqueue import SGECluster
     from dask_jobqueue.sge import SGEJob
@@ -288,9 +290,17 @@ def sge_cluster(image: str | os.PathLike[str] | None = None, *,
         raise BadInput("SGE_ROOT is not set, so qsub cannot find Grid Engine's cell; source your "
                        "site's settings first (. $SGE_ROOT/$SGE_CELL/common/settings.sh), or "
                        "submit through a login node: sge_cluster(submit_prefix='ssh login1', ...)")
+    import dask.config
+
+    from hpcdask import sge
+
     memory_ = kwargs.get("memory")
     if resource_spec is None and memory_:
-        resource_spec = f"h_vmem={memory_}"
+        resource_spec = f"h_vmem={sge.memory_request(memory_)}"  # Grid Engine refuses "GiB"
+    # Grid Engine accepts jobs no queue can run (they pend forever): refuse them here, in one line.
+    sge.check_request(submit_prefix, queue or dask.config.get("jobqueue.sge.queue", None),
+                      resource_spec or dask.config.get("jobqueue.sge.resource-spec", None),
+                      kwargs.get("walltime") or dask.config.get("jobqueue.sge.walltime", None))
     return _removing_credentials(SGECluster, dict(job_cls=_with_prefix(SGEJob, submit_prefix),
                                                   queue=queue, resource_spec=resource_spec,
                                                   **job_kwargs(image, **kwargs)))

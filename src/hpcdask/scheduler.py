@@ -106,6 +106,12 @@ async def end_clients(s: Scheduler, why: str) -> None:
     """Tell every client that the cluster is ending (hpcdask's clients stop in order: one line,
     exit 143, nothing written), and give them until ``hpcdask.drain-timeout`` to leave."""
     logger.info("hpcdask scheduler: telling %d client(s) that the cluster is ending", _clients(s))
+    # A client may have gone already, its comm closed before the scheduler removed it: Grid
+    # Engine's -notify signals every process of the job at once, the client too. Sending to it
+    # would log a CRITICAL traceback (distributed's send_all); unsubscribed, it gets nothing.
+    for client, comm in list(s.client_comms.items()):
+        if comm.closed():
+            s.unsubscribe_topic(signals.ENDING_TOPIC, client)
     s.log_event(signals.ENDING_TOPIC, {"why": why})
     loop = asyncio.get_running_loop()
     deadline = loop.time() + drain.timeout()

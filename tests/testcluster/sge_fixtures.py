@@ -69,6 +69,19 @@ class GridEngineCluster(SlurmCluster):
     def cluster_sh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _sge_sh(command, check=check, image=Path(self.user_env[self.USER]["HPCDASK_IMAGE"]))
 
+    def admin(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """CMD as root on the master (the qmaster host is the admin host), e.g. ``qconf -sc``."""
+        holder = (self.state_dir / "run" / "holder-master.pid").read_text().strip()
+        env = [f"{k}={self.user_env[self.USER][k]}" for k in
+               ("SGE_ROOT", "SGE_CELL", "SGE_QMASTER_PORT", "SGE_EXECD_PORT")]
+        proc = subprocess.run(["nsenter", "-t", holder, "--net", "--uts", "--mount", "env", *env,
+                               *cmd], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"{' '.join(cmd)} on the master exited {proc.returncode}\n"
+                               f"{proc.stdout}{proc.stderr}")
+        return proc
+
     def qsub(self, *args: str, env: Mapping[str, str] | None = None, wait: bool = True,
              timeout: float = 300, workdir: Path | str | None = None,
              user: str | None = None) -> JobResult:

@@ -3,6 +3,7 @@ test_job_script), with the scheduler on loopback (the host has no ib0)."""
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 
@@ -81,16 +82,35 @@ def test_pbs_gadi_directives(shared):
     assert 'HPCDASK_SCRATCH=$(mktemp -d "$PBS_JOBFS/hpcdask-XXXXXX")' in script
 
 
-def test_sge_directives_and_worker_in_the_image(shared, monkeypatch):
-    """sge_cluster: dask-jobqueue's SGECluster, memory asked as h_vmem, h_rt from walltime, the
-    queue, the worker under apptainer exec over TLS."""
+@pytest.fixture
+def qsub(tmp_path, monkeypatch):
+    """A stand-in for Grid Engine's qsub on PATH: prints $FAKE_QSUB_OUT, exits $FAKE_QSUB_RC
+    (by default qsub -w v's approval), and records its arguments in $FAKE_QSUB_ARGS."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "qsub").write_text('#!/bin/sh\necho "$@" >"$FAKE_QSUB_ARGS"\n'
+                               'printf "%s\\n" "$FAKE_QSUB_OUT"\nexit "$FAKE_QSUB_RC"\n')
+    (bin_ / "qsub").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
     monkeypatch.setenv("SGE_ROOT", "/var/lib/gridengine")
+    monkeypatch.setenv("FAKE_QSUB_ARGS", str(tmp_path / "qsub.args"))
+    monkeypatch.setenv("FAKE_QSUB_OUT", "verification: found suitable queue(s)")
+    monkeypatch.setenv("FAKE_QSUB_RC", "0")
+    return tmp_path / "qsub.args"
+
+
+def test_sge_directives_and_worker_in_the_image(shared, qsub):
+    """sge_cluster: dask-jobqueue's SGECluster, memory asked as h_vmem in Grid Engine's whole MiB
+    (it refuses "MiB"), h_rt from walltime, the queue, the worker under apptainer exec over TLS;
+    Grid Engine verified the request first (qsub -w v)."""
     with cluster.sge_cluster("/img", cores=1, memory="3000MiB", walltime="00:20:00", queue="all.q",
                              scheduler_interface="lo", require_image=False, dashboard="off") as c:
         script = c.job_script()
         assert c.job_cls.submit_command == "qsub"
     d = [ln for ln in script.splitlines() if ln.startswith("#$")]
-    assert "#$ -q all.q" in d and "#$ -l h_vmem=3000MiB" in d and "#$ -l h_rt=00:20:00" in d, d
+    assert "#$ -q all.q" in d and "#$ -l h_vmem=3000M" in d and "#$ -l h_rt=00:20:00" in d, d
+    assert qsub.read_text().split() == ["-w", "v", "-b", "y", "-q", "all.q", "-l", "h_vmem=3000M",
+                                        "-l", "h_rt=00:20:00", "true"]
     assert re.search(r"apptainer exec --bind \S+ --bind \"\$\{TMPDIR:-/tmp\}\" /img python -m "
                      r"distributed.cli.dask_worker tls://127.0.0.1:", script), script
     assert "--lifetime" in script  # retires before h_rt
@@ -101,6 +121,36 @@ def test_sge_without_sge_root_is_one_line(shared, monkeypatch):
     with pytest.raises(BadInput, match=r"SGE_ROOT is not set.*settings\.sh.*submit_prefix"):
         cluster.sge_cluster("/img", cores=1, memory="1GiB", scheduler_interface="lo",
                             require_image=False)
+    assert not shared.exists() or not list(shared.iterdir())  # nothing half-made
+
+
+# Grid Engine 8.1.9's own refusals (qsub -w v on the test cluster), and the line each becomes.
+REFUSALS = [
+    ('Unable to run job: Job was rejected because job requests unknown queue "nosuchq".\nExiting.',
+     dict(queue="nosuchq"),
+     r"^queue 'nosuchq' does not exist on this Grid Engine cluster; list its queues with "
+     r"`qstat -g c` and name one: sge_cluster\(queue='all\.q', \.\.\.\)$"),
+    ("Unable to run job: Job 36 does not request 'forced' resource \"h_vmem\" of host node1\n"
+     "Job 36 does not request 'forced' resource \"h_vmem\" of host node2\n"
+     "verification: no suitable queues\nExiting.",
+     dict(resource_spec="mem_free=1G"),
+     r"^this site requires every job to ask for h_vmem .*; ask for it: "
+     r"sge_cluster\(resource_spec='mem_free=1G,h_vmem=\.\.\.', \.\.\.\)$"),
+    ('Unable to run job: attribute "h_vmem" is not a memory value\nExiting.',
+     dict(resource_spec="h_vmem=3GiB"),
+     r"^h_vmem in resource_spec='h_vmem=3GiB' is not a Grid Engine memory value; use K, M or G: "
+     r"sge_cluster\(resource_spec='h_vmem=4G', \.\.\.\)$"),
+]
+
+
+@pytest.mark.parametrize("said, kwargs, line", REFUSALS, ids=["queue", "forced", "unit"])
+def test_sge_request_grid_engine_refuses_is_one_line(shared, qsub, monkeypatch, said, kwargs, line):
+    monkeypatch.setenv("FAKE_QSUB_OUT", said)
+    monkeypatch.setenv("FAKE_QSUB_RC", "1")
+    with pytest.raises(BadInput) as err:
+        cluster.sge_cluster("/img", cores=1, memory="1GiB", scheduler_interface="lo",
+                            require_image=False, **kwargs)
+    assert re.match(line, str(err.value)) and "\n" not in str(err.value), str(err.value)
     assert not shared.exists() or not list(shared.iterdir())  # nothing half-made
 
 

@@ -286,21 +286,10 @@ def sge_cluster(image: str | os.PathLike[str] | None = None, *,
     from dask_jobqueue import SGECluster
     from dask_jobqueue.sge import SGEJob
 
-    if not submit_prefix and not os.environ.get("SGE_ROOT"):
-        raise BadInput("SGE_ROOT is not set, so qsub cannot find Grid Engine's cell; source your "
-                       "site's settings first (. $SGE_ROOT/$SGE_CELL/common/settings.sh), or "
-                       "submit through a login node: sge_cluster(submit_prefix='ssh login1', ...)")
-    import dask.config
-
     from hpcdask import sge
 
-    memory_ = kwargs.get("memory")
-    if resource_spec is None and memory_:
-        resource_spec = f"h_vmem={sge.memory_request(memory_)}"  # Grid Engine refuses "GiB"
-    # Grid Engine accepts jobs no queue can run (they pend forever): refuse them here, in one line.
-    sge.check_request(submit_prefix, queue or dask.config.get("jobqueue.sge.queue", None),
-                      resource_spec or dask.config.get("jobqueue.sge.resource-spec", None),
-                      kwargs.get("walltime") or dask.config.get("jobqueue.sge.walltime", None))
+    resource_spec = sge.worker_request(submit_prefix, queue, resource_spec,
+                                       kwargs.get("memory"), kwargs.get("walltime"))
     return _removing_credentials(SGECluster, dict(job_cls=_with_prefix(SGEJob, submit_prefix),
                                                   queue=queue, resource_spec=resource_spec,
                                                   **job_kwargs(image, **kwargs)))

@@ -10,6 +10,7 @@ request against the empty cluster and submits nothing: its refusal becomes one l
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -24,6 +25,26 @@ logger = logging.getLogger("hpcdask")
 def memory_request(memory: str) -> str:
     """``memory`` (dask's form: ``4GiB``, ``3000MB``, ...) as Grid Engine's whole MiB (``4096M``)."""
     return f"{max(1, dask.utils.parse_bytes(memory) // 2**20)}M"
+
+
+def worker_request(prefix: str | None, queue: str | None, resource_spec: str | None,
+                   memory: str | None, walltime: str | None) -> str | None:
+    """The worker jobs' resource request (``h_vmem`` from ``memory`` unless ``resource_spec``
+    says otherwise), checked by Grid Engine with dask-jobqueue's configured defaults filled in
+    (:func:`check_request`); BadInput first when Grid Engine's cell cannot be found."""
+    import dask.config
+
+    if not prefix and not os.environ.get("SGE_ROOT"):
+        raise BadInput("SGE_ROOT is not set, so qsub cannot find Grid Engine's cell; source your "
+                       "site's settings first (. $SGE_ROOT/$SGE_CELL/common/settings.sh), or "
+                       "submit through a login node: sge_cluster(submit_prefix='ssh login1', ...)")
+    if resource_spec is None and memory:
+        resource_spec = f"h_vmem={memory_request(memory)}"  # Grid Engine refuses "GiB"
+    # Grid Engine accepts jobs no queue can run (they pend forever): refuse them here, in one line.
+    check_request(prefix, queue or dask.config.get("jobqueue.sge.queue", None),
+                  resource_spec or dask.config.get("jobqueue.sge.resource-spec", None),
+                  walltime or dask.config.get("jobqueue.sge.walltime", None))
+    return resource_spec
 
 
 def check_request(prefix: str | None, queue: str | None, resource_spec: str | None,

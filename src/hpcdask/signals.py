@@ -60,7 +60,16 @@ async def until_signalled(stop: asyncio.Event, finished) -> str:
         await asyncio.wait([waiter, asyncio.ensure_future(finished)],
                            return_when=asyncio.FIRST_COMPLETED)
     finally:
-        ignore_signals()
+        # The loop lets go of them (its close() would reset them to SIG_DFL, and a late signal
+        # would then kill the role during its cleanup), blocked meanwhile, then they are ignored.
+        sigs = stop_signals()
+        signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+            ignore_signals()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
     waiter.cancel()
     return got[0] if got else "finished"
 

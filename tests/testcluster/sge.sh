@@ -231,11 +231,14 @@ sge_configure() {
     for node in login "$(hostname)" $hosts; do sge_admin qconf -as "$node" >>"$STATE/log/sge-qconf.out" 2>&1; done
     printf '%s\n' "group_name @allhosts" "hostlist ${hosts% }" >"$tmp/allhosts"
     sge_admin qconf -Ahgrp "$tmp/allhosts" >>"$STATE/log/sge-qconf.out" 2>&1
-    sge_admin qconf -Ap "$here/sge/pe-smp.conf" >>"$STATE/log/sge-qconf.out" 2>&1
+    # The master has a /tmp of its own, where a checkout in /tmp (mktemp -d) is not: what it
+    # reads goes through $tmp, like the files made here.
+    cp "$here/sge/pe-smp.conf" "$here/sge/sched.conf" "$tmp/"
+    sge_admin qconf -Ap "$tmp/pe-smp.conf" >>"$STATE/log/sge-qconf.out" 2>&1
     sed -e "s|@CPUS@|$CPUS|" -e "s|@LOCAL@|$LOCAL|" -e "s|@STATE@|$STATE|" -e "s|@H_RT@|$SGE_H_RT|" \
         "$here/sge/queue.conf.in" >"$tmp/all.q"
     sge_admin qconf -Aq "$tmp/all.q" >>"$STATE/log/sge-qconf.out" 2>&1
-    sge_admin qconf -Msconf "$here/sge/sched.conf" >>"$STATE/log/sge-qconf.out" 2>&1
+    sge_admin qconf -Msconf "$tmp/sched.conf" >>"$STATE/log/sge-qconf.out" 2>&1
 }
 
 sge_start() {

@@ -53,6 +53,14 @@ def net(addresses: dict[str, str]) -> str:
     return re.escape(prefixes.pop()) + r"\.\d+"
 
 
+def wait_for_scheduler_file(c, cdir: Path, job_id: str, workdir: Path, timeout: float) -> None:
+    """Until the scheduler job has published cdir/scheduler.json (the worker jobs need it)."""
+    deadline = time.monotonic() + timeout
+    while not (cdir / "scheduler.json").exists():
+        assert time.monotonic() < deadline, str(c.job(job_id, workdir=workdir))
+        time.sleep(0.5)
+
+
 def assert_clean(cluster, job_ids: list[str], shared: Path | None, *texts: str,
                  killed: str | None = None) -> None:
     """Nothing left: no cluster folder, nothing in any job's $TMPDIR (the epilog's records),
@@ -101,10 +109,7 @@ def test_scheduler_job_with_a_script_and_an_array_of_three_worker_tasks(sge_clus
     jobs = [sched.job_id]
     try:
         # The workers need the scheduler's folder: submit them once it is there.
-        deadline = time.monotonic() + 120
-        while not (cdir / "scheduler.json").exists():
-            assert time.monotonic() < deadline, str(c.job(sched.job_id, workdir=sge_udir))
-            time.sleep(0.5)
+        wait_for_scheduler_file(c, cdir, sched.job_id, sge_udir, 120)
         denied = c.run(["ls", str(cdir)], user=c.OTHER_USER, check=False)
         assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
         workers = c.qsub("-t", "1-3", "-l", "h_vmem=3000M", str(jobscript(c, "dask-workers.sge")),
@@ -233,10 +238,7 @@ def test_a_killed_worker_task_does_not_lose_the_workload(sge_cluster, sge_env, s
                    env=env, wait=False, workdir=sge_udir)
     jobs = [sched.job_id]
     try:
-        deadline = time.monotonic() + 120
-        while not (cdir / "scheduler.json").exists():
-            assert time.monotonic() < deadline, str(c.job(sched.job_id, workdir=sge_udir))
-            time.sleep(0.5)
+        wait_for_scheduler_file(c, cdir, sched.job_id, sge_udir, 120)
         workers = c.qsub("-t", "1-3", "-l", "h_vmem=3000M", str(jobscript(c, "dask-workers.sge")),
                          env=env, wait=False, workdir=sge_udir)
         jobs.append(workers.job_id)
@@ -307,10 +309,7 @@ def test_h_rt_reached_mid_workload_ends_cleanly(sge_cluster, sge_env, sge_udir):
                    "loop.py", str(out), env=env, wait=False, workdir=sge_udir)
     jobs = [sched.job_id]
     try:
-        deadline = time.monotonic() + 60
-        while not (cdir / "scheduler.json").exists():
-            assert time.monotonic() < deadline, str(c.job(sched.job_id, workdir=sge_udir))
-            time.sleep(0.5)
+        wait_for_scheduler_file(c, cdir, sched.job_id, sge_udir, 60)
         workers = c.qsub("-t", "1-2", "-l", "h_vmem=1500M", str(jobscript(c, "dask-workers.sge")),
                          env=env, wait=False, workdir=sge_udir)
         jobs.append(workers.job_id)

@@ -105,6 +105,16 @@ def job(env: Mapping[str, str] | None = None) -> Job:
                job_end(None, env), allocation(env))
 
 
+#: How a user asks their batch system for more time, in its own words.
+MORE_TIME = {"slurm": "sbatch --time", "pbs": "qsub -l walltime=...", "sge": "qsub -l h_rt=...",
+             "none": "your job's time limit, e.g. sbatch --time"}
+
+
+def more_time(env: Mapping[str, str] | None = None) -> str:
+    """How to ask this job's batch system for more time (``sbatch --time``, ``qsub -l h_rt=...``)."""
+    return MORE_TIME[system(env)]
+
+
 def job_id(env: Mapping[str, str] | None = None) -> str | None:
     """The batch job's ID (None outside a job)."""
     return job(env).id

@@ -290,6 +290,14 @@ def sge_cluster(image: str | os.PathLike[str] | None = None, *,
 
     resource_spec = sge.worker_request(submit_prefix, queue, resource_spec,
                                        kwargs.get("memory"), kwargs.get("walltime"))
+    # dask-jobqueue ends a worker job with qdel: without -notify that is SIGKILL at once, and the
+    # worker's scratch stays in $TMPDIR. With -notify Grid Engine first sends USR2 (USR1 before a
+    # suspension) and waits the queue's notify time: the job's shell ignores both, the worker's
+    # nanny stops on USR2 as on SIGTERM (hpcdask.shutdown), and the job ends before any SIGKILL.
+    kwargs["job_extra_directives"] = ["-notify", *(kwargs.get("job_extra_directives") or [])]
+    kwargs["job_script_prologue"] = ["trap '' USR1 USR2  # -notify's warnings: see sge_cluster",
+                                     "export HPCDASK_WARNING_SIGNAL=USR2",
+                                     *(kwargs.get("job_script_prologue") or [])]
     return _removing_credentials(SGECluster, dict(job_cls=_with_prefix(SGEJob, submit_prefix),
                                                   queue=queue, resource_spec=resource_spec,
                                                   **job_kwargs(image, **kwargs)))

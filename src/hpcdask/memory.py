@@ -154,7 +154,8 @@ def lifetime(job_end: float | None, margin: float, stagger: float,
     if left <= 0:
         raise BadInput(
             f"the job ends in {job_end - now:.0f}s, less than the retirement margin of "
-            f"{margin:.0f}s; ask for more time (sbatch --time) or lower HPCDASK_LIFETIME_MARGIN"
+            f"{margin:.0f}s; ask for more time ({batch.more_time()}) or lower "
+            f"HPCDASK_LIFETIME_MARGIN"
         )
     return left
 

@@ -12,6 +12,7 @@ installs the worker processes' handler.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 NOISY = ("distributed", "tornado", "asyncio")
@@ -136,18 +137,49 @@ def quiet_cluster(client) -> None:
             pass
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (shared by this node's worker processes) ignoring
+    the batch system's warning signals, as multiprocessing has it ignore SIGINT and SIGTERM: it
+    is a process of the job, so it gets them too, and USR1/USR2 would kill it (its relaunch
+    prints tracebacks) while the workers drain or stop."""
+    from multiprocessing import resource_tracker
+
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def dask_setup(worker=None) -> None:
     """Preload hook, in the worker process: on SIGTERM (or USR1/USR2), go quiet and let the
     nanny stop us (it drains us first: hpcdask.drain).
-    As a nanny's preload (``dask worker --preload-nanny``) it only installs the log filters
-    (on import): the nanny's own SIGTERM handling stays distributed's."""
+    As a nanny's preload (``dask worker --preload-nanny``: dask-jobqueue's worker jobs) it
+    installs the log filters (on import) and takes the batch system's signals: the warning signal
+    (``hpcdask.warning-signal``: Grid Engine's -notify sends USR2 before qdel's SIGKILL) stops it
+    as SIGTERM does (distributed's own handling: the worker closes), the other is ignored; their
+    default action would kill the nanny at once and leave its worker behind."""
     from distributed import Nanny
-
-    if isinstance(worker, Nanny):
-        return
 
     def on_term(signum, frame) -> None:
         quiet()
+
+    if isinstance(worker, Nanny):
+        from hpcdask.signals import warning_signal
+
+        def on_warning(signum, frame) -> None:
+            quiet()
+            # Only while distributed still waits for SIGTERM: a nanny already ending (its worker
+            # retired) has put back the default action, and SIGTERM would kill it mid-exit.
+            if callable(signal.getsignal(signal.SIGTERM)):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        warning = warning_signal()
+        start_resource_tracker()  # before the worker process needs it, and without USR1/USR2
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, on_warning if sig == warning else on_term)
+        return
 
     # The batch system signals every process of the step: SIGTERM, and its warning signal (USR1,
     # USR2), whose default action would kill this process under the nanny's drain.

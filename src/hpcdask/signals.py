@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from hpcdask import config, shutdown
+from hpcdask import batch, config, shutdown
 from hpcdask.errors import BadInput
 
 logger = logging.getLogger("hpcdask")
@@ -114,7 +114,7 @@ class terminate_cleanly:
     becomes an orderly stop with one line and exit code 143."""
 
     MESSAGE = ("hpcdask: interrupted by SIGTERM (the job's time limit?); no results were written "
-               "(provenance.json records the interruption): rerun with more time (sbatch --time) "
+               "(provenance.json records the interruption): rerun with more time ({}) "
                "or --size small")
     ENDING = ("hpcdask: the cluster is ending: {}; no results were written (provenance.json "
               "records the interruption): rerun on a cluster with more time left")
@@ -132,7 +132,8 @@ class terminate_cleanly:
             shutdown.quiet()
             if signum == warning and not _ending:  # the job's warning reached this process too
                 _ending.append(f"its job got {warning.name} (its end is near)")
-            line = self.ENDING.format(_ending[0]) if _ending else self.MESSAGE
+            line = (self.ENDING.format(_ending[0]) if _ending
+                    else self.MESSAGE.format(batch.more_time()))
             print(line, file=sys.stderr, flush=True)
             raise Terminated()
         self._old = signal.signal(signal.SIGTERM, handler)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import dask.utils
 from distributed import Nanny
 
 from hpcdask import (batch, config, drain, files, gpu, memory, nested, netif, schedfile,
-                     servers, signals, versions)
+                     servers, shutdown, signals, versions)
 from hpcdask.connect import connection, refuse_if_different, scheduler_identity
 
 logger = logging.getLogger("hpcdask")
@@ -88,7 +87,7 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
     ref = await scheduler_identity(address, sec, "worker", path, timeout)
     refuse_if_different(ref, versions.identity(), me)
     base = name or f"{socket.gethostname()}-{os.getpid()}"
-    _start_resource_tracker()
+    shutdown.start_resource_tracker()
     extra = {"lifetime": life, "lifetime_restart": False} if life else {}
     if gpus and gpu.has_dask_cuda():
         from dask_cuda import CUDAWorker  # one nanny per GPU, CUDA_VISIBLE_DEVICES rotated
@@ -116,21 +115,6 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
         # the batch system's KillWait (or GraceTime) follows, and the scratch must go first.
         await drain.drain(nannies, why)
         await asyncio.gather(*[n.close(timeout=3) for n in nannies], return_exceptions=True)
-
-
-def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker (shared by this node's worker processes) ignoring
-    the batch system's warning signals, as multiprocessing has it ignore SIGINT and SIGTERM: it
-    is a process of the job step, so it gets them too, and USR1 would kill it (its relaunch
-    prints tracebacks) while the workers drain."""
-    from multiprocessing import resource_tracker
-
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:

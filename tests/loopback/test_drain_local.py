@@ -233,3 +233,63 @@ def test_a_warned_scheduler_ends_the_clients_work_in_one_line(tmp_path):
     assert ours[0].startswith("hpcdask: the cluster is ending: its scheduler's job got SIGUSR1"), err
     assert not path.exists()
     no_noise(tmp_path / "a.log", tmp_path / "s.log")
+
+
+def _running(stat: Path) -> bool:
+    try:
+        return stat.read_text().split(") ")[-1].split()[0] != "Z"
+    except OSError:  # gone
+        return False
+
+
+@pytest.mark.parametrize("warning", ["USR2", "USR1"])
+def test_a_jobqueue_worker_stops_on_its_warning_signal_and_outlives_the_other(tmp_path, warning):
+    """dask-jobqueue's worker command (``dask worker --preload-nanny hpcdask.shutdown``, as
+    hpcdask.cluster writes it): the batch system's warning signal (HPCDASK_WARNING_SIGNAL; Grid
+    Engine's -notify sends USR2 before qdel's SIGKILL) stops the nanny as SIGTERM does, exit 0, no
+    traceback, its worker gone; the other signal changes nothing. Without the preload's handlers
+    either signal kills the nanny at once (exit -USR*) and leaves its worker process behind, and
+    a resource tracker that does not ignore them dies, is relaunched and prints a traceback."""
+    other = {"USR1": "USR2", "USR2": "USR1"}[warning]
+    sfile = tmp_path / "scheduler.json"
+    env = {**os.environ, "HPCDASK_WARNING_SIGNAL": warning}
+    with (tmp_path / "scheduler.log").open("w") as out:
+        sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                                  "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                  "--scheduler-file", str(sfile)], stdout=out,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    wlog = tmp_path / "worker.log"
+    worker = None
+    try:
+        with wlog.open("w") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sfile),
+                 "--nthreads", "1", "--no-dashboard", "--preload", "hpcdask.shutdown",
+                 "--preload-nanny", "hpcdask.shutdown", "--local-directory", str(tmp_path)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "Registered to" not in wlog.read_text():
+            assert time.monotonic() < deadline and worker.poll() is None, wlog.read_text()
+            time.sleep(0.2)
+        children = [p for p in Path("/proc").glob("[0-9]*/stat")
+                    if p.read_text().split(") ")[-1].split()[1] == str(worker.pid)]
+        assert children, "the nanny started no worker process"
+        # As a batch system does: to every process of the job (the nanny, its worker process,
+        # multiprocessing's resource tracker).
+        os.killpg(worker.pid, getattr(signal, f"SIG{other}"))
+        time.sleep(3)
+        assert worker.poll() is None, wlog.read_text()  # the other signal: nothing
+        assert all(_running(p) for p in children), wlog.read_text()
+        os.killpg(worker.pid, getattr(signal, f"SIG{warning}"))
+        assert finish(worker, 60) == 0, wlog.read_text()
+        log = wlog.read_text()
+        assert "Traceback" not in log and " - ERROR - " not in log, log
+        deadline = time.monotonic() + 20  # its worker process ends with it
+        while left := [p.parent.name for p in children if _running(p)]:
+            assert time.monotonic() < deadline, (left, log)
+            time.sleep(0.2)
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        os.killpg(sched.pid, signal.SIGTERM)
+        sched.wait(30)

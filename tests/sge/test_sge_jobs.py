@@ -348,3 +348,15 @@ def test_h_rt_reached_mid_workload_ends_cleanly(sge_cluster, sge_env, sge_udir):
     assert not cdir.exists()
     assert_clean(c, jobs, Path(sge_env["HPCDASK_SHARED_DIR"]), text, wout)
 
+
+
+def test_a_request_no_queue_can_meet_is_refused_at_qsub(sge_cluster, sge_env, sge_udir):
+    """The jobscripts' `#$ -w e`: more h_vmem than any host has is refused by qsub itself, with
+    Grid Engine's reason, instead of a job that pends forever; nothing is queued."""
+    c = sge_cluster
+    for name in ("dask-scheduler.sge", "dask-workers.sge"):
+        proc = c.run(["qsub", "-terse", "-l", "h_vmem=64G", str(jobscript(c, name))],
+                     env=sge_env, cwd=sge_udir, check=False)
+        assert proc.returncode != 0 and "no suitable queues" in proc.stderr, (name, proc)
+    queued = c.run(["qstat", "-u", c.USER], check=False).stdout
+    assert "hpcdask-" not in queued, queued

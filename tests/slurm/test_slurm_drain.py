@@ -111,7 +111,7 @@ def test_a_signalled_worker_job_hands_its_results_over(slurm_cluster, job_env, u
         signal_job(slurm_cluster, victim, how)
         res = slurm_cluster.wait(victim, timeout=60, workdir=udir)
         s.finish_client()
-        assert s.lines() == 40  # nothing recomputed
+        assert s.lines() == 40, str(res)  # nothing recomputed
         # scancel alone cancels the job (Slurm records CANCELLED whatever the script's exit).
         if how == "plain":
             assert res.state == "CANCELLED", str(res)
@@ -153,7 +153,7 @@ def test_a_preempted_worker_job_hands_its_results_over(slurm_cluster, job_env, u
                                          workdir=udir).job_id
         res = slurm_cluster.wait(victim, timeout=90, workdir=udir)
         s.finish_client()
-        assert s.lines() == 40  # nothing recomputed
+        assert s.lines() == 40, str(res)  # nothing recomputed
         log = res.stderr
         # Slurm signals the job's steps (the workers: "STEP ... CANCELLED"), not the batch script,
         # which then ends on its own, exit 0, inside GraceTime: Slurm records it COMPLETED.

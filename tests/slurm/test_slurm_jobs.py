@@ -625,7 +625,7 @@ def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job
     from hpcdask.signals import terminate_cleanly
 
     assert [ln for ln in err if ln.startswith("hpcdask: interrupted by SIGTERM")] == [
-        terminate_cleanly.MESSAGE], str(res)
+        terminate_cleanly.MESSAGE.format("sbatch --time")], str(res)
     assert "hpcdask-job: stopped by SIGTERM (time limit or scancel)" in err, str(res)
     # Finished runs are whole; the interrupted one left nothing (no .partial-*, no metrics.json).
     runs = sorted(out.iterdir(), key=lambda p: int(p.name.split("-")[1]))

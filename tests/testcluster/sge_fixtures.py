@@ -82,6 +82,31 @@ class GridEngineCluster(SlurmCluster):
                                f"{proc.stdout}{proc.stderr}")
         return proc
 
+    def client_in_image(self, mnt: Path) -> tuple[list[str], str, dict[str, str]]:
+        """Grid Engine's clients inside the image (which has none), as a site binds them: the
+        host's /usr read-only at MNT/host/usr, links to the host libraries qsub needs (not its
+        libc) in MNT/host/gelibs, the cell at its own path. The binds for ``apptainer exec``
+        (MNT at /mnt), the submit prefix (tests/testcluster/jobqueue_sge.sh) and the environment."""
+        libs = mnt / "host" / "gelibs"
+        for d in (mnt / "host" / "usr", libs, mnt / "cluster"):
+            d.mkdir(parents=True)
+        self.give(mnt)  # before the links: chown follows them
+        glibc = ("libc.so", "libm.so", "libdl.so", "libpthread.so", "libresolv.so", "librt.so")
+        for cmd in ("qsub", "qdel", "qstat"):
+            out = subprocess.run(["ldd", f"/usr/lib/gridengine/{cmd}"], capture_output=True,
+                                 text=True, check=True).stdout
+            for name, path in re.findall(r"^\s*(\S+) => (/\S+)", out, re.M):
+                if not name.startswith(glibc) and not (libs / name).is_symlink():
+                    real = Path(path).resolve()  # /lib is /usr/lib (merged /usr)
+                    (libs / name).symlink_to(Path("/mnt/host") / real.relative_to("/"))
+        assert (libs / "libmunge.so.2").is_symlink(), sorted(p.name for p in libs.iterdir())
+        env = {k: self.user_env[self.USER][k] for k in
+               ("SGE_ROOT", "SGE_CELL", "SGE_QMASTER_PORT", "SGE_EXECD_PORT")}
+        cell = Path(env["SGE_ROOT"]).parent  # the root's links and the cell, read-only
+        binds = [f"{mnt}:/mnt", "/usr:/mnt/host/usr:ro", f"{cell}:{cell}:ro",
+                 f"{self.src / 'tests' / 'testcluster'}:/mnt/cluster:ro"]
+        return binds, "/mnt/cluster/jobqueue_sge.sh", env
+
     def qsub(self, *args: str, env: Mapping[str, str] | None = None, wait: bool = True,
              timeout: float = 300, workdir: Path | str | None = None,
              user: str | None = None) -> JobResult:

@@ -114,6 +114,10 @@ def test_sge_directives_and_worker_in_the_image(shared, qsub):
     assert re.search(r"apptainer exec --bind \S+ --bind \"\$\{TMPDIR:-/tmp\}\" /img python -m "
                      r"distributed.cli.dask_worker tls://127.0.0.1:", script), script
     assert "--lifetime" in script  # retires before h_rt
+    # qdel of a retiring worker's job warns first (-notify), and the warning is ignored: the
+    # worker ends by itself (tests/sge/test_sge_cluster_helper.py checks it on Grid Engine).
+    assert "#$ -notify" in d, d
+    assert script.index("trap '' USR1 USR2") < script.index("distributed.cli.dask_worker"), script
 
 
 def test_sge_without_sge_root_is_one_line(shared, monkeypatch):

@@ -149,6 +149,19 @@ def test_lifetime_leaves_margin_and_stagger():
         memory.lifetime(job_end=100, margin=120, stagger=0, now=0)
 
 
+@pytest.mark.parametrize(("env", "fix"), [
+    ({"SLURM_JOB_ID": "7"}, "sbatch --time"), ({"PBS_JOBID": "7.pbs"}, "qsub -l walltime=..."),
+    ({"JOB_ID": "7", "SGE_ROOT": "/sge"}, "qsub -l h_rt=...")])
+def test_too_little_time_names_the_batch_systems_own_option(monkeypatch, env, fix):
+    for name in ("SLURM_JOB_ID", "SLURM_CPUS_ON_NODE", "PBS_JOBID", "JOB_ID", "SGE_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(BadInput) as err:
+        memory.lifetime(job_end=100, margin=120, stagger=0, now=0)
+    assert f"ask for more time ({fix})" in str(err.value)
+
+
 def test_credentials_are_private_and_verify(tmp_path):
     creds = security.create(tmp_path / "cluster", "42")
     assert stat.S_IMODE(creds.folder.stat().st_mode) == 0o700

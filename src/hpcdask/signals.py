@@ -60,16 +60,16 @@ async def until_signalled(stop: asyncio.Event, finished) -> str:
         await asyncio.wait([waiter, asyncio.ensure_future(finished)],
                            return_when=asyncio.FIRST_COMPLETED)
     finally:
-        # The loop lets go of them (its close() would reset them to SIG_DFL, and a late signal
-        # would then kill the role during its cleanup), blocked meanwhile, then they are ignored.
-        sigs = stop_signals()
-        signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-        try:
-            for sig in sigs:
-                loop.remove_signal_handler(sig)
-            ignore_signals()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+        # From the loop's handler straight to SIG_IGN, never through SIG_DFL: asyncio's
+        # remove_signal_handler (and its close(), which calls it) resets a signal to SIG_DFL, and
+        # a late signal then ends the role mid-cleanup (blocking it helps the main thread only:
+        # any other thread of the process takes it). asyncio has no call that forgets a handler
+        # without resetting it, so its table is emptied here, after the signals are ignored.
+        ignore_signals()
+        for sig in stop_signals():
+            loop._signal_handlers.pop(sig, None)  # noqa: SLF001 - see above
+        if not loop._signal_handlers:  # noqa: SLF001
+            signal.set_wakeup_fd(-1)  # as remove_signal_handler does with the last one
     waiter.cancel()
     return got[0] if got else "finished"
 

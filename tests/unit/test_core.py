@@ -638,3 +638,46 @@ def test_a_stopping_role_ignores_further_signals():
                           timeout=60)
     assert (proc.returncode, proc.stdout.split(), proc.stderr) == (
         0, ["SIGTERM", "after", "the", "loop"], "")
+
+
+_SIGNALLED_WITH_THREADS = """
+import asyncio, os, signal, threading
+from hpcdask import signals
+
+def late_signal():
+    # A second SIGTERM for the process (the step's, then the jobscript's), taken by a thread
+    # that does not block it (distributed's, the executor's): with SIG_DFL it ends the process.
+    t = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+    t.start()
+    t.join()
+
+async def main():
+    async def forever():
+        await asyncio.sleep(60)
+    loop = asyncio.get_running_loop()
+    remove = loop.remove_signal_handler
+    def removing(sig):  # the signal lands just after asyncio let go of it
+        done = remove(sig)
+        late_signal()
+        return done
+    loop.remove_signal_handler = removing
+    loop.call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+    why = await signals.until_signalled(asyncio.Event(), forever())
+    late_signal()
+    return why
+
+print(asyncio.run(main()))
+late_signal()
+print("still here")
+"""
+
+
+def test_a_burst_of_signals_never_meets_the_default_action(tmp_path):
+    """A second SIGTERM at any moment of the stop, taken by any thread of the process, changes
+    nothing: until_signalled hands the signals from its handler to SIG_IGN directly, never through
+    SIG_DFL (asyncio's remove_signal_handler resets to SIG_DFL, and the main thread's blocked mask
+    does not cover the other threads: a drain test's worker ended with 143 under load)."""
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", _SIGNALLED_WITH_THREADS], capture_output=True,
+                              text=True, timeout=60)
+        assert (proc.returncode, proc.stdout.split()) == (0, ["SIGTERM", "still", "here"]), proc

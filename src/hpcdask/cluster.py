@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hpcdask import checks, clean, config, files, memory, netif, security, sif
+from hpcdask import checks, clean, config, files, memory, netif, security, shutdown, sif
 from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
@@ -100,6 +100,7 @@ def job_kwargs(
     image = _image(image)
     if require_image:
         checks.runs_from(image)
+    shutdown.calm_closed_connections()  # the scheduler runs in this process: see shutdown.py
     iface = config.get("interface", interface)
     sched_iface = scheduler_interface or config.get("scheduler-interface") or iface
     host = netif.address_of(sched_iface, "scheduler_interface=")

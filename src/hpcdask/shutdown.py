@@ -11,6 +11,7 @@ installs the worker processes' handler.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -26,9 +27,12 @@ NOISY = ("distributed", "tornado", "asyncio")
 #: drain that timed out closes a worker mid-replication.
 #: And distributed.utils, whose log_errors reports a closing worker's last call to its nanny
 #: when the nanny's socket closed before the TLS handshake (tornado: TORNADO_NOT_IDLE).
+#: And distributed.scheduler, whose log_errors reports a worker's stream handler cancelled by
+#: the scheduler's own close (dask-jobqueue's clusters close their scheduler in the client).
 CLOSED_CONNECTION_LOGGERS = ("distributed.batched", "distributed.core", "tornado.application",
                              "distributed.worker", "distributed.protocol.core",
-                             "distributed.comm.utils", "distributed.utils")
+                             "distributed.comm.utils", "distributed.utils",
+                             "distributed.scheduler")
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
 #: distributed's worker, serving data to a peer whose connection closed mid-transfer (the peer
 #: stopped or died; it asks again elsewhere): logged as an ERROR with a traceback.
@@ -77,6 +81,10 @@ class NoClosedConnectionTraceback(logging.Filter):
                 and _workers_closing():
             _one_line(record, logging.INFO,
                       "a connection to a peer was cut off as this worker closed (%s)", (exc,))
+        elif isinstance(exc, asyncio.CancelledError) and _schedulers_closing():
+            _one_line(record, logging.INFO,
+                      "a worker's connection was cut off as this scheduler closed (%s)",
+                      (type(exc).__name__,))
         elif (isinstance(exc, ValueError) and "non-started TCPListener" in str(exc)
               and isinstance(exc.__context__, OSError)):
             _one_line(record, logging.INFO,
@@ -96,6 +104,17 @@ def _workers_closing() -> bool:
     return bool(workers) and all(
         w.status in (Status.closing, Status.closed, Status.closing_gracefully, Status.failed)
         for w in workers)
+
+
+def _schedulers_closing() -> bool:
+    """True when this process holds schedulers and every one of them is closing or closed
+    (``Scheduler._instances``, as :func:`_workers_closing` reads the workers')."""
+    from distributed import Scheduler
+    from distributed.core import Status
+
+    schedulers = list(Scheduler._instances)
+    return bool(schedulers) and all(s.status in (Status.closing, Status.closed)
+                                    for s in schedulers)
 
 
 def _one_line(record: logging.LogRecord, level: int | None = None, msg: str | None = None,

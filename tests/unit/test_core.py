@@ -681,3 +681,42 @@ def test_a_burst_of_signals_never_meets_the_default_action(tmp_path):
         proc = subprocess.run([sys.executable, "-c", _SIGNALLED_WITH_THREADS], capture_output=True,
                               text=True, timeout=60)
         assert (proc.returncode, proc.stdout.split()) == (0, ["SIGTERM", "still", "here"]), proc
+
+
+def test_a_worker_handler_cancelled_by_its_closing_scheduler_is_one_line(caplog):
+    """Seen in CI on Grid Engine (sge_cluster: dask-jobqueue's scheduler runs in the client): as
+    the scheduler closes, it cancels a worker's stream handler and distributed's log_errors logs
+    the CancelledError as an ERROR with a traceback. While this process's scheduler (a real one)
+    is closing that is one INFO line; while it runs, the ERROR and traceback stay."""
+    import asyncio
+    import logging
+
+    from distributed import Scheduler
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    log = logging.getLogger("distributed.scheduler")
+
+    def fails():
+        try:
+            raise asyncio.CancelledError()
+        except asyncio.CancelledError:
+            log.error("", exc_info=True)
+
+    async def main():
+        s = await Scheduler(host="127.0.0.1", dashboard_address=":0")
+        fails()  # running: stays an ERROR
+        closing = asyncio.ensure_future(s.close())
+        await asyncio.sleep(0)
+        assert s.status.name in ("closing", "closed")
+        fails()
+        await closing
+
+    with caplog.at_level(logging.DEBUG, logger="distributed.scheduler"):
+        asyncio.run(main())
+    ours = [r for r in caplog.records if r.name == "distributed.scheduler" and
+            (r.exc_info or "cut off" in r.getMessage())]
+    assert [(r.levelname, r.exc_info is None) for r in ours] == [("ERROR", False), ("INFO", True)]
+    assert ours[1].getMessage() == ("a worker's connection was cut off as this scheduler closed "
+                                    "(CancelledError)")

@@ -424,7 +424,11 @@ hj_cleanup() {
             if [ ${#left[@]} -eq 0 ] || [ "$SECONDS" -ge "$limit" ]; then break; fi
             sleep 0.1
         done
-        [ ${#left[@]} -eq 0 ] || kill -KILL "${left[@]}" 2>/dev/null || true
+        if [ ${#left[@]} -gt 0 ]; then
+            hj_say "$(hj_roles "${left[@]}") still running ${HJ_KILL_GRACE}s after SIGTERM: killed" \
+                "(HPCDASK_KILL_GRACE)"
+            kill -KILL "${left[@]}" 2>/dev/null || true
+        fi
         wait 2>/dev/null || true
     fi
     [ -z "$HJ_SCRATCH" ] || rm -rf -- "$HJ_SCRATCH"
@@ -435,6 +439,18 @@ hj_cleanup() {
         rm -rf -- "$HJ_DIR"/tls "$HJ_DIR"/.tls-*
         rm -f -- "$claim"
     fi
+}
+
+# The roles' names of PIDs (client, scheduler, ...), for a line.
+hj_roles() {
+    local p names=()
+    for p in "$@"; do
+        case $p in
+            "$HJ_CLIENT") names+=(client) ;; "$HJ_WAITER") names+=(waiter) ;;
+            "$HJ_SCHED") names+=(scheduler) ;; "$HJ_WORKERS") names+=(workers) ;;
+        esac
+    done
+    echo "${names[*]}"
 }
 
 # Was FILE written by this job (its "job" stamp)?

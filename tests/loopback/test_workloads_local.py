@@ -5,13 +5,17 @@ computation is deterministic, otherwise within the tolerance stated next to the 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from distributed import Client
+from distributed import Client, LocalCluster, Scheduler
 
 from hpcdask import batch, connect, local
 from hpcdask.workloads import WORKLOADS, execute
@@ -35,6 +39,47 @@ def run(client, name: str, tmp_path: Path) -> tuple[dict, Path]:
         assert key in metrics
     assert not list(out.glob(".partial-*"))  # the staging folder is gone
     return metrics, out
+
+
+def test_a_report_interrupted_while_it_is_fetched_writes_no_file_later(tmp_path, monkeypatch):
+    """SIGTERM (the time limit) lands while the client waits for Dask's performance report: no
+    report file may appear after that. distributed writes it from the client's event loop, which
+    went on after the main thread's wait ended: dask-report.html appeared in the staging folder
+    while it was being removed (a .partial-* folder left at a Slurm time limit)."""
+    from hpcdask.workloads.runner import _report
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted()
+
+    fetch, main, calls = Scheduler.performance_report, threading.main_thread().ident, []
+
+    async def interrupt_first(self, *args, **kwargs):
+        html = await fetch(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # the signal reaches the waiting main thread; the fetch goes on
+            signal.pthread_kill(main, signal.SIGUSR1)
+            await asyncio.sleep(0.5)
+        return html
+
+    monkeypatch.setattr(Scheduler, "performance_report", interrupt_first)
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as c:
+            path = tmp_path / "dask-report.html"
+            with pytest.raises(Interrupted):
+                with _report(path):
+                    assert c.submit(sum, [1, 2]).result() == 3
+            time.sleep(1.5)  # the fetch ends 0.5 s after the signal
+            assert len(calls) == 1 and not path.exists()
+            with _report(path):  # not interrupted: the file is there, whole
+                assert c.submit(sum, [3, 4]).result() == 7
+            assert len(calls) == 2 and path.read_text().rstrip().endswith("</html>")
+    finally:
+        signal.signal(signal.SIGUSR1, old)
 
 
 def test_every_workload_has_a_test():

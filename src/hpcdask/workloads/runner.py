@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, performance_report
+from distributed import Client, get_client, performance_report
 
 from hpcdask import compat
 from hpcdask.errors import BadInput
@@ -71,10 +71,24 @@ def _report(path: Path):
     is going away would replace the real error with a connection error."""
     # mode="inline": Bokeh's JavaScript in the file, so the report opens offline (compute
     # nodes, and many browsers on a cluster, have no internet).
-    report = performance_report(filename=str(path), mode="inline")
+    report = _Report(filename=str(path), mode="inline")
     report.__enter__()
     yield
     report.__exit__(None, None, None)
+    path.write_text(report.html, encoding="utf-8")
+
+
+class _Report(performance_report):
+    """distributed's report, but its file is written by the thread that asked for it, not by
+    the client's event loop: a SIGTERM that ends the wait (Terminated) left the loop writing
+    dask-report.html into the staging folder while it was being removed (a .partial-* folder
+    left at a time limit)."""
+
+    html = ""
+
+    async def __aexit__(self, exc_type, exc_value, traceback, code=None):
+        self.html = await get_client().scheduler.performance_report(
+            start=self.start, last_count=self.last_count, code=code, mode=self.mode)
 
 
 def check_output(output: Path) -> None:
@@ -114,8 +128,8 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
     output = Path(output).absolute()
     output.mkdir(parents=True, exist_ok=True)
     stage = Path(output) / f".partial-{int(time.time() * 1000)}"
-    stage.mkdir()
     try:
+        stage.mkdir()
         started = time.time()
         roles = connect.check_cluster(client)
         ctx = Context(client=client, size=size, seed=seed, outdir=stage)

@@ -634,5 +634,6 @@ def test_a_job_at_its_time_limit_ends_cleanly_within_killwait(slurm_cluster, job
         json.loads((run / "metrics.json").read_text())
     last = runs[-1] / "metrics.json"
     assert not last.exists() or json.loads(last.read_text()), last  # interrupted: none; else whole
-    assert not list(out.rglob(".partial-*"))
+    left = sorted(str(p.relative_to(out)) for p in out.rglob(".partial-*/**/*"))
+    assert not list(out.rglob(".partial-*")), (left, str(res))
     assert_clean(slurm_cluster, res, Path(job_env["HPCDASK_SHARED_DIR"]))

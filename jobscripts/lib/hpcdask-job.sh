@@ -70,6 +70,12 @@ hj_require() {
         hj_die 2 "image $HPCDASK_IMAGE is not readable by $(id -un); fix its mode or point HPCDASK_IMAGE at a copy you can read"
     command -v "$HJ_APPTAINER" >/dev/null 2>&1 ||
         hj_die 2 "'$HJ_APPTAINER' not found on PATH of $(hostname); module load apptainer, or set HPCDASK_APPTAINER=/path/to/apptainer"
+    local name value
+    for name in HPCDASK_STOP_TIMEOUT HPCDASK_KILL_GRACE; do
+        value=${!name:-}
+        [[ -z $value || $value =~ ^(0|[1-9][0-9]{0,5})$ ]] ||
+            hj_die 2 "$name=$value is not a whole number of seconds; e.g. $name=$([ "$name" = HPCDASK_KILL_GRACE ] && echo 4 || echo 60)"
+    done
 }
 
 # The shared parent of the cluster folders: created private when missing.
@@ -417,12 +423,14 @@ hj_cleanup() {
     done
     if [ ${#pids[@]} -gt 0 ]; then
         kill -TERM "${pids[@]}" 2>/dev/null || true
-        local limit=$((SECONDS + HJ_KILL_GRACE)) left
+        # Tenths of a second, at least the grace (bash's $SECONDS would cut it by up to 1 s).
+        local tenths=0 left
         while :; do
             left=()
             for p in "${pids[@]}"; do hj_alive "$p" && left+=("$p"); done
-            if [ ${#left[@]} -eq 0 ] || [ "$SECONDS" -ge "$limit" ]; then break; fi
+            if [ ${#left[@]} -eq 0 ] || [ "$tenths" -ge $((HJ_KILL_GRACE * 10)) ]; then break; fi
             sleep 0.1
+            tenths=$((tenths + 1))
         done
         if [ ${#left[@]} -gt 0 ]; then
             hj_say "$(hj_roles "${left[@]}") still running ${HJ_KILL_GRACE}s after SIGTERM: killed" \

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dask.utils
 from distributed import Scheduler
+from distributed.comm import connect
 from distributed.core import Status
 from distributed.security import Security
 
@@ -152,21 +153,36 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
 
 
 async def _gone(s: Scheduler, nannies: list[str]) -> None:
-    """Until no nanny answers any more: it refuses (stopped), or did not answer three times in a
-    row (its node is gone). One busy restarting its worker still answers, if slowly."""
+    """Until no nanny listens any more: its port refuses (it stopped), or it did not answer three
+    times in a row (its node is gone). One busy closing or restarting its worker still answers."""
     missed = dict.fromkeys(nannies, 0)
     while missed:
-        for nanny in list(missed):
-            try:
-                await asyncio.wait_for(s.rpc(nanny).identity(), 2)
-                missed[nanny] = 0
-            except asyncio.TimeoutError:
-                missed[nanny] += 1
-            except Exception:  # noqa: BLE001 - refused or closed: it has stopped
-                missed[nanny] = 3
+        answers = await asyncio.gather(*[answers_at(n, s.connection_args) for n in missed])
+        for nanny, answer in zip(list(missed), answers):
+            missed[nanny] = 0 if answer else 3 if answer is False else missed[nanny] + 1
         missed = {n: k for n, k in missed.items() if k < 3}
         if missed:
             await asyncio.sleep(0.2)
+
+
+async def answers_at(address: str, connection_args: dict, timeout: float = 1) -> bool | None:
+    """Does a Dask server listen at ADDRESS? True: it completed a handshake on a new connection
+    (not the scheduler's pooled one, which a nanny serves one call at a time: behind its
+    ``terminate`` it did not answer for seconds); False: the port refused (the server stopped);
+    None: no answer within TIMEOUT (busy, or its node is gone). distributed's ``connect`` retries
+    a refused port until its timeout, so the refusal is read from the error's causes."""
+    try:
+        comm = await connect(address, timeout=timeout, **connection_args)
+    except (OSError, asyncio.TimeoutError) as e:
+        seen: list[BaseException] = []
+        while e is not None and e not in seen:
+            if isinstance(e, ConnectionRefusedError):
+                return False
+            seen.append(e)
+            e = e.__cause__ or e.__context__
+        return None
+    await comm.close()
+    return True
 
 
 async def _terminate(s: Scheduler, nanny: str) -> None:

@@ -176,6 +176,39 @@ def test_missing_apptainer_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "'no-such-apptainer' not found on PATH" in lines[0]
 
 
+@pytest.mark.parametrize("name, value, example", [
+    ("HPCDASK_KILL_GRACE", "4.5", 4), ("HPCDASK_KILL_GRACE", "abc", 4),
+    ("HPCDASK_STOP_TIMEOUT", "60s", 60), ("HPCDASK_STOP_TIMEOUT", "060", 60)])
+def test_a_timeout_that_is_not_whole_seconds_is_one_line_exit_2(tmp_path, name, value, example):
+    """Bash's arithmetic would read 'abc' as 0 and '060' as octal, or stop the job mid-cleanup."""
+    img = tmp_path / "img.sif"
+    img.write_text("")
+    proc = run_lib("hj_require", {"HPCDASK_IMAGE": str(img), "HPCDASK_APPTAINER": "true",
+                                  name: value})
+    assert proc.returncode == 2, proc
+    assert proc.stderr.strip().splitlines() == [
+        f"hpcdask-job: error: {name}={value} is not a whole number of seconds; "
+        f"e.g. {name}={example}"]
+    ok = run_lib("hj_require", {"HPCDASK_IMAGE": str(img), "HPCDASK_APPTAINER": "true",
+                                name: str(example)})
+    assert ok.returncode == 0 and not ok.stderr, ok
+
+
+def test_a_role_that_outlives_the_grace_is_killed_and_named():
+    """The cleanup sends SIGTERM, waits HPCDASK_KILL_GRACE (whole, not cut by $SECONDS' ticks),
+    then SIGKILLs what is left and says which role it was; a role that stops is not named."""
+    snippet = ('bash -c \'trap "" TERM; while :; do sleep 0.1; done\' & HJ_SCHED=$!; '
+               'sleep 30 & HJ_WORKERS=$!; sleep 0.3; '
+               't0=$(date +%s%N); hj_cleanup; t1=$(date +%s%N); '
+               'hj_alive "$HJ_SCHED" && echo alive || echo dead; echo $(( (t1 - t0) / 1000000 ))')
+    proc = run_lib(snippet, {"HPCDASK_KILL_GRACE": "1"})
+    assert proc.returncode == 0, proc
+    assert proc.stderr.strip().splitlines() == [
+        "hpcdask-job: scheduler still running 1s after SIGTERM: killed (HPCDASK_KILL_GRACE)"]
+    state, ms = proc.stdout.split()
+    assert state == "dead" and int(ms) >= 1000, proc.stdout
+
+
 def test_job_cluster_dirs_are_private_exclusive_and_bind_tmpdir(tmp_path):
     shared = tmp_path / "shared"
     scratch = tmp_path / "local" / "job-1"

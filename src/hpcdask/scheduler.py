@@ -16,7 +16,8 @@ from pathlib import Path
 
 import dask.utils
 from distributed import Scheduler
-from distributed.comm import connect
+from distributed.comm import parse_address
+from distributed.comm.registry import get_backend
 from distributed.core import Status
 from distributed.security import Security
 
@@ -169,20 +170,37 @@ async def answers_at(address: str, connection_args: dict, timeout: float = 1) ->
     """Does a Dask server listen at ADDRESS? True: it completed a handshake on a new connection
     (not the scheduler's pooled one, which a nanny serves one call at a time: behind its
     ``terminate`` it did not answer for seconds); False: the port refused (the server stopped);
-    None: no answer within TIMEOUT (busy, or its node is gone). distributed's ``connect`` retries
-    a refused port until its timeout, so the refusal is read from the error's causes."""
+    None: no answer within TIMEOUT (busy, or its node is gone).
+    One attempt through distributed's connector, then distributed's handshake: its ``connect``
+    retries a refused port until its timeout and then may report the last attempt's timeout."""
+    args = dict(connection_args)
+    overrides = args.pop("handshake_overrides", None) or {}
+    scheme, loc = parse_address(address)
     try:
-        comm = await connect(address, timeout=timeout, **connection_args)
-    except (OSError, asyncio.TimeoutError) as e:
-        seen: list[BaseException] = []
-        while e is not None and e not in seen:
-            if isinstance(e, ConnectionRefusedError):
-                return False
-            seen.append(e)
-            e = e.__cause__ or e.__context__
+        comm = await asyncio.wait_for(
+            get_backend(scheme).get_connector().connect(loc, deserialize=False, **args), timeout)
+    except asyncio.TimeoutError:
         return None
-    await comm.close()
-    return True
+    except OSError as e:
+        return False if _refused(e) else None
+    try:
+        await asyncio.wait_for(comm.write({**comm.handshake_info(), **overrides}), timeout)
+        await asyncio.wait_for(comm.read(), timeout)
+        return True
+    except (OSError, asyncio.TimeoutError):
+        return None
+    finally:
+        comm.abort()
+
+
+def _refused(e: BaseException | None) -> bool:
+    seen: list[BaseException] = []
+    while e is not None and e not in seen:
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return False
 
 
 async def _terminate(s: Scheduler, nanny: str) -> None:

@@ -51,7 +51,8 @@ def test_a_nanny_is_seen_to_answer_while_busy_and_to_stop_once_it_has(tmp_path):
     did not answer, and a stopped one was retried as unanswered (distributed's connect retries a
     refused port): every stop waited 3 x 2 s, so at a Slurm time limit the scheduler was
     SIGKILLed still waiting. Real TLS servers on loopback: a busy one answers, a stopped one is
-    refused, a silent one (TCP accepted, no TLS) is 'no answer'."""
+    refused, a silent one (TCP accepted, no TLS) is 'no answer'. The probes leave no warning in
+    the server's log (a nanny's)."""
     from distributed.core import Server
 
     from hpcdask import security
@@ -94,4 +95,12 @@ def test_a_nanny_is_seen_to_answer_while_busy_and_to_stop_once_it_has(tmp_path):
                 await w.wait_closed()
             await silent.wait_closed()
 
-    asyncio.run(main())
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("distributed").addHandler(catch)
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("distributed").removeHandler(catch)
+    assert not records, [r.getMessage() for r in records]

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import dask.utils
 from distributed import Scheduler
-from distributed.comm import parse_address
-from distributed.comm.registry import get_backend
 from distributed.core import Status
 from distributed.security import Security
 
@@ -154,53 +152,21 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
 
 
 async def _gone(s: Scheduler, nannies: list[str]) -> None:
-    """Until no nanny listens any more: its port refuses (it stopped), or it did not answer three
-    times in a row (its node is gone). One busy closing or restarting its worker still answers."""
+    """Until no nanny answers any more: it refuses (stopped), or did not answer three times in a
+    row (its node is gone). One busy restarting its worker still answers, if slowly."""
     missed = dict.fromkeys(nannies, 0)
     while missed:
-        answers = await asyncio.gather(*[answers_at(n, s.connection_args) for n in missed])
-        for nanny, answer in zip(list(missed), answers):
-            missed[nanny] = 0 if answer else 3 if answer is False else missed[nanny] + 1
+        for nanny in list(missed):
+            try:
+                await asyncio.wait_for(s.rpc(nanny).identity(), 2)
+                missed[nanny] = 0
+            except asyncio.TimeoutError:
+                missed[nanny] += 1
+            except Exception:  # noqa: BLE001 - refused or closed: it has stopped
+                missed[nanny] = 3
         missed = {n: k for n, k in missed.items() if k < 3}
         if missed:
             await asyncio.sleep(0.2)
-
-
-async def answers_at(address: str, connection_args: dict, timeout: float = 1) -> bool | None:
-    """Does a Dask server listen at ADDRESS? True: it completed a handshake on a new connection
-    (not the scheduler's pooled one, which a nanny serves one call at a time: behind its
-    ``terminate`` it did not answer for seconds); False: the port refused (the server stopped);
-    None: no answer within TIMEOUT (busy, or its node is gone).
-    One attempt through distributed's connector, then distributed's handshake: its ``connect``
-    retries a refused port until its timeout and then may report the last attempt's timeout."""
-    args = dict(connection_args)
-    overrides = args.pop("handshake_overrides", None) or {}
-    scheme, loc = parse_address(address)
-    try:
-        comm = await asyncio.wait_for(
-            get_backend(scheme).get_connector().connect(loc, deserialize=False, **args), timeout)
-    except asyncio.TimeoutError:
-        return None
-    except OSError as e:
-        return False if _refused(e) else None
-    try:
-        await asyncio.wait_for(comm.write({**comm.handshake_info(), **overrides}), timeout)
-        await asyncio.wait_for(comm.read(), timeout)
-        return True
-    except (OSError, asyncio.TimeoutError):
-        return None
-    finally:
-        comm.abort()
-
-
-def _refused(e: BaseException | None) -> bool:
-    seen: list[BaseException] = []
-    while e is not None and e not in seen:
-        if isinstance(e, ConnectionRefusedError):
-            return True
-        seen.append(e)
-        e = e.__cause__ or e.__context__
-    return False
 
 
 async def _terminate(s: Scheduler, nanny: str) -> None:

@@ -70,11 +70,12 @@ hj_require() {
         hj_die 2 "image $HPCDASK_IMAGE is not readable by $(id -un); fix its mode or point HPCDASK_IMAGE at a copy you can read"
     command -v "$HJ_APPTAINER" >/dev/null 2>&1 ||
         hj_die 2 "'$HJ_APPTAINER' not found on PATH of $(hostname); module load apptainer, or set HPCDASK_APPTAINER=/path/to/apptainer"
-    local name value
-    for name in HPCDASK_STOP_TIMEOUT HPCDASK_KILL_GRACE; do
+    local pair name value
+    for pair in HPCDASK_STOP_TIMEOUT=60 HPCDASK_KILL_GRACE=4; do  # each with its default
+        name=${pair%=*}
         value=${!name:-}
         [[ -z $value || $value =~ ^(0|[1-9][0-9]{0,5})$ ]] ||
-            hj_die 2 "$name=$value is not a whole number of seconds; e.g. $name=$([ "$name" = HPCDASK_KILL_GRACE ] && echo 4 || echo 60)"
+            hj_die 2 "$name=$value is not a whole number of seconds; e.g. $pair"
     done
 }
 

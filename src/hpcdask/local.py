@@ -26,7 +26,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     n, threads, mem = memory.local_sizing(n_workers, threads_per_worker, memory_limit)
     kwargs: dict[str, Any] = dict(n_workers=n, threads_per_worker=threads, memory_limit=mem,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                  preload=nested.WORKER_PRELOAD,
+                                  preload=nested.WORKER_PRELOAD, worker_class=memory.nanny_class(),
                                   silence_logs=logging.WARNING)
     if tls:
         kwargs.update(security=Security.temporary(), protocol="tls://")

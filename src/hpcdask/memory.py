@@ -1,8 +1,11 @@
 """Sizing workers, in one place: from the job's allocation (:mod:`hpcdask.batch`), memory
-strings, the memory presets, and how long a worker may live."""
+strings, the memory presets, how long a worker may live, and how its nanny ends it at its
+memory budget (:func:`kill_over_budget`)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import random
 import time
@@ -207,3 +210,67 @@ def killed_hint(exc: BaseException) -> str | None:
             f"workers that died ({each}); if it needs more memory than that, give the job more "
             f"memory (sbatch --mem), run fewer workers per node (HPCDASK_NWORKERS), or split "
             f"its work into smaller chunks")
+
+
+def kill_over_budget(nanny) -> None:  # noqa: ANN001 - distributed's Nanny
+    """``nanny`` kills its worker with SIGKILL the moment the worker passes its memory budget
+    (``distributed.worker.memory.terminate``) and restarts it, as distributed does, but without
+    distributed's SIGTERM first: hpcdask's worker process only goes quiet at SIGTERM (the batch
+    system sends it to every process of the job, and the nanny drains the worker), so the SIGKILL
+    came one monitor interval later, while the task went on allocating: often past the job's
+    memory, where the batch system kills every worker of the node (Slurm's OverMemoryKill: the
+    whole step) instead of the one the nanny would restart. Call it before the nanny starts (a
+    running nanny's monitor is swapped too)."""
+    import psutil
+    from distributed.core import Status
+    from tornado.ioloop import PeriodicCallback
+
+    old = nanny.periodic_callbacks.get("memory_monitor")
+    if old is None:  # no memory limit, or terminate: false
+        return
+    manager = nanny.memory_manager
+    budget = manager.memory_limit * manager.memory_terminate_fraction
+
+    def monitor() -> None:
+        process = getattr(nanny.process, "process", None)
+        pid = getattr(process, "pid", None)
+        if nanny.status != Status.running or pid is None or pid == manager._last_terminated_pid:
+            return
+        try:
+            rss = psutil.Process(pid).memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return
+        if rss <= budget:
+            return
+        manager._last_terminated_pid = pid
+        _nanny_memory_log.warning(
+            "Worker %s (pid=%d) exceeded %.0f%% memory budget (%s of %s): killing it; the "
+            "nanny restarts it", nanny.worker_address, pid,
+            manager.memory_terminate_fraction * 100, dask.utils.format_bytes(rss),
+            dask.utils.format_bytes(manager.memory_limit))
+        nanny.log_event("worker-restart-memory",
+                        {"worker": nanny.worker_address, "pid": pid, "rss": rss})
+        process.kill()
+
+    new = PeriodicCallback(monitor, old.callback_time)
+    nanny.periodic_callbacks["memory_monitor"] = new
+    if old.is_running():
+        old.stop()
+        new.start()
+
+
+_nanny_memory_log = logging.getLogger("distributed.nanny.memory")
+
+
+@functools.cache
+def nanny_class() -> type:
+    """distributed's Nanny whose memory monitor is :func:`kill_over_budget`'s (LocalCluster's
+    ``worker_class``)."""
+    from distributed import Nanny
+
+    class KillingNanny(Nanny):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            kill_over_budget(self)
+
+    return KillingNanny

@@ -194,6 +194,9 @@ def dask_setup(worker=None) -> None:
             if callable(signal.getsignal(signal.SIGTERM)):
                 os.kill(os.getpid(), signal.SIGTERM)
 
+        from hpcdask.memory import kill_over_budget
+
+        kill_over_budget(worker)  # the worker process below only goes quiet at SIGTERM
         warning = warning_signal()
         start_resource_tracker()  # before the worker process needs it, and without USR1/USR2
         for sig in (signal.SIGUSR1, signal.SIGUSR2):

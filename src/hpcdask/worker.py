@@ -18,7 +18,6 @@ from typing import Any
 
 import dask.config
 import dask.utils
-from distributed import Nanny
 
 from hpcdask import (batch, config, drain, files, gpu, memory, nested, netif, schedfile,
                      servers, shutdown, signals, versions)
@@ -98,8 +97,10 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
                           preload=nested.WORKER_PRELOAD, **http, **extra)
         await cuda
         nannies = list(cuda.nannies)
+        for nanny in nannies:
+            memory.kill_over_budget(nanny)
     else:
-        nannies = [Nanny(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
+        nannies = [memory.nanny_class()(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                          local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
                          death_timeout=timeout, preload=nested.WORKER_PRELOAD,
                          **_gpu_kwargs(i, gpus), **http, **extra)

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from distributed import Client
+from distributed.scheduler import KilledWorker
 from distributed.security import Security
 
 from hpcdask import connect, security
@@ -499,6 +500,55 @@ def test_a_task_killed_for_memory_gets_one_line_and_the_cluster_stops_cleanly(tm
         text = (tmp_path / log).read_text()
         assert "Traceback" not in text and "FileNotFoundError" not in text, (log, text)
     assert not path.parent.exists()
+    _killed_at_once((tmp_path / "w.log").read_text(), 4)
+
+
+def _killed_at_once(log: str, n: int) -> None:
+    """The nanny SIGKILLed the worker at the memory budget, ``n`` times: not distributed's
+    SIGTERM, which hpcdask's worker process only goes quiet at, and SIGKILL a monitor interval
+    later while the task went on allocating (Slurm's OverMemoryKill then took the whole step)."""
+    assert log.count("memory budget") == n, log
+    assert log.count("killing it; the nanny restarts it") == n, log
+    assert "slow to accept SIGTERM" not in log, log
+
+
+def test_a_dask_worker_with_hpcdask_preloads_is_killed_at_its_memory_budget(tmp_path):
+    """dask-jobqueue's worker jobs (``slurm_cluster()``) run plain ``dask worker`` with
+    hpcdask.shutdown as preload and nanny preload: its nanny kills a worker over budget at once
+    too."""
+    path = tmp_path / "c" / "scheduler.json"
+    sched = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
+                   "--dashboard", "off"], tmp_path / "s.log")
+    worker = None
+    try:
+        deadline = time.time() + 60
+        while not path.exists():
+            assert sched.poll() is None and time.time() < deadline, (tmp_path / "s.log").read_text()
+            time.sleep(0.1)
+        d = path.parent
+        address = json.loads(path.read_text())["address"]
+        with (tmp_path / "w.log").open("w") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nanny",
+                 "--host", "127.0.0.1", "--nthreads", "1", "--memory-limit", "256MiB",
+                 "--no-dashboard", "--preload", "hpcdask.shutdown", "--preload-nanny",
+                 "hpcdask.shutdown", "--tls-ca-file", str(d / "tls" / "ca.pem"),
+                 "--tls-cert", str(d / "tls" / "cluster.pem"),
+                 "--tls-key", str(d / "tls" / "cluster.key")],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_workers(path, 1)
+        def hog(n: int) -> int:  # defined here: sent by value (workers cannot import tests)
+            import numpy as np
+
+            return int(np.ones(n, dtype="uint8").sum())
+
+        with connect.connect(path, check=False) as c, pytest.raises(KilledWorker):
+            c.submit(hog, 3 * 256 * 2**20, key="hog-3x").result(timeout=180)
+    finally:
+        stop(sched)
+        if worker is not None:
+            stop(worker)
+    _killed_at_once((tmp_path / "w.log").read_text(), 4)
 
 
 def test_killed_scheduler_workers_end_within_bounded_time(tmp_path):

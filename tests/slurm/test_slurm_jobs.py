@@ -484,7 +484,9 @@ def test_a_task_killed_for_memory_ends_the_job_cleanly(slurm_cluster, job_env, u
     text = res.stdout + res.stderr
     assert text.count("Traceback (most recent call last)") == 1, str(res)
     lines = res.stderr.splitlines()
-    killed = next(i for i, ln in enumerate(lines) if ln.startswith("distributed.scheduler.KilledWorker"))
+    killed = next((i for i, ln in enumerate(lines)
+                   if ln.startswith("distributed.scheduler.KilledWorker")), None)
+    assert killed is not None, str(res)
     hint = lines[killed + 1]
     assert hint.startswith("hpcdask: task 'hog-3x' "), str(res)
     assert re.search(r"memory limit of [\d.]+ [KMG]iB each", hint) and "--mem" in hint, hint

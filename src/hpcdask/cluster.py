@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hpcdask import checks, clean, config, files, memory, netif, security, shutdown, sif
+from hpcdask import checks, clean, config, files, memory, nested, netif, security, shutdown, sif
 from hpcdask.errors import BadInput
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
@@ -154,8 +154,10 @@ def job_kwargs(
         protocol="tls://",
         scheduler_options=options,
         job_script_prologue=prologue,
-        # The worker process's own SIGTERM handling and quiet closed connections (shutdown.py).
-        worker_extra_args=["--preload", "hpcdask.shutdown", "--preload-nanny", "hpcdask.shutdown",
+        # The worker process's preloads, as every worker hpcdask starts has them (its own SIGTERM
+        # handling and quiet closed connections, nested joblib calls), and the nanny's.
+        worker_extra_args=[*(a for m in nested.WORKER_PRELOAD for a in ("--preload", m)),
+                           "--preload-nanny", "hpcdask.shutdown",
                            *_lifetime_args(walltime),
                            *worker_http, *_gpu_args(gpus, kwargs),
                            *(worker_extra_args or [])],

@@ -68,11 +68,16 @@ with slurm_cluster(cores=2, processes=1, memory="1GiB", walltime="00:10:00",
             time.sleep(0.2)
     total = int(da.arange(1_000_000, chunks=100_000).sum().compute())
     workers = cluster_info(client)["workers"]
+    def nested():  # hpcdask.nested's preload patched joblib's dask backend in this worker
+        from joblib import _dask
+        return getattr(_dask.DaskDistributedBackend, "_hpcdask_nested", False)
+    nested_calls = sorted(set(client.run(nested).values()))
     guard = client.run_on_scheduler(
         lambda dask_scheduler: dict(dask_scheduler.plugins["hpcdask-identity-guard"].refused))
     print("RESULT " + json.dumps({
         "ready_s": round(ready, 1), "sum": total, "workers": sorted(workers),
         "names": sorted(str(w["name"]) for w in workers.values()), "refused": guard,
+        "nested": nested_calls,
         "jobs": ids, "scheduler": cluster.scheduler_address,
         "container": os.environ.get("APPTAINER_CONTAINER"), "python": sys.executable,
     }), flush=True)
@@ -177,6 +182,10 @@ def test_slurm_cluster_scales_on_the_test_cluster(slurm_cluster, sif, udir):
     assert set(addrs) <= set(slurm_cluster.eth_addresses.values()), (addrs, slurm_cluster.eth_addresses)
     assert res["refused"] == {}, res
     assert res["sum"] == sum(range(1_000_000)), res
+    # Every worker has the preloads of the workers hpcdask starts itself: a joblib call nested in
+    # a task runs in that task (hpcdask.nested, issue 21), on dask-jobqueue's workers too.
+    assert res["nested"] == [True], res
+    assert "--preload hpcdask.nested" in jobscript, jobscript
     nodes = {}
     for job_id in res["jobs"]:
         job = slurm_cluster.job(job_id, workdir=udir)

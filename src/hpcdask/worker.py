@@ -100,7 +100,8 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
         for nanny in nannies:
             memory.kill_over_budget(nanny)
     else:
-        nannies = [memory.nanny_class()(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
+        nanny_cls = memory.nanny_class()  # distributed's Nanny, killing at the memory budget at once
+        nannies = [nanny_cls(address, nthreads=threads, memory_limit=mem, host=host, security=sec,
                          local_directory=local_dir, name=base if nworkers == 1 else f"{base}-{i}",
                          death_timeout=timeout, preload=nested.WORKER_PRELOAD,
                          **_gpu_kwargs(i, gpus), **http, **extra)

@@ -153,18 +153,23 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
 
 async def _gone(s: Scheduler, nannies: list[str]) -> None:
     """Until no nanny answers any more: it refuses (stopped), or did not answer three times in a
-    row (its node is gone). One busy restarting its worker still answers, if slowly."""
+    row (its node is gone). One busy restarting its worker still answers, if slowly. All are
+    asked at once: a gone node costs its 2 s timeouts once, not once per nanny (compose's stopped
+    containers, a time limit's short grace)."""
     missed = dict.fromkeys(nannies, 0)
+
+    async def ask(nanny: str) -> int:
+        try:
+            await asyncio.wait_for(s.rpc(nanny).identity(), 2)
+            return 0
+        except asyncio.TimeoutError:
+            return missed[nanny] + 1
+        except Exception:  # noqa: BLE001 - refused or closed: it has stopped
+            return 3
+
     while missed:
-        for nanny in list(missed):
-            try:
-                await asyncio.wait_for(s.rpc(nanny).identity(), 2)
-                missed[nanny] = 0
-            except asyncio.TimeoutError:
-                missed[nanny] += 1
-            except Exception:  # noqa: BLE001 - refused or closed: it has stopped
-                missed[nanny] = 3
-        missed = {n: k for n, k in missed.items() if k < 3}
+        answers = await asyncio.gather(*[ask(n) for n in missed])
+        missed = {n: k for n, k in zip(missed, answers) if k < 3}
         if missed:
             await asyncio.sleep(0.2)
 

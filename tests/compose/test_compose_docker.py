@@ -32,10 +32,12 @@ import socket
 import subprocess
 import tarfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from testcluster import browser
 from testcluster.dockerd import CA_IN_BUILD, Engine, HostState, compose_plugin, image_info
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +46,7 @@ LOCK = REPO / "containers" / "requirements.lock"
 CACHE = Path(os.environ.get("HPCDASK_TEST_CACHE", "/var/cache/hpcdask-test"))
 HOST_CA = Path(os.environ.get("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt"))
 DASHBOARD = 8787
+ARTIFACTS = Path(os.environ.get("HPCDASK_TEST_ARTIFACTS", REPO / "test-artifacts"))
 UP = ["docker", "compose", "up", "--abort-on-container-exit", "--exit-code-from", "client"]
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
@@ -219,6 +222,104 @@ def test_readme_commands_ten_times_each_run_its_own_folder_owned_by_the_user(
 
 def _container(engine, project: Path, service: str, index: int) -> str:
     return f"{project.name}-{service}-{index}"
+
+
+def _wait_log(engine, name: str, pattern: str, timeout: float) -> str:
+    deadline, text = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        r = engine.docker("logs", name, check=False)
+        text = r.stdout + r.stderr
+        if re.search(pattern, text, re.M):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"{name}: no line matching {pattern!r} in {timeout:.0f}s:\n{text[-4000:]}")
+
+
+def _wait_workers(n: int, timeout: float) -> None:
+    url, seen = f"http://127.0.0.1:{DASHBOARD}/json/counts.json", None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                seen = json.load(r)["workers"]
+            if seen == n:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url}: {seen} workers, not {n}, after {timeout:.0f}s")
+
+
+@pytest.mark.timeout(1800)
+def test_scale_kill_a_worker_dashboard_and_orderly_stop(engine, docker_image, project, tmp_path):
+    _free_dashboard_port()
+    (project / "hpcdask-output").mkdir()
+    os.chown(project / "hpcdask-output", 1000, 1000)  # compose's default user, 1000:1000
+    scheduler, client = (_container(engine, project, s, 1) for s in ("scheduler", "client"))
+    try:
+        t0 = time.monotonic()
+        up = _compose(engine, project, "up", "-d", "--scale", "worker=4")
+        assert up.returncode == 0, up.stderr[-4000:]
+        ps = _compose(engine, project, "ps", "-a", "--format", "{{.Service}}").stdout.split()
+        assert ps.count("worker") == 4, ps
+        _wait_workers(4, timeout=300)
+        TIMES["docker compose up -d --scale worker=4, to 4 workers"] = time.monotonic() - t0
+
+        # The dashboard in a real browser through the port published on loopback, drawn from
+        # the scheduler's live document: its workers table totals the 4 workers.
+        shot = ARTIFACTS / "compose-dashboard-workers.png"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        seen = browser.screenshot(
+            f"http://127.0.0.1:{DASHBOARD}/workers", shot, timeout=120,
+            ready=f"{browser.BOKEH_DRAWN} && {browser.bokeh_column('name')}.includes('Total (4)')")
+        assert seen["title"] == "Dask: Workers", seen
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # One worker killed while the workload's fit runs: the result is still right.
+        _wait_log(engine, client, r"hpcdask: fit on the cluster \.\.\.$", timeout=600)
+        victim = _container(engine, project, "worker", 3)
+        engine.docker("kill", victim)
+        during = engine.docker("logs", client)
+        mid_fit = "fit on the cluster done" not in during.stdout + during.stderr
+        code = engine.docker("wait", client, timeout=900).stdout.strip()
+        log = engine.docker("logs", client)
+        log = log.stderr + log.stdout
+        assert code == "0", log[-6000:]
+        assert "Traceback" not in log, log[-6000:]
+        run = next((project / "hpcdask-output" / "compose").iterdir())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert 2 <= metrics["cluster"]["workers"] <= 4, metrics["cluster"]
+        assert metrics["score"] == pytest.approx(metrics["baseline_score"], abs=0.02), metrics
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in run.rglob("*")} == {(1000, 1000)}
+        _wait_workers(3, timeout=60)  # the scheduler saw the victim go
+
+        t0 = time.monotonic()
+        stop = _compose(engine, project, "stop")
+        TIMES["docker compose stop (scheduler + 3 workers)"] = time.monotonic() - t0
+        assert stop.returncode == 0, stop.stderr[-3000:]
+        states = {}
+        for service, count in (("scheduler", 1), ("worker", 4)):
+            for i in range(1, count + 1):
+                name = _container(engine, project, service, i)
+                st = json.loads(engine.docker("inspect", "--format", "{{json .State}}",
+                                              name).stdout)
+                logs = engine.docker("logs", name)
+                assert "Traceback" not in logs.stdout + logs.stderr, (name, logs.stderr[-4000:])
+                states[name] = st
+        assert states[victim]["ExitCode"] == 137, states[victim]  # SIGKILL, as asked
+        stopped = {n: s for n, s in states.items() if n != victim}
+        # Orderly: exit 0 (SIGTERM handled, not SIGKILLed after the grace period).
+        assert {n: s["ExitCode"] for n, s in stopped.items()} == {n: 0 for n in stopped}, states
+        # In order: the workers before the scheduler they depend on.
+        assert max(s["FinishedAt"] for n, s in stopped.items() if "-worker-" in n) <= \
+            stopped[scheduler]["FinishedAt"], states
+        for n, st in sorted(states.items(), key=lambda kv: kv[1]["FinishedAt"]):
+            print(n, st["FinishedAt"], st["ExitCode"])
+        print(f"\nworker killed {'during' if mid_fit else 'after'} the fit; "
+              f"{metrics['cluster']['workers']} workers at the client's start")
+    finally:
+        down = _compose(engine, project, "down", "-v")
+    assert down.returncode == 0, down.stderr[-3000:]
 
 
 def test_engine_stops_and_leaves_the_host_as_it_was(engine):

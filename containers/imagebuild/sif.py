@@ -96,9 +96,10 @@ def inspect_metadata(rootfs: Path) -> dict:
 
 
 def assemble(rootfs: Path | None, deffile: bytes, out: Path, json_objects: dict[str, bytes],
-             squashfs: Path | None = None) -> Path:
+             squashfs: Path | None = None, mksquashfs_args: tuple[str, ...] = ()) -> Path:
     """Write the SIF ``out`` from ``rootfs`` (or an existing ``squashfs`` of it), atomically:
-    a temp file renamed into place."""
+    a temp file renamed into place. ``mksquashfs_args``: as ``apptainer build
+    --mksquashfs-args`` (none: mksquashfs's defaults, as Apptainer)."""
     require_tools()
     arch, arch_code = ARCHES.get(platform.machine(), (platform.machine(), 0))
     if not arch_code:
@@ -107,7 +108,7 @@ def assemble(rootfs: Path | None, deffile: bytes, out: Path, json_objects: dict[
         t = Path(tmp)
         squash = squashfs or t / "rootfs.squashfs"
         if squashfs is None:
-            flags = ["-noappend"] + (["-all-root"] if os.geteuid() != 0 else [])
+            flags = ["-noappend", *mksquashfs_args] + (["-all-root"] if os.geteuid() != 0 else [])
             log(f"mksquashfs {rootfs} ({arch})")
             subprocess.run(["mksquashfs", str(rootfs), str(squash), *flags, "-quiet", "-no-progress"],
                            check=True, stdout=sys.stderr)

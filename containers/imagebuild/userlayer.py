@@ -42,6 +42,10 @@ from imagebuild.sif import assemble, go_json, inspect_metadata, objects, require
 IMAGE_LOCK = "opt/hpcdask/requirements.lock"
 IMAGE_INFO = "opt/hpcdask/image.json"
 VENV_PYTHON = "/opt/hpcdask/venv/bin/python"
+# gzip as Apptainer's default, at level 4 instead of 9: measured on this image's 1.5 GB tree,
+# 2 cores, mksquashfs took 78 s at 9 and 14 s at 4 for 4 % more bytes (10 s and 12 % at 1).
+# Reading is as fast (gzip inflates at the same speed whatever the level).
+MKSQUASHFS_ARGS = ("-comp", "gzip", "-Xcompression-level", "4")
 _HEADER = re.compile(r"^# (base-lock-sha256|requirements-sha256): (\S+)$", re.M)
 _LOCAL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)\s+# local: (\S+)$", re.M)
 
@@ -50,8 +54,11 @@ class BadInput(Exception):
     """One line for the user; exit code 2."""
 
 
+_T0 = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(f"[userlayer] {msg}", file=sys.stderr, flush=True)
+    print(f"[userlayer {time.monotonic() - _T0:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def sha256(path: Path) -> str:
@@ -167,23 +174,32 @@ def build(requirements: Path, base: Path, out: Path) -> Path:
     return out
 
 
-def _build_in(tree: Path, tmp: Path, requirements: Path, base: Path, base_id: str, lock: Path,
-              out: Path) -> None:
-    project = requirements.parent
-    log(f"extracting {base}")
+def _unsquash(sif: Path, into: Path, only: list[str] | None = None) -> None:
+    """The SIF's root filesystem (or only the paths ``only``) extracted into ``into``."""
     proc = subprocess.run(["unsquashfs", "-no-xattrs", "-quiet", "-no-progress", "-o",
-                           str(squashfs_offset(base)), "-d", str(tree), str(base)],
+                           str(squashfs_offset(sif)), "-d", str(into), str(sif), *(only or [])],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     # As a user, the device nodes of the image's /dev cannot be made; the runner mounts /dev.
     other = [ln for ln in proc.stderr.splitlines()
              if ln.strip() and "device" not in ln and "not superuser" not in ln]
-    if proc.returncode != 0 and (other or not tree.is_dir()):
+    if proc.returncode != 0 and (other or not into.is_dir()):
         raise subprocess.CalledProcessError(proc.returncode, "unsquashfs", stderr="\n".join(other))
-    base_lock = tree / IMAGE_LOCK
+
+
+def _build_in(tree: Path, tmp: Path, requirements: Path, base: Path, base_id: str, lock: Path,
+              out: Path) -> None:
+    project = requirements.parent
+    # The lock first, from the base's own lock alone: a conflict or an unknown package is said
+    # in seconds, before the whole root filesystem is extracted.
+    _unsquash(base, tmp / "head", [IMAGE_LOCK])
+    base_lock = tmp / "base.lock"
+    shutil.copyfile(tmp / "head" / IMAGE_LOCK, base_lock)
     why = lock_state(lock, requirements, base_lock)
     if why:
         log(f"locking {requirements.name} ({lock.name} {why})")
         relock(base, requirements)
+    log(f"extracting {base}")
+    _unsquash(base, tree)
     text = lock.read_text()
     local = {m[0]: (m[1], m[2]) for m in _LOCAL.findall(text)}
     pins = re.sub(r"^.*# local: .*$", "", text, flags=re.M)
@@ -220,7 +236,7 @@ def _build_in(tree: Path, tmp: Path, requirements: Path, base: Path, base_id: st
     (tree / ".singularity.d/Singularity").write_bytes(deffile)
     objs = {"inspect-metadata.json": go_json(inspect_metadata(tree))}
     log(f"assembling {out}")
-    assemble(tree, deffile, out, objs)
+    assemble(tree, deffile, out, objs, mksquashfs_args=MKSQUASHFS_ARGS)
 
 
 def main(argv: list[str] | None = None) -> int:

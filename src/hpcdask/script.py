@@ -7,6 +7,7 @@ on the scheduler and every worker too, and provenance.json written beside its ou
 
 from __future__ import annotations
 
+import contextlib
 import runpy
 import sys
 from pathlib import Path
@@ -28,9 +29,21 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
                wait_hint: str = READY_HINT) -> None:
     """SCRIPT as ``__main__`` with a connected, identity-checked Client, provenance.json
     written: ``hpcdask client``'s body, also the client rank of ``hpcdask mpi``."""
+    claimed = output is None
+    output = output or output_folder(script.stem)
+    try:
+        _run(script, args, scheduler_file, output, tls, wait_workers, wait_timeout, wait_hint)
+    except BaseException:
+        if claimed:  # a run that ended before it began (refused, not shared) leaves no folder
+            with contextlib.suppress(OSError):
+                output.rmdir()
+        raise
+
+
+def _run(script, args, scheduler_file, output, tls, wait_workers, wait_timeout,
+         wait_hint) -> None:
     from hpcdask import compat
 
-    output = output or output_folder(script.stem)
     # Not dask-ml's import (2-4 s in the image) before the script's first line: the patch it
     # needs comes when the script imports dask-ml, if it ever does.
     compat.apply(defer=True)
@@ -40,8 +53,8 @@ def run_script(script: Path, args, scheduler_file: Path, output: Path | None, tl
             signals.terminate_cleanly(), connect(scheduler_file, tls=tls, wait_workers=wait_workers,
                                                  wait_timeout=wait_timeout,
                                                  wait_hint=wait_hint) as c:
-        record.cluster(c)
-        project.share(c, folder)  # and on every worker, from the shared filesystem
+        project.share(c, folder, script)  # and on every worker, from the shared filesystem
+        record.cluster(c)  # after: a project no node can import from leaves nothing written
         sys.argv = [str(script), *args]
         with c.as_current(), compat.session(c, defer=True):  # dask-ml works in the script too
             try:

@@ -62,13 +62,16 @@ def against(path: Path, scheduler_file: Path | None, tls: bool) -> Lines:
         now = {"this environment": versions.report()}
     rows = provenance.against(old, now)
     ref = provenance.reference(old)
+    code = provenance.code_change(old)
     if rows:
         yield (f"DIFFERENT from {path} (run of {old.get('started', '?')}): "
                f"{versions.summary(rows)}"), True
         yield versions.table(rows, ref_name="recorded"), True
-    else:
+    elif not (code and code[1]):
         yield (f"same as {path}: {len(now)} role(s), python {ref['python']}, image "
                f"{ref.get('image')}, {len(ref['packages'])} packages"), False
+    if code:
+        yield (f"DIFFERENT code from {path}: {code[0]}" if code[1] else f"note: {code[0]}"), code[1]
 
 
 def preflight(interface: str | None, scheduler_file: Path | None, memory_limit: str | None,

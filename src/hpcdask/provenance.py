@@ -234,6 +234,30 @@ def reference(rec: dict[str, Any]) -> dict[str, Any]:
     return roles.get("scheduler") or next(iter(roles.values()))
 
 
+def code_change(rec: dict[str, Any]) -> tuple[str, bool] | None:
+    """How the recorded run's code folder differs from it now, and whether that is a difference
+    (True) or only a note (an uncommitted tree then and now: the record cannot tell)."""
+    code = (rec.get("project") or {}).get("code")
+    if not isinstance(code, dict) or not code.get("folder"):
+        return None
+    folder = Path(code["folder"])
+    if not folder.is_dir():
+        return f"the code folder {folder} is gone", True
+    now = code_digest(folder)
+    if now != code:
+        return f"the code in {folder} changed: recorded {_code(code)}, now {_code(now)}", True
+    if code.get("git_dirty"):
+        return (f"the code in {folder} had uncommitted changes when recorded and has now: the "
+                f"record cannot tell them apart (commit before the runs you compare)"), False
+    return None
+
+
+def _code(c: dict[str, Any]) -> str:
+    if "git_commit" in c:
+        return f"git {c['git_commit'][:12]}{' with uncommitted changes' if c['git_dirty'] else ''}"
+    return f"*.py sha256 {str(c.get('py_sha256'))[:12]}"
+
+
 def against(rec: dict[str, Any], now: dict[str, dict[str, Any]]
             ) -> list[tuple[str, str, dict[str, str]]]:
     """Rows of versions.differences: each item any current role has differently from ``rec``."""

@@ -117,6 +117,63 @@ def test_run_on_a_cluster_writes_provenance_and_checks_against_it(cluster, tmp_p
     assert any(line.split()[:2] == ["numpy", "1.0.0"] for line in table)
 
 
+def test_versions_against_names_a_change_in_the_scripts_code(cluster, tmp_path):
+    """issue 31 item 4: provenance.json has the script folder's code (a sha256 over its *.py,
+    or its git commit); `versions --against` says when that code changed since."""
+    from hpcdask.provenance import code_digest
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "helpers.py").write_text("def f(x):\n    return x + 1\n")
+    (proj / "mine.py").write_text("import helpers\nfrom distributed import get_client\n"
+                                  "print(get_client().submit(helpers.f, 1).result())\n")
+
+    def run() -> Path:
+        proc = hpcdask("client", "mine.py", "--scheduler-file", str(cluster["path"]), cwd=proj)
+        assert proc.returncode == 0, proc.stderr
+        return max((proj / "hpcdask-output").glob("mine*/provenance.json"),
+                   key=lambda p: p.stat().st_mtime)
+
+    def against(record: Path) -> subprocess.CompletedProcess:
+        return hpcdask("versions", "--scheduler-file", str(cluster["path"]), "--against",
+                       str(record))
+
+    record = run()
+    code = json.loads(record.read_text())["project"]["code"]
+    assert code == {"folder": str(proj), "py_sha256": code_digest(proj)["py_sha256"]}, code
+    same = against(record)
+    assert same.returncode == 0 and same.stdout.startswith("same as "), same.stdout + same.stderr
+    (proj / "helpers.py").write_text("def f(x):\n    return x + 2\n")
+    diff = against(record)
+    assert diff.returncode == 1, diff.stdout + diff.stderr
+    assert diff.stderr.splitlines() == [
+        f"DIFFERENT code from {record}: the code in {proj} changed: recorded *.py sha256 "
+        f"{code['py_sha256'][:12]}, now *.py sha256 {code_digest(proj)['py_sha256'][:12]}"]
+
+    # A git work tree: its commit is recorded; a later commit is named.
+    git = ["git", "-C", str(proj), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+
+    def commit(msg: str) -> str:
+        for cmd in (["add", "-A"], ["commit", "-qm", msg]):
+            subprocess.run([*git, *cmd], check=True, capture_output=True)
+        return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    subprocess.run([*git, "init", "-q"], check=True, capture_output=True)
+    (proj / ".gitignore").write_text("hpcdask-output/\n")
+    one = commit("one")
+    record = run()
+    assert json.loads(record.read_text())["project"]["code"] == {
+        "folder": str(proj), "git_commit": one, "git_dirty": False}
+    assert against(record).returncode == 0
+    (proj / "helpers.py").write_text("def f(x):\n    return x + 3\n")
+    two = commit("two")
+    diff = against(record)
+    assert diff.returncode == 1 and diff.stderr.splitlines() == [
+        f"DIFFERENT code from {record}: the code in {proj} changed: recorded git {one[:12]}, "
+        f"now git {two[:12]}"], diff.stdout + diff.stderr
+
+
 def test_local_run_writes_provenance_and_versions_against_the_local_environment(tmp_path):
     out = tmp_path / "out"
     proc = hpcdask("run", "--workload", "smoke", "--n-workers", "1", "--memory-limit", "1GiB",

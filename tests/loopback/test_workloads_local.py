@@ -38,7 +38,27 @@ def run(client, name: str, tmp_path: Path) -> tuple[dict, Path]:
     for key in ("metric", "score", "baseline_score"):
         assert key in metrics
     assert not list(out.glob(".partial-*"))  # the staging folder is gone
+    check_gained(metrics)
     return metrics, out
+
+
+def check_gained(m: dict) -> None:
+    """issue 21 item 4: the cluster's wall time beside the single machine's, for every workload
+    that compares with one; for the out-of-core one, the data beside the memory it had."""
+    if m["workload"] in ("collections", "smoke"):  # each step holds both sides
+        return
+    wall = m["wall_s"]
+    assert wall["baseline"] > 0 and len(wall) >= 2 and all(v > 0 for v in wall.values()), wall
+    if m["workload"] != "gridsearch":  # its own rows: one per search
+        steps = m["durations"]
+        assert wall["cluster"] <= sum(v for k, v in steps.items() if k != "total") + 0.01, m
+    if m["workload"] == "incremental":
+        mem = m["memory"]
+        assert mem["data_bytes"] == m["data_bytes"] > mem["largest_worker_memory_limit"] > 0
+        # the baseline process held at least one block (and Python with scikit-learn)
+        assert mem["baseline_peak_rss"] > 100 * 2**20, mem
+    else:
+        assert "memory" not in m
 
 
 def test_a_report_interrupted_while_it_is_fetched_writes_no_file_later(tmp_path, monkeypatch):
@@ -271,6 +291,11 @@ def test_cli_runs_a_workload(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["workload"] == "etl" and m["seed"] == 3
     assert m["score"] == m["baseline_score"]
+    # what the cluster bought, printed beside the single machine's
+    wall = m["wall_s"]
+    assert (f"hpcdask: single-machine baseline {wall['baseline']:.1f}s; the cluster "
+            f"{wall['cluster']:.1f}s ({wall['baseline'] / wall['cluster']:.2f}x the baseline's "
+            "speed)") in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.slow

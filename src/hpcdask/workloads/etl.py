@@ -97,7 +97,7 @@ def run(ctx) -> dict:
     files = sorted(events_path.glob("*.parquet"))
     nbytes = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
 
-    with ctx.step("read, clean, join, aggregate on the cluster"):
+    with ctx.step("read, clean, join, aggregate on the cluster", side="cluster"):
         events = clean(dd.read_parquet(str(events_path)))
         users = dd.read_parquet(str(users_path))
         by_region, vip = aggregate(events, users)
@@ -105,7 +105,7 @@ def run(ctx) -> dict:
         by_region, vip, n_clean, n_raw = ctx.client.compute(
             [by_region, vip, events.shape[0], n_raw], sync=True)
 
-    with ctx.step("pandas baseline on the same files"):
+    with ctx.step("pandas baseline on the same files", side="baseline"):
         pevents = pd.read_parquet(events_path)
         p_raw = len(pevents)
         pevents = clean(pevents)

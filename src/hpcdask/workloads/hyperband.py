@@ -60,7 +60,7 @@ def run(ctx) -> dict:
 
     from dask_ml.model_selection import HyperbandSearchCV
 
-    with ctx.step("HyperbandSearchCV on the cluster"):
+    with ctx.step("HyperbandSearchCV on the cluster", side="cluster"):
         hb = HyperbandSearchCV(model(), space, max_iter=max_iter, test_size=val,
                                random_state=ctx.seed)
         hb.fit(dX, dy, classes=[0, 1])
@@ -68,7 +68,7 @@ def run(ctx) -> dict:
         hb_test = float(hb.best_estimator_.score(X_test, y_test))
 
     n_iter = max(1, hb_calls // max_iter)
-    with ctx.step("RandomizedSearchCV on one machine (same budget)"):
+    with ctx.step("RandomizedSearchCV on one machine (same budget)", side="baseline"):
         # Hyperband's own validation split (its documented hook), as one predefined split.
         fX, vX, fy, vy = (a.compute() for a in hb._get_train_test_split(dX, dy))
         split = [(np.arange(len(fX)), np.arange(len(fX), len(fX) + len(vX)))]

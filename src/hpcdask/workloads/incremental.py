@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from hpcdask.connect import cluster_info
 
+#: metrics.json sets the data's size beside the largest worker's memory limit and the
+#: single-machine baseline's peak memory (runner.gained)
+OUT_OF_CORE = True
 DESCRIPTION = ("out-of-core scale + Incremental(SGDClassifier) on data larger than a worker's "
                "memory limit, no worker killed; same model as scikit-learn streaming the blocks")
 
@@ -83,23 +86,24 @@ def run(ctx) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        with ctx.step("scale on the cluster (one streaming pass)"):
+        with ctx.step("scale on the cluster (one streaming pass)", side="cluster"):
             scaler = StandardScaler().fit(X)
-        with ctx.step("Incremental partial_fit on the cluster (one streaming pass)"):
+        with ctx.step("Incremental partial_fit on the cluster (one streaming pass)",
+                      side="cluster"):
             Xs = scaler.transform(X)
             inc = Incremental(model(), shuffle_blocks=False, random_state=ctx.seed,
                               scoring="accuracy")
             for lo in range(0, nblocks, batch):  # only `batch` blocks in memory at a time
                 hi = min(lo + batch, nblocks)
                 inc.partial_fit(Xs.blocks[lo:hi], y.blocks[lo:hi], classes=[0, 1])
-        with ctx.step("evaluate on the cluster"):
+        with ctx.step("evaluate on the cluster", side="cluster"):
             score = float(inc.score(scaler.transform(Xt), yt))
     finally:
         done.set()
         sampler.join()
     workers = watch.stop()
 
-    with ctx.step("single-machine baseline (streaming the same blocks)"):
+    with ctx.step("single-machine baseline (streaming the same blocks)", side="baseline"):
         sk_scaler = SkStandardScaler()
         for i in range(nblocks):
             sk_scaler.partial_fit(_data.block_xy(ctx.seed, i, rows, D)[:, :D])

@@ -30,11 +30,11 @@ def run(ctx) -> dict:
         nblocks, chunk = _data.layout(n, X.itemsize * d, ctx.nworkers)
         dX = _data.scatter_array(ctx.client, X, chunk)
 
-    with ctx.step("dask-ml KMeans on the cluster"):
+    with ctx.step("dask-ml KMeans on the cluster", side="cluster"):
         km = KMeans(n_clusters=k, random_state=ctx.seed).fit(dX)
         labels = np.asarray(km.labels_.compute() if hasattr(km.labels_, "compute")
                             else km.labels_)
-    with ctx.step("scikit-learn KMeans (baseline)"):
+    with ctx.step("scikit-learn KMeans (baseline)", side="baseline"):
         sk = SkKMeans(n_clusters=k, n_init=10, random_state=ctx.seed).fit(X)
 
     inertia, sk_inertia = float(km.inertia_), float(sk.inertia_)

@@ -42,16 +42,16 @@ def run(ctx) -> dict:
     def model():
         return SGDClassifier(loss="log_loss", alpha=1e-4, shuffle=False, random_state=ctx.seed)
 
-    with ctx.step("fit on the cluster"):
+    with ctx.step("fit on the cluster", side="cluster"):
         scaler = StandardScaler().fit(X_train)
         Xs_train = scaler.transform(X_train).persist()
         inc = Incremental(model(), shuffle_blocks=False, random_state=ctx.seed, scoring="accuracy")
         for _ in range(epochs):
             inc.partial_fit(Xs_train, y_train, classes=[0, 1])
-    with ctx.step("evaluate on the cluster"):
+    with ctx.step("evaluate on the cluster", side="cluster"):
         score = float(inc.score(scaler.transform(X_test), y_test))
 
-    with ctx.step("single-machine baseline"):
+    with ctx.step("single-machine baseline", side="baseline"):
         xtr, xte, ytr, yte = dask.compute(X_train, X_test, y_train, y_test)
         sk_scaler = SkStandardScaler().fit(xtr)
         sxtr = sk_scaler.transform(xtr)

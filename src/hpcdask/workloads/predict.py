@@ -28,12 +28,12 @@ def run(ctx) -> dict:
         xs, ys = _data.split(s[:n_sample])
         model = HistGradientBoostingClassifier(max_iter=50, random_state=ctx.seed).fit(xs, ys)
 
-    with ctx.step("ParallelPostFit predict on the cluster"):
+    with ctx.step("ParallelPostFit predict on the cluster", side="cluster"):
         wrapped = ParallelPostFit(estimator=model)
         labels, proba, truth = ctx.client.compute(
             [wrapped.predict(X), wrapped.predict_proba(X)[:, 1], y], sync=True)
 
-    with ctx.step("single-machine baseline (predict block by block)"):
+    with ctx.step("single-machine baseline (predict block by block)", side="baseline"):
         ref_labels, ref_proba, ref_truth = [], [], []
         for i in range(nblocks):
             xi, yi = _data.split(_data.block_xy(ctx.seed, i, rows, d))

@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,35 +34,73 @@ class Context:
     seed: int
     outdir: Path  # the staging folder; files land in the output folder only if all succeeds
     timings: dict[str, float] = field(default_factory=dict)
+    #: seconds spent on each side of the comparison: "cluster" and "baseline" steps
+    sides: dict[str, float] = field(default_factory=dict)
+    #: the client process's peak RSS during the baseline's steps (the single machine's memory)
+    baseline_peak_rss: int = 0
 
     @property
     def nworkers(self) -> int:
         return max(1, len(cluster_info(self.client)["workers"]))
 
-    def step(self, name: str) -> _Step:
-        """``with ctx.step("fit"):`` logs progress and records the step's duration."""
-        return _Step(self, name)
+    def step(self, name: str, side: str | None = None) -> _Step:
+        """``with ctx.step("fit", side="cluster"):`` logs progress and records the step's
+        duration; ``side`` ("cluster" or "baseline") adds it to that side's wall time, which
+        metrics.json and the summary set side by side (a baseline step's peak memory too)."""
+        return _Step(self, name, side)
 
     def pick(self, small, medium, large):
         return {"small": small, "medium": medium, "large": large}[self.size]
 
 
 class _Step:
-    def __init__(self, ctx: Context, name: str):
-        self.ctx, self.name = ctx, name
+    def __init__(self, ctx: Context, name: str, side: str | None = None):
+        self.ctx, self.name, self.side = ctx, name, side
+        self.peak: _PeakRSS | None = None
 
     def __enter__(self):
         logger.info("hpcdask: %s ...", self.name)
+        if self.side == "baseline":
+            self.peak = _PeakRSS().start()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         dt = time.perf_counter() - self.t0
+        if self.peak is not None:
+            self.ctx.baseline_peak_rss = max(self.ctx.baseline_peak_rss, self.peak.stop())
         self.seconds = round(dt, 3)
         self.ctx.timings[self.name] = self.seconds
+        if self.side:
+            self.ctx.sides[self.side] = self.ctx.sides.get(self.side, 0.0) + dt
         if exc[0] is None:
             logger.info("hpcdask: %s done in %.2fs", self.name, dt)
         return False
+
+
+class _PeakRSS:
+    """This process's largest resident set size while it runs, sampled every 20 ms (psutil)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True, name="hpcdask-peak-rss")
+
+    def start(self) -> _PeakRSS:
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return max(self.peak, self.proc.memory_info().rss)
 
 
 @contextlib.contextmanager
@@ -138,6 +177,7 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
                 compat.session(client):
             result = module.run(ctx)
         total = time.perf_counter() - t0
+        result = {**result, **gained(ctx, result, getattr(module, "OUT_OF_CORE", False))}
         metrics = {
             "workload": resolve(name), "size": size, "seed": seed,
             **result,
@@ -159,7 +199,25 @@ def execute(client: Client, name: str, size: str, seed: int, output: Path) -> Pa
                 _fmt(score), _fmt(base), total)
     if metrics.get("wall_s"):
         logger.info("hpcdask: %s", wall_summary(metrics["wall_s"]))
+    if metrics.get("memory"):
+        logger.info("hpcdask: %s", memory_summary(metrics["memory"]))
     return output / "metrics.json"
+
+
+def gained(ctx: Context, result: dict[str, Any], out_of_core: bool) -> dict[str, Any]:
+    """What the cluster bought, for metrics.json: the cluster's wall time beside the single
+    machine's (``wall_s``, unless the workload gives its own), and for an out-of-core workload
+    its data size beside the largest worker's memory limit and the baseline's peak memory."""
+    extra: dict[str, Any] = {}
+    if "wall_s" not in result and {"cluster", "baseline"} <= ctx.sides.keys():
+        extra["wall_s"] = {k: round(ctx.sides[k], 3) for k in ("baseline", "cluster")}
+    if out_of_core:
+        limits = [w.get("memory_limit") or 0 for w in
+                  cluster_info(ctx.client)["workers"].values()]
+        extra["memory"] = {"data_bytes": int(result["data_bytes"]),
+                           "largest_worker_memory_limit": int(max(limits, default=0)),
+                           "baseline_peak_rss": int(ctx.baseline_peak_rss)}
+    return extra
 
 
 def wall_summary(wall: dict[str, float]) -> str:
@@ -169,8 +227,22 @@ def wall_summary(wall: dict[str, float]) -> str:
     parts = [f"single-machine baseline {base:.1f}s"]
     for name, s in wall.items():
         if name != "baseline":
-            parts.append(f"{name} on the cluster {s:.1f}s ({base / s:.2f}x the baseline's speed)")
+            what = "the cluster" if name == "cluster" else f"{name} on the cluster"
+            parts.append(f"{what} {s:.1f}s ({base / s:.2f}x the baseline's speed)")
     return "; ".join(parts)
+
+
+def memory_summary(mem: dict[str, int]) -> str:
+    """``data 1.2 GiB, 2.40x the largest worker's memory limit (512 MiB); the single-machine
+    baseline peaked at 0.9 GiB``."""
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB"
+
+    data, limit = mem["data_bytes"], mem["largest_worker_memory_limit"]
+    ratio = f"{data / limit:.2f}x the largest worker's memory limit ({gib(limit)})" if limit \
+        else "workers without a memory limit"
+    return (f"data {gib(data)}, {ratio}; the single-machine baseline peaked at "
+            f"{gib(mem['baseline_peak_rss'])}")
 
 
 def _fmt(x: Any) -> str:

@@ -41,16 +41,16 @@ def run(ctx) -> dict:
     tracker_host = get_address_host(ctx.client.scheduler.address).strip("[]")
     coll = CollConfig(tracker_host_ip=tracker_host)
 
-    with ctx.step("xgboost.dask train on the cluster"):
+    with ctx.step("xgboost.dask train on the cluster", side="cluster"):
         dtrain = dxgb.DaskDMatrix(ctx.client, X, y)
         out = dxgb.train(ctx.client, params, dtrain, num_boost_round=rounds,
                          evals=[(dtrain, "train")], verbose_eval=False, coll_cfg=coll)
         booster = out["booster"]
-    with ctx.step("xgboost.dask predict on the cluster"):
+    with ctx.step("xgboost.dask predict on the cluster", side="cluster"):
         proba = dxgb.predict(ctx.client, booster, Xt)
         proba, truth = ctx.client.compute([proba, yt], sync=True)
 
-    with ctx.step("single-machine xgboost.train (baseline)"):
+    with ctx.step("single-machine xgboost.train (baseline)", side="baseline"):
         def local(first, count):
             return _data.split(np.concatenate(
                 [_data.block_xy(ctx.seed, first + i, rows, d) for i in range(count)]))

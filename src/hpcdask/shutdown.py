@@ -37,6 +37,10 @@ HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
 #: distributed's worker, serving data to a peer whose connection closed mid-transfer (the peer
 #: stopped or died; it asks again elsewhere): logged as an ERROR with a traceback.
 GET_DATA_FAILED = "failed during get data with %s -> %s"
+#: distributed's worker, fetching a task's input from a peer whose connection closed (the peer
+#: was killed, preempted or stopped; the scheduler finds the data elsewhere or recomputes it):
+#: logged as an ERROR with a traceback.
+GATHER_DEP_FAILED = "Worker stream died during communication: %s"
 #: What a closing worker's own pending calls raise when its loop or its connection pool closed
 #: under them (a drain that timed out or failed closes the worker as the scheduler drops it).
 CLOSED_UNDER_US = ("Event loop is closed", "ConnectionPool is closed")
@@ -55,7 +59,8 @@ class NoClosedConnectionTraceback(logging.Filter):
     anyway (an orderly stop closes the worker's connections under a heartbeat on its way), a
     WARNING otherwise (distributed retries at the next heartbeat); so does a transfer to a peer
     whose connection closed (:data:`GET_DATA_FAILED`: a cluster stopping all at once, where one
-    worker still serves another that is going). And a call cut off by its
+    worker still serves another that is going), and a fetch from a peer that died
+    (:data:`GATHER_DEP_FAILED`: a worker killed or preempted mid-workload). And a call cut off by its
     own worker closing (:data:`CLOSED_UNDER_US`: a drain that timed out or failed; or
     :data:`TORNADO_NOT_IDLE`: its nanny, stopping too, closed the socket of the worker's last
     call before the TLS handshake) becomes an INFO line."""
@@ -69,6 +74,13 @@ class NoClosedConnectionTraceback(logging.Filter):
             _one_line(record, logging.INFO if closing else logging.WARNING,
                       "a peer's connection closed while this worker sent it data (%s -> %s: "
                       "%s: %s)" + ("; this worker is closing" if closing else ""),
+                      (*record.args, type(exc).__name__, exc))
+        elif record.msg == GATHER_DEP_FAILED and isinstance(exc, OSError):
+            closing = _workers_closing()
+            _one_line(record, logging.INFO if closing else logging.WARNING,
+                      "a peer's connection closed while this worker fetched data from it (%s: "
+                      "%s: %s); the scheduler finds the data elsewhere or recomputes it"
+                      + ("; this worker is closing" if closing else ""),
                       (*record.args, type(exc).__name__, exc))
         elif record.msg == HEARTBEAT_FAILED and isinstance(exc, OSError):
             closing = _workers_closing()

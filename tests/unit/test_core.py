@@ -560,6 +560,50 @@ def test_a_transfer_to_a_peer_that_closed_is_one_line(caplog):
                                     "<TLS (closed)>)")
     assert ours[2].getMessage() == ours[0].getMessage() + "; this worker is closing"
 
+def test_a_fetch_from_a_peer_that_died_is_one_line(caplog):
+    """distributed's worker logs "Worker stream died during communication" with its traceback
+    when a peer it fetches a task's input from dies (seen in the compose test: a worker killed
+    mid-workload, a surviving worker's log held a traceback). One line with its cause: WARNING
+    while this worker runs, INFO while it is closing; another failure keeps its traceback."""
+    import asyncio
+    import logging
+
+    from distributed import Scheduler, Worker
+    from distributed.comm.core import CommClosedError
+
+    from hpcdask import shutdown
+
+    shutdown.calm_closed_connections()
+    log = logging.getLogger("distributed.worker")
+
+    def fails(exc):
+        try:
+            raise exc
+        except Exception:
+            log.exception(shutdown.GATHER_DEP_FAILED, "tls://10.0.0.3:3")
+
+    async def main():
+        async with Scheduler(host="127.0.0.1", dashboard_address=":0") as s:
+            w = await Worker(s.address, nthreads=1)
+            fails(CommClosedError("in <TLS (closed)>: Stream is closed"))
+            fails(RuntimeError("unexpected"))
+            closing = asyncio.ensure_future(w.close())
+            await asyncio.sleep(0)
+            fails(CommClosedError("in <TLS (closed)>: Stream is closed"))
+            await closing
+
+    with caplog.at_level(logging.DEBUG, logger="distributed.worker"):
+        asyncio.run(main())
+    ours = [r for r in caplog.records if "10.0.0.3:3" in r.getMessage()]
+    assert [(r.levelname, r.exc_info is None) for r in ours] == [
+        ("WARNING", True), ("ERROR", False), ("INFO", True)]
+    assert ours[0].getMessage() == (
+        "a peer's connection closed while this worker fetched data from it (tls://10.0.0.3:3: "
+        "CommClosedError: in <TLS (closed)>: Stream is closed); the scheduler finds the data "
+        "elsewhere or recomputes it")
+    assert ours[2].getMessage() == ours[0].getMessage() + "; this worker is closing"
+
+
 def test_a_closing_workers_call_to_its_stopping_nanny_is_one_line(caplog):
     """Seen in CI on Docker Engine: both containers' nannies stopping, a worker the scheduler had
     already dropped closes itself and calls its nanny, whose socket closed before the TLS

@@ -75,10 +75,9 @@ class ProjectPath(WorkerPlugin):
         self.name = f"hpcdask-project-path-{folder}"
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed's Worker
-        ok, _ = sees(self.folder, self.modules)
         if os.path.isdir(self.folder):
             put_first(self.folder)
-        if ok:
+        if not self.modules or sees(self.folder, self.modules)[0]:
             return
         logger.warning("hpcdask: worker %s leaves: %s", worker.address,
                        _not_shared(self.folder, self.modules, [socket.gethostname()]))

@@ -313,8 +313,6 @@ def test_scale_kill_a_worker_dashboard_and_orderly_stop(engine, docker_image, pr
         # In order: the workers before the scheduler they depend on.
         assert max(s["FinishedAt"] for n, s in stopped.items() if "-worker-" in n) <= \
             stopped[scheduler]["FinishedAt"], states
-        for n, st in sorted(states.items(), key=lambda kv: kv[1]["FinishedAt"]):
-            print(n, st["FinishedAt"], st["ExitCode"])
         print(f"\nworker killed {'during' if mid_fit else 'after'} the fit; "
               f"{metrics['cluster']['workers']} workers at the client's start")
     finally:

@@ -517,11 +517,23 @@ def test_a_heartbeat_meeting_a_closed_connection_is_one_line(caplog):
 
 
 
-def test_a_transfer_to_a_peer_that_closed_is_one_line(caplog):
-    """distributed's worker logs "failed during get data with A -> B" with its traceback when
-    the peer it serves closes mid-transfer (seen on Grid Engine at h_rt: the scheduler retires
-    every worker at once). One line with its cause: INFO while this process's (real) worker is
-    closing, WARNING while it runs; another failure keeps its ERROR and traceback."""
+@pytest.mark.parametrize("msg, args, line", [
+    # Serving data to a peer that closed mid-transfer (seen on Grid Engine at h_rt: the
+    # scheduler retires every worker at once).
+    ("GET_DATA_FAILED", ("tls://10.0.0.1:1", "tls://10.0.0.2:2"),
+     "a peer's connection closed while this worker sent it data (tls://10.0.0.1:1 -> "
+     "tls://10.0.0.2:2: CommClosedError: in <TLS (closed)>)"),
+    # Fetching a task's input from a peer that died (seen in the compose test: a worker killed
+    # mid-workload, a surviving worker's log held a traceback).
+    ("GATHER_DEP_FAILED", ("tls://10.0.0.2:2",),
+     "a peer's connection closed while this worker fetched data from it (tls://10.0.0.2:2: "
+     "CommClosedError: in <TLS (closed)>); the scheduler finds the data elsewhere or "
+     "recomputes it"),
+])
+def test_a_peer_closing_mid_transfer_is_one_line(caplog, msg, args, line):
+    """distributed's worker logs these with a traceback when the peer's connection closes. One
+    line with its cause: INFO while this process's (real) worker is closing, WARNING while it
+    runs; another failure keeps its ERROR and traceback."""
     import asyncio
     import logging
 
@@ -532,13 +544,12 @@ def test_a_transfer_to_a_peer_that_closed_is_one_line(caplog):
 
     shutdown.calm_closed_connections()
     log = logging.getLogger("distributed.worker")
-    args = ("tls://10.0.0.1:1", "tls://10.0.0.2:2")
 
     def fails(exc):
         try:
             raise exc
         except Exception:
-            log.exception(shutdown.GET_DATA_FAILED, *args)
+            log.exception(getattr(shutdown, msg), *args)
 
     async def main():
         async with Scheduler(host="127.0.0.1", dashboard_address=":0") as s:
@@ -555,53 +566,8 @@ def test_a_transfer_to_a_peer_that_closed_is_one_line(caplog):
     ours = [r for r in caplog.records if "10.0.0.2:2" in r.getMessage()]
     assert [(r.levelname, r.exc_info is None) for r in ours] == [
         ("WARNING", True), ("ERROR", False), ("INFO", True)]
-    assert ours[0].getMessage() == ("a peer's connection closed while this worker sent it data "
-                                    "(tls://10.0.0.1:1 -> tls://10.0.0.2:2: CommClosedError: in "
-                                    "<TLS (closed)>)")
-    assert ours[2].getMessage() == ours[0].getMessage() + "; this worker is closing"
-
-def test_a_fetch_from_a_peer_that_died_is_one_line(caplog):
-    """distributed's worker logs "Worker stream died during communication" with its traceback
-    when a peer it fetches a task's input from dies (seen in the compose test: a worker killed
-    mid-workload, a surviving worker's log held a traceback). One line with its cause: WARNING
-    while this worker runs, INFO while it is closing; another failure keeps its traceback."""
-    import asyncio
-    import logging
-
-    from distributed import Scheduler, Worker
-    from distributed.comm.core import CommClosedError
-
-    from hpcdask import shutdown
-
-    shutdown.calm_closed_connections()
-    log = logging.getLogger("distributed.worker")
-
-    def fails(exc):
-        try:
-            raise exc
-        except Exception:
-            log.exception(shutdown.GATHER_DEP_FAILED, "tls://10.0.0.3:3")
-
-    async def main():
-        async with Scheduler(host="127.0.0.1", dashboard_address=":0") as s:
-            w = await Worker(s.address, nthreads=1)
-            fails(CommClosedError("in <TLS (closed)>: Stream is closed"))
-            fails(RuntimeError("unexpected"))
-            closing = asyncio.ensure_future(w.close())
-            await asyncio.sleep(0)
-            fails(CommClosedError("in <TLS (closed)>: Stream is closed"))
-            await closing
-
-    with caplog.at_level(logging.DEBUG, logger="distributed.worker"):
-        asyncio.run(main())
-    ours = [r for r in caplog.records if "10.0.0.3:3" in r.getMessage()]
-    assert [(r.levelname, r.exc_info is None) for r in ours] == [
-        ("WARNING", True), ("ERROR", False), ("INFO", True)]
-    assert ours[0].getMessage() == (
-        "a peer's connection closed while this worker fetched data from it (tls://10.0.0.3:3: "
-        "CommClosedError: in <TLS (closed)>: Stream is closed); the scheduler finds the data "
-        "elsewhere or recomputes it")
-    assert ours[2].getMessage() == ours[0].getMessage() + "; this worker is closing"
+    assert ours[0].getMessage() == line
+    assert ours[2].getMessage() == line + "; this worker is closing"
 
 
 def test_a_closing_workers_call_to_its_stopping_nanny_is_one_line(caplog):

@@ -46,6 +46,7 @@ HJ_WORKERS=''     # pid of the srun (or pbsdsh) that runs the workers
 HJ_CLIENT=''      # pid of the client
 HJ_WAITER=''      # pid of `hpcdask wait`
 HJ_FILE=''        # the scheduler file this job's scheduler writes
+HJ_MARKS=''       # folder where each of this job's worker processes marks its node while it runs
 HJ_WITH_SCHEDULER=0  # 1: the workers start together with the scheduler (hpcdask worker --with-scheduler)
 HJ_SCRATCH=''     # scratch of this node's roles (scheduler, client): removed even if they are killed
 HJ_USER_LOCAL=${HPCDASK_LOCAL_DIRECTORY:-}  # the user's own worker scratch setting, if any
@@ -229,7 +230,10 @@ hj_pbs_sizing() {
 }
 
 # Workers on every node of this job, by the batch system's own launcher: FILE END NODES.
+# Each marks its node in HJ_MARKS (in the cluster's folder) while it runs: hj_lost_nodes.
 hj_launch_workers() {
+    HJ_MARKS=$HJ_DIR/.running-${SLURM_JOB_ID:-${PBS_JOBID:-$$}}
+    export HPCDASK_WORKER_MARKS=$HJ_MARKS
     if [ -n "${SLURM_JOB_ID:-}" ]; then
         hj_srun_workers "$@"
     else
@@ -392,16 +396,22 @@ hj_shutdown() {
     fi
 }
 
-# Slurm: name the job's nodes that dropped out (a node that crashed: with --no-kill the job goes
-# on without it, and Slurm removes it from the allocation once it declares it down).
+# Name the nodes whose workers did not end: a worker's mark in HJ_MARKS stays when its node
+# crashed (or its worker hangs); on Slurm, also the nodes Slurm took out of the job or has
+# marked down (with --no-kill the job goes on without them; Slurm notices only after
+# SlurmdTimeout, minutes on most sites, so the marks are what names a crashed node in time).
 hj_lost_nodes() {
-    [ -n "${SLURM_JOB_ID:-}" ] || return 0
-    local all now lost down
-    all=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | sort) || return 0
-    now=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N 2>/dev/null)" 2>/dev/null | sort)
-    down=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -t down,fail,no_respond -o %N 2>/dev/null | sort -u)
-    lost=$( { comm -23 <(echo "$all") <(echo "$now"); echo "$down"; } | sed '/^$/d' | sort -u | paste -sd, -)
-    [ -z "$lost" ] || hj_say "these node(s) did not answer (down, or removed from the job): $lost; the job ends without their workers"
+    local lost='' all now down
+    [ -z "$HJ_MARKS" ] || lost=$(find "$HJ_MARKS" -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sed 's/\.[0-9]*$//')
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        all=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | sort)
+        now=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N 2>/dev/null)" 2>/dev/null | sort)
+        down=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -t down,fail,no_respond -o %N 2>/dev/null)
+        [ -z "$all" ] || lost+=$'\n'$(comm -23 <(echo "$all") <(echo "$now"))
+        lost+=$'\n'$down
+    fi
+    lost=$(echo "$lost" | sed '/^$/d' | sort -u | paste -sd, -)
+    [ -z "$lost" ] || hj_say "these node(s) did not answer (down, removed from the job, or a worker hangs): $lost; the job ends without their workers"
 }
 
 # Trap on any exit: end what still runs (TERM to all at once, KILL after HPCDASK_KILL_GRACE s:
@@ -441,6 +451,7 @@ hj_cleanup() {
         wait 2>/dev/null || true
     fi
     [ -z "$HJ_SCRATCH" ] || rm -rf -- "$HJ_SCRATCH"
+    [ -z "$HJ_MARKS" ] || rm -rf -- "$HJ_MARKS"
     if [ "$HJ_OWN_DIR" = 1 ] && [ -n "$HJ_DIR" ]; then
         rm -rf -- "$HJ_DIR"
     elif [ "$ours" = 1 ]; then

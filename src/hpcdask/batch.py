@@ -29,6 +29,7 @@ import resource
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -113,6 +114,14 @@ MORE_TIME = {"slurm": "sbatch --time", "pbs": "qsub -l walltime=...", "sge": "qs
 def more_time(env: Mapping[str, str] | None = None) -> str:
     """How to ask this job's batch system for more time (``sbatch --time``, ``qsub -l h_rt=...``)."""
     return MORE_TIME[system(env)]
+
+
+def worker_marks(env: Mapping[str, str] | None = None) -> Path | None:
+    """``$HPCDASK_WORKER_MARKS``: where this job's workers mark their nodes while they run
+    (:func:`hpcdask.worker.running_mark`); None when unset."""
+    env = os.environ if env is None else env
+    text = env.get("HPCDASK_WORKER_MARKS", "").strip()
+    return Path(text) if text else None
 
 
 def job_id(env: Mapping[str, str] | None = None) -> str | None:

@@ -19,7 +19,7 @@ import yaml
 
 _DEFAULTS_FILE = Path(__file__).with_name("hpcdask.yaml")
 # Environment variables with this prefix that are not settings (not config keys).
-_NOT_SETTINGS = {"HPCDASK_IMAGE_INFO", "HPCDASK_TEST_RUNNER"}
+_NOT_SETTINGS = {"HPCDASK_IMAGE_INFO", "HPCDASK_TEST_RUNNER", "HPCDASK_WORKER_MARKS"}
 
 
 def _load_defaults() -> dict[str, Any]:

@@ -9,6 +9,7 @@ on a signal (SIGTERM, the batch system's warning) drains (:mod:`hpcdask.drain`) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -74,9 +75,31 @@ def run_worker(spec: WorkerSpec) -> None:
         host = netif.address_of(iface)
     sec = connection(info, path, spec.tls, "worker")
     http = servers.worker_http(config.get("dashboard", spec.dashboard))
-    with dask.config.set({**preset, **blas}), files.scratch(local_dir) as d:
+    with dask.config.set({**preset, **blas}), files.scratch(local_dir) as d, running_mark():
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
                                    d, life, spec.name, http, gpus))
+
+
+@contextlib.contextmanager
+def running_mark(folder: Path | None = None):
+    """While this worker process runs, a file named after its node in ``folder`` (default
+    ``$HPCDASK_WORKER_MARKS``, which the cluster jobscripts set to a folder of the cluster's):
+    a crashed node's mark stays, so the job names that node once its workers did not stop."""
+    folder = batch.worker_marks() if folder is None else folder
+    mark = None
+    if folder is not None:
+        with contextlib.suppress(OSError):  # only a diagnostic: a worker runs without it
+            folder.mkdir(mode=0o700, exist_ok=True)
+            mark = folder / f"{socket.gethostname()}.{os.getpid()}"
+            mark.touch()
+    try:
+        yield mark
+    finally:
+        if mark is not None:
+            with contextlib.suppress(OSError):
+                mark.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # the last one out
 
 
 async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local_dir, life,

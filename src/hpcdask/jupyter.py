@@ -5,14 +5,23 @@ private folder (0600, never printed or put on a command line); you reach it thro
 tunnel. Its kernels get ``HPCDASK_SCHEDULER_FILE``, so ``hpcdask.client()`` in a notebook
 returns a Client connected with the cluster's TLS credentials (identity checked), and after
 that ``distributed.get_client()`` returns the same Client.
+
+The scheduler's dashboard comes through the same tunnel, as Pangeo's HPC guide sets it up: when
+it listens on this node, jupyter-server-proxy serves it under the lab's own address and token
+(``/proxy/127.0.0.1:PORT/status``), allowed for that one host and port only (any other is
+refused, 403: no open proxy to the node's other services), and both ``client.dashboard_link`` in
+the kernels and dask-labextension's panes point there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import dask.utils
@@ -39,9 +48,107 @@ def tunnel_lines(port: int, token_file: Path) -> list[str]:
             f"ssh {login} cat {token_file}"]
 
 
+def dashboard_target(info: dict) -> tuple[str, int] | None:
+    """The scheduler's dashboard as this node reaches it: ``(host, port)``, or None when it has
+    none or it listens on another node's loopback (then only its own ssh tunnel reaches it)."""
+    port = (info.get("services") or {}).get("dashboard")
+    stamp = info.get("hpcdask") or {}
+    if not port:
+        return None
+    host = stamp.get("dashboard_host") or "127.0.0.1"
+    if host == "127.0.0.1" and stamp.get("host") not in (None, socket.gethostname()):
+        return None
+    return host, int(port)
+
+
+class DashboardOnly:
+    """jupyter-server-proxy's ``host_allowlist`` for every /proxy route of the lab: the
+    scheduler's dashboard (host and port), nothing else; ``DashboardOnly(None, None)`` refuses
+    all. The handler's URL arguments are (host, port, path) for ``/proxy/HOST:PORT/``, (port,
+    path) for ``/proxy/PORT/`` (localhost)."""
+
+    def __init__(self, host: str | None, port: int | None) -> None:
+        self.host, self.port = host, port
+
+    def __call__(self, handler, host: str) -> bool:
+        args = getattr(handler, "path_args", None) or ()
+        port = args[1] if len(args) == 3 else args[0] if args else None
+        hosts = {self.host, "localhost"} if self.host == "127.0.0.1" else {self.host}
+        return self.port is not None and host in hosts and str(port) == str(self.port)
+
+
+_TARGET: tuple[str, int] | None = None  # the dashboard the lab of this process may proxy
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    return [{"module": "hpcdask.jupyter"}]
+
+
+def _load_jupyter_server_extension(serverapp) -> None:
+    """The lab's /proxy routes, jupyter-server-proxy's own handlers with :class:`DashboardOnly`:
+    registered before jupyter-server-proxy's (extensions load by name), so they take those
+    routes. Its local ``/proxy/PORT`` routes would otherwise reach any port of the node."""
+    from jupyter_server.utils import url_path_join
+    from jupyter_server_proxy.handlers import LocalProxyHandler, RemoteProxyHandler
+
+    allow = DashboardOnly(*(_TARGET or (None, None)))
+    base = serverapp.web_app.settings["base_url"]
+
+    def route(pattern: str, handler, absolute: bool):
+        return (url_path_join(base, pattern), handler,
+                {"absolute_url": absolute, "host_allowlist": allow, "rewrite_response": ()})
+
+    serverapp.web_app.add_handlers(".*", [
+        route(r"/proxy/([^/:@]+):(\d+)(/.*|)", RemoteProxyHandler, False),
+        route(r"/proxy/absolute/([^/:@]+):(\d+)(/.*|)", RemoteProxyHandler, True),
+        route(r"/proxy/(\d+)(/.*|)", LocalProxyHandler, False),
+        route(r"/proxy/absolute/(\d+)(/.*|)", LocalProxyHandler, True)])
+
+
+def _lab_settings(target: tuple[str, int], base_url: str, workdir: Path) -> Path:
+    """The image's lab settings plus dask-labextension's: its panes' dashboard URL, checked from
+    the browser (which holds the lab's token cookie: the lab server's own check would be refused
+    without it), and its cluster manager hidden (its LocalCluster would run on the batch node,
+    outside the cluster)."""
+    from jupyterlab.commands import get_app_dir
+
+    host, port = target
+    settings = workdir / "lab-settings"
+    shipped = Path(get_app_dir()) / "settings"
+    if shipped.is_dir():
+        shutil.copytree(shipped, settings)
+    settings.mkdir(exist_ok=True)
+    overrides_file = settings / "overrides.json"
+    overrides = json.loads(overrides_file.read_text()) if overrides_file.exists() else {}
+    overrides["dask-labextension:plugin"] = {
+        **overrides.get("dask-labextension:plugin", {}),
+        "defaultURL": f"{base_url}proxy/{host}:{port}", "browserDashboardCheck": True,
+        "hideClusterManager": True}
+    overrides_file.write_text(json.dumps(overrides, indent=2) + "\n")
+    return settings
+
+
+def _lab_app():
+    """jupyterlab's LabApp, with hpcdask.jupyter's server extension (the /proxy routes) on."""
+    from jupyterlab.labapp import LabApp
+
+    class Lab(LabApp):
+        @classmethod
+        def get_extension_package(cls) -> str:
+            return LabApp.get_extension_package()  # jupyterlab's, not this module's
+
+        @classmethod
+        def make_serverapp(cls, **kwargs):
+            kwargs["jpserver_extensions"] = {**kwargs.get("jpserver_extensions", {}),
+                                             "hpcdask.jupyter": True}
+            return super().make_serverapp(**kwargs)
+
+    return Lab
+
+
 def serve(scheduler_file: Path, port: int | None, root_dir: Path | None) -> None:
     """Run JupyterLab (in this process) until it is shut down or the job ends."""
-    from jupyterlab.labapp import LabApp
+    global _TARGET
 
     path = Path(scheduler_file).expanduser().absolute()
     info = schedfile.wait(path, dask.utils.parse_timedelta(config.get("scheduler-file-timeout")))
@@ -58,7 +165,22 @@ def serve(scheduler_file: Path, port: int | None, root_dir: Path | None) -> None
     os.environ["JUPYTER_TOKEN"] = token
     for line in tunnel_lines(port, token_file):
         logger.info(line)
-    argv = ["--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+    base_url = "/"
+    target = dashboard_target(info)
+    workdir = Path(tempfile.mkdtemp(prefix="hpcdask-jupyter-"))  # private scratch: 0700
+    extra: list[str] = []
+    _TARGET = target
+    if target:
+        extra = [f"--LabApp.app_settings_dir={_lab_settings(target, base_url, workdir)}"]
+        # The kernels' Clients: client.dashboard_link and the notebook's widgets.
+        os.environ["DASK_DISTRIBUTED__DASHBOARD__LINK"] = (
+            f"{base_url}proxy/{target[0]}:{target[1]}/status")
+        logger.info("jupyter: the dashboard, through the lab: http://localhost:%s%sproxy/%s:%s/"
+                    "status (the same tunnel and token)", port, base_url, *target)
+    elif (info.get("services") or {}).get("dashboard"):
+        logger.info("jupyter: the scheduler's dashboard is on another node's loopback; reach it "
+                    "with its own tunnel (the scheduler's log prints the ssh line)")
+    argv = [*extra, "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
             f"--ServerApp.root_dir={root_dir or Path.cwd()}",
             # Compute nodes have no internet: no news, update checks or PyPI extension search.
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -66,6 +188,7 @@ def serve(scheduler_file: Path, port: int | None, root_dir: Path | None) -> None
     if os.geteuid() == 0:  # test machines and containers; never needed as a cluster's user
         argv.append("--allow-root")
     try:
-        LabApp.launch_instance(argv=argv)
+        _lab_app().launch_instance(argv=argv)
     finally:
         token_file.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -100,10 +100,14 @@ def _stamp(token: str, tls: bool) -> dict[str, Any]:
     }
 
 
-def write(path: Path, identity: dict[str, Any], token: str, tls: bool) -> None:
-    """Publish the scheduler's identity and stamp at ``path``, whole (a rename), mode 0600."""
+def write(path: Path, identity: dict[str, Any], token: str, tls: bool,
+          dashboard_host: str | None = None) -> None:
+    """Publish the scheduler's identity and stamp at ``path``, whole (a rename), mode 0600;
+    ``dashboard_host``: the address its dashboard listens on (127.0.0.1: this node's loopback)."""
     content = dict(identity)
     content["hpcdask"] = _stamp(token, tls)
+    if dashboard_host:
+        content["hpcdask"]["dashboard_host"] = dashboard_host
     atomic_write(path, json.dumps(content, indent=2, default=str) + "\n")
 
 

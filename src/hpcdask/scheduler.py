@@ -77,7 +77,8 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
     async with cls(host=host, port=port, protocol="tls" if tls else "tcp", security=sec,
                    dashboard=daddr is not None, dashboard_address=daddr, plugins=[guard]) as s:
         s.add_plugin(TaskStream(s))  # before any task: the one get_task_stream will find
-        schedfile.write(path, s.identity(), token, tls)
+        schedfile.write(path, s.identity(), token, tls,
+                        daddr.rsplit(":", 1)[0] if daddr else None)
         logger.info("hpcdask scheduler at %s, scheduler file %s, image %s", s.address, path,
                     guard.identity["image"])
         if daddr:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -27,10 +28,10 @@ ARTIFACTS = Path(os.environ.get("HPCDASK_TEST_ARTIFACTS", REPO / "test-artifacts
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
-def scheduler(d: Path, env=None) -> tuple[subprocess.Popen, Path]:
+def scheduler(d: Path, env=None, dashboard="off") -> tuple[subprocess.Popen, Path]:
     path = d / "scheduler.json"
     proc = start(["scheduler", "--scheduler-file", str(path), "--interface", "lo",
-                  "--dashboard", "off"],
+                  "--dashboard", dashboard],
                  d.parent / f"{d.name}-scheduler.log", env)
     deadline = time.time() + 60
     while not path.exists():
@@ -43,7 +44,8 @@ def scheduler(d: Path, env=None) -> tuple[subprocess.Popen, Path]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipes") / "cluster"
-    sched, path = scheduler(d)
+    # The dashboard on loopback, as users get it (a free port: HPCDASK_DASHBOARD_PORT=0).
+    sched, path = scheduler(d, {**os.environ, "HPCDASK_DASHBOARD_PORT": "0"}, "loopback")
     worker = start(["worker", "--scheduler-file", str(path), "--interface", "lo",
                     "--nworkers", "1", "--nthreads", "2", "--memory-limit", "1GiB"],
                    d.parent / "worker.log")
@@ -483,6 +485,112 @@ def test_real_chromium_shows_the_lab(lab):
     assert png.returncode == 0, png.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    try:
+        with urllib.request.build_opener(NoRedirect).open(req, timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+@pytest.fixture
+def other_service():
+    """Another service on this node's loopback (as another user's would be): the lab's proxy
+    must not reach it."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_dashboard_comes_through_the_labs_proxy_and_nothing_else(cluster, lab,
+                                                                     other_service):
+    port = json.loads(cluster["path"].read_text())["services"]["dashboard"]
+    url, token = lab["url"], lab["token"]
+    code, body = get(f"{url}/proxy/127.0.0.1:{port}/status", token)
+    assert code == 200 and "bokeh" in body.lower(), (code, body[:500])
+    assert get(f"{url}/proxy/{port}/individual-plots.json", token)[0] == 200
+    assert get(f"{url}/proxy/127.0.0.1:{port}/status")[0] in (302, 403)  # no token: nothing
+    # No open proxy: another port, another host, the absolute form: refused.
+    for path in (f"127.0.0.1:{other_service}/", f"{other_service}/", f"localhost:{other_service}/",
+                 f"absolute/127.0.0.1:{other_service}/", f"absolute/{other_service}/",
+                 f"10.255.255.1:{port}/status", f"[::1]:{port}/status"):
+        assert get(f"{url}/proxy/{path}", token)[0] in (403, 404), path
+    assert get(f"http://127.0.0.1:{other_service}/")[0] == 200  # it is there, only refused
+    # Nor through the scheduler's dashboard: distributed's own /proxy route is off.
+    assert get(f"http://127.0.0.1:{port}/proxy/{other_service}/127.0.0.1/")[0] == 404
+    text = lab["log"].read_text()
+    assert (f"jupyter: the dashboard, through the lab: http://localhost:{lab['port']}/proxy/"
+            f"127.0.0.1:{port}/status (the same tunnel and token)") in text, text
+
+
+def test_kernels_and_dask_panes_link_the_dashboard_through_the_lab(cluster, lab):
+    port = json.loads(cluster["path"].read_text())["services"]["dashboard"]
+    link = f"/proxy/127.0.0.1:{port}/status"
+    # A kernel the lab starts gets the link in its environment; its Client's dashboard_link is
+    # then the lab's path (the same environment, in a process of our own).
+    before = {p.pid for p in family(lab["proc"].pid)}
+    req = urllib.request.Request(f"{lab['url']}/api/kernels", data=b"{}", method="POST",
+                                 headers={"Authorization": f"token {lab['token']}"})
+    kernel = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    try:
+        deadline = time.time() + 60
+        while not (new := [p for p in family(lab["proc"].pid) if p.pid not in before]):
+            assert time.time() < deadline, "no kernel process"
+            time.sleep(0.2)
+        env = new[0].environ()
+    finally:
+        req = urllib.request.Request(f"{lab['url']}/api/kernels/{kernel['id']}", method="DELETE",
+                                     headers={"Authorization": f"token {lab['token']}"})
+        urllib.request.urlopen(req, timeout=30)
+    assert env.get("DASK_DISTRIBUTED__DASHBOARD__LINK") == link, sorted(env)
+    assert env.get("HPCDASK_SCHEDULER_FILE") == str(cluster["path"]), sorted(env)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import hpcdask; print(hpcdask.client().dashboard_link)"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HPCDASK_SCHEDULER_FILE": str(cluster["path"]),
+             "DASK_DISTRIBUTED__DASHBOARD__LINK": env["DASK_DISTRIBUTED__DASHBOARD__LINK"]})
+    assert proc.returncode == 0 and proc.stdout == f"{link}\n", proc.stdout + proc.stderr
+    # dask-labextension's panes: their defaults (the lab's overrides), and the plots are found
+    # through the proxy (checked from the browser, which holds the token; here: in the URL).
+    code, body = get(f"{lab['url']}/lab/api/settings/dask-labextension:plugin", lab["token"])
+    assert code == 200, code
+    props = json.loads(body)["schema"]["properties"]
+    assert props["defaultURL"]["default"] == f"/proxy/127.0.0.1:{port}", props["defaultURL"]
+    assert props["browserDashboardCheck"]["default"] is True
+    assert props["hideClusterManager"]["default"] is True
+    check = urllib.parse.quote(f"{lab['url']}/proxy/127.0.0.1:{port}?token={lab['token']}",
+                               safe="")
+    code, body = get(f"{lab['url']}/dask/dashboard-check/{check}", lab["token"])
+    assert code == 200, (code, body)
+    found = json.loads(body)
+    assert found["isActive"] is True, found
+    assert any("Task Stream" in name for name in found["plots"]), found
+
+
+def test_real_chromium_draws_the_dashboard_through_the_lab(cluster, lab):
+    """Bokeh's document comes over its websocket through the lab's proxy: the workers table
+    is drawn (with the lab's token in the URL, as a user's first visit)."""
+    from testcluster import browser
+
+    port = json.loads(cluster["path"].read_text())["services"]["dashboard"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "dashboard-through-lab.png"
+    seen = browser.screenshot(
+        f"{lab['url']}/proxy/127.0.0.1:{port}/workers?token={lab['token']}", shot,
+        ready=f"{browser.BOKEH_DRAWN} && {browser.bokeh_column('name')}.includes('Total (')",
+        timeout=90)
+    assert seen["title"] == "Dask: Workers", seen
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_client_script_writes_provenance_with_its_exit_status(cluster, tmp_path):

@@ -307,7 +307,7 @@ def module(image, prefix, name, version_) -> None:
 
     made = lmod.write(image, prefix, name, version_)
     click.echo(f"{made.modulefile}: module {made.name}/{made.version} running {made.bin}/run; "
-               f"load it with: module use {Path(prefix).expanduser().absolute()} && module load "
+               f"load it with: module use {made.modulefile.parent.parent} && module load "
                f"{made.name}")
 
 

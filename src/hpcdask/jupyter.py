@@ -166,28 +166,26 @@ def serve(scheduler_file: Path, port: int | None, root_dir: Path | None) -> None
     for line in tunnel_lines(port, token_file):
         logger.info(line)
     base_url = "/"
-    target = dashboard_target(info)
-    workdir = Path(tempfile.mkdtemp(prefix="hpcdask-jupyter-"))  # private scratch: 0700
-    extra: list[str] = []
-    _TARGET = target
-    if target:
-        extra = [f"--LabApp.app_settings_dir={_lab_settings(target, base_url, workdir)}"]
-        # The kernels' Clients: client.dashboard_link and the notebook's widgets.
-        os.environ["DASK_DISTRIBUTED__DASHBOARD__LINK"] = (
-            f"{base_url}proxy/{target[0]}:{target[1]}/status")
-        logger.info("jupyter: the dashboard, through the lab: http://localhost:%s%sproxy/%s:%s/"
-                    "status (the same tunnel and token)", port, base_url, *target)
-    elif (info.get("services") or {}).get("dashboard"):
-        logger.info("jupyter: the scheduler's dashboard is on another node's loopback; reach it "
-                    "with its own tunnel (the scheduler's log prints the ssh line)")
-    argv = [*extra, "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+    argv = ["--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
             f"--ServerApp.root_dir={root_dir or Path.cwd()}",
             # Compute nodes have no internet: no news, update checks or PyPI extension search.
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly"]
     if os.geteuid() == 0:  # test machines and containers; never needed as a cluster's user
         argv.append("--allow-root")
+    _TARGET = target = dashboard_target(info)
+    workdir = Path(tempfile.mkdtemp(prefix="hpcdask-jupyter-"))  # private scratch: 0700
     try:
+        if target:
+            argv.append(f"--LabApp.app_settings_dir={_lab_settings(target, base_url, workdir)}")
+            # The kernels' Clients: client.dashboard_link and the notebook's widgets.
+            os.environ["DASK_DISTRIBUTED__DASHBOARD__LINK"] = (
+                f"{base_url}proxy/{target[0]}:{target[1]}/status")
+            logger.info("jupyter: the dashboard, through the lab: http://localhost:%s%sproxy/"
+                        "%s:%s/status (the same tunnel and token)", port, base_url, *target)
+        elif (info.get("services") or {}).get("dashboard"):
+            logger.info("jupyter: the scheduler's dashboard is on another node's loopback; reach "
+                        "it with its own tunnel (the scheduler's log prints the ssh line)")
         _lab_app().launch_instance(argv=argv)
     finally:
         token_file.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
-"""``hpcdask module``: the image as an Lmod module, the way sites expose containers (singularity-hpc's
-``shpc``): after ``module use DIR && module load hpcdask``, ``python``, ``python3``, ``hpcdask``,
+"""``hpcdask module``: the image as an Lmod module, the way sites expose containers
+(singularity-hpc's ``shpc``): after ``module use DIR && module load hpcdask``, ``python``, ``python3``, ``hpcdask``,
 ``dask`` and ``jupyter`` run inside the image, and ``HPCDASK_IMAGE`` names it, so the jobs
 submitted from that shell run the same image; ``module unload hpcdask`` gives the shell back as it
 was (Lmod's ``pushenv`` restores an ``HPCDASK_IMAGE`` set before).
@@ -17,6 +17,7 @@ same VERSION whole; each file is written beside and renamed into place.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from hpcdask.errors import BadInput
 
 #: The commands the module puts on PATH, each run inside the image.
 COMMANDS = ("python", "python3", "hpcdask", "dask", "jupyter")
+# A module name or version: a path part Lmod lists, and plain text in the wrapper and modulefile.
+_NAME_PART = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 
 # The binds are those of jobscripts/lib/hpcdask-job.sh's hj_exec_prefix (the shared folder, a
 # per-job $TMPDIR, HPCDASK_BIND, the image onto its placeholder so every role reads its SIF ID):
@@ -39,13 +42,16 @@ RUN = """\
 # hpcdask's jobscripts. `hpcdask module` writes it again; edits here are lost then.
 set -euo pipefail
 image={image}
+prefix={prefix}
 apptainer=${{HPCDASK_APPTAINER:-apptainer}}
 if ! command -v "$apptainer" >/dev/null 2>&1; then
-    echo "{name}: '$apptainer' not found on PATH of $(hostname); module load apptainer, or set HPCDASK_APPTAINER=/path/to/apptainer" >&2
+    echo "{name}: '$apptainer' not found on PATH of $(hostname); module load apptainer," \\
+        "or set HPCDASK_APPTAINER=/path/to/apptainer" >&2
     exit 2
 fi
 if [ ! -r "$image" ]; then
-    echo "{name}: image $image is missing or not readable; write the module for the image you have: hpcdask module --image NEW.sif --prefix {prefix}" >&2
+    echo "{name}: image $image is missing or not readable; write the module for the image" \\
+        "you have: hpcdask module --image NEW.sif --prefix $prefix" >&2
     exit 2
 fi
 binds=()
@@ -112,10 +118,10 @@ def write(image: str | os.PathLike[str], prefix: str | os.PathLike[str], name: s
         raise BadInput(f"image {image} is not readable by you; fix its mode or give a copy you "
                        f"can read: hpcdask module --image COPY.sif --prefix {prefix}")
     for what, value in (("--name", name), ("--version", version)):
-        if value is not None and (not value or "/" in value or value.startswith(".")
-                                  or any(c.isspace() for c in value)):
-            raise BadInput(f"{what} {value!r} is not a module name part (no '/', spaces or "
-                           f"leading '.'); e.g. hpcdask module --name hpcdask --version 2026.12")
+        if value is not None and not _NAME_PART.fullmatch(value):
+            raise BadInput(f"{what} {value!r} is not a module name part (letters, digits and "
+                           f"._+- only, not first '.'); e.g. hpcdask module --name hpcdask "
+                           f"--version 2026.12")
     version = version or default_version(image)
     prefix = Path(prefix).expanduser().absolute()
     try:
@@ -140,9 +146,9 @@ def write(image: str | os.PathLike[str], prefix: str | os.PathLike[str], name: s
         tmp.symlink_to("run")
         tmp.replace(link)
     modulefile.parent.mkdir(parents=True, exist_ok=True)
-    _replace(modulefile, LUA.format(commands=", ".join(COMMANDS),
-                                    image_text=str(image).replace('"', "").replace("]]", ""), bin=_lua(bindir),
-                                    image_lua=_lua(image), **fields), 0o644)
+    image_text = str(image).replace('"', "").replace("]]", "")  # inside "..." and [[...]]
+    _replace(modulefile, LUA.format(commands=", ".join(COMMANDS), image_text=image_text,
+                                    bin=_lua(bindir), image_lua=_lua(image), **fields), 0o644)
     return Module(modulefile, bindir, name, version)
 
 

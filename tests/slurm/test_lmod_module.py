@@ -1,7 +1,7 @@
 """The image as an Lmod module (issue 25, item 3), with Debian's real Lmod on the Slurm test
 cluster's login node, as hpcuser.
 
-The module is written the way docs/lmod.md says, from the image in the image's folder
+The module is written the way docs/modules.md says, from the image in the image's folder
 (`apptainer exec dask.sif hpcdask module --image dask.sif --prefix ~/modulefiles`); a login
 shell (/etc/profile.d/lmod.sh sets `module` up, as on a site) then loads it: the wrapped `python`
 and `hpcdask` run in the image with its SIF ID bound (the jobs' identity), the all-in-one job

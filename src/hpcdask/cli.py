@@ -264,14 +264,22 @@ def versions_(scheduler_file, lock, against, show_all, tls) -> None:
               help="Port on this node's loopback (default: hpcdask.jupyter-port = 8888; 0: a free one).")
 @click.option("--root-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="The lab's file browser root (default: the current folder).")
-def jupyter(scheduler_file, port, root_dir) -> None:
+@click.option("--ip", default=None,
+              help="Address or host name to listen on (default: hpcdask.jupyter-ip = 127.0.0.1; "
+                   "behind Open OnDemand: the node's name, $host).")
+@click.option("--base-url", default=None,
+              help="The lab's URL prefix (default: hpcdask.jupyter-base-url = /; behind Open "
+                   "OnDemand: /node/$host/$port/).")
+def jupyter(scheduler_file, port, root_dir, ip, base_url) -> None:
     """JupyterLab on this node's loopback next to the cluster; prints the ssh -L line.
 
     In a notebook, hpcdask.client() returns a Client of the cluster (TLS, identity checked).
+    Behind Open OnDemand it listens on the node's name under /node/HOST/PORT/ with the token
+    OnDemand made (JUPYTER_TOKEN): see ondemand/.
     """
     from hpcdask import jupyter as lab
 
-    lab.serve(scheduler_file, port, root_dir)
+    lab.serve(scheduler_file, port, root_dir, ip, base_url)
 
 
 @main.command(context_settings=CONTEXT)

@@ -11,6 +11,11 @@ it listens on this node, jupyter-server-proxy serves it under the lab's own addr
 (``/proxy/127.0.0.1:PORT/status``), allowed for that one host and port only (any other is
 refused, 403: no open proxy to the node's other services), and both ``client.dashboard_link`` in
 the kernels and dask-labextension's panes point there.
+
+Behind Open OnDemand (``ondemand/``), the lab listens on the node's own address instead
+(``--ip``, OnDemand's ``$host``) under its ``/node/HOST/PORT/`` prefix (``--base-url``), with
+the token OnDemand generated (``JUPYTER_TOKEN``, at least 16 characters): OnDemand's reverse
+proxy is the tunnel, and the same token still guards every route, the dashboard's included.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from pathlib import Path
 import dask.utils
 
 from hpcdask import batch, config, netif, schedfile, security
+from hpcdask.errors import BadInput
 from hpcdask.files import atomic_write
 
 logger = logging.getLogger("hpcdask")
 
 TOKEN_FILE = "jupyter-token"
+MIN_TOKEN = 16  # Open OnDemand's apps make theirs with create_passwd 16 (or longer)
 
 
 def _free_port() -> int:
@@ -46,6 +53,46 @@ def tunnel_lines(port: int, token_file: Path) -> list[str]:
     return [f"jupyter: on your machine: ssh -N -L {port}:127.0.0.1:{port} -J {login} {node}",
             f"jupyter: then open http://localhost:{port}/lab?token=TOKEN with TOKEN from: "
             f"ssh {login} cat {token_file}"]
+
+
+def listen_address(ip: str) -> str:
+    """The IPv4 address the lab listens on: ``ip``, or the address the host name ``ip``
+    resolves to; it must be one of this node's (or loopback)."""
+    node = socket.gethostname()
+    mine = sorted(a for a in netif.interfaces().values() if a and not a.startswith("127."))
+    hint = f"--ip {node}" if mine else "--ip 127.0.0.1"
+    try:
+        addr = socket.gethostbyname(ip)
+    except OSError:
+        raise BadInput(f"--ip {ip}: no such address or host name on {node}; give this node's "
+                       f"name or one of its addresses ({', '.join(mine) or '127.0.0.1'}), "
+                       f"e.g. {hint}") from None
+    if not addr.startswith("127.") and addr not in mine:
+        raise BadInput(f"--ip {ip} ({addr}) is not an address of {node} (it has "
+                       f"{', '.join(mine) or 'loopback only'}); the lab can only listen here, "
+                       f"e.g. {hint}")
+    return addr
+
+
+def base_url_of(value: str) -> str:
+    """The lab's URL prefix with one slash at each end: ``/`` or ``/node/HOST/PORT/``."""
+    if not value.startswith("/") or any(c in value for c in " \t\"'<>?#\\"):
+        raise BadInput(f"--base-url {value!r}: give a path that starts with /, as a reverse proxy "
+                       f"passes it, e.g. --base-url /node/$host/$port/ (Open OnDemand)")
+    return "/" + value.strip("/") + "/" if value.strip("/") else "/"
+
+
+def lab_token() -> str:
+    """``JUPYTER_TOKEN`` when the caller set one (Open OnDemand's password: its connection
+    file and the Connect button hold it), else a random one."""
+    given = os.environ.get("JUPYTER_TOKEN")
+    if given is None:
+        return secrets.token_urlsafe(32)
+    if len(given) < MIN_TOKEN or any(c.isspace() for c in given):
+        raise BadInput(f"JUPYTER_TOKEN has {len(given)} characters (or spaces); give at least "
+                       f"{MIN_TOKEN} without spaces (Open OnDemand: password=$(create_passwd "
+                       f"{MIN_TOKEN})), or unset it for a random token")
+    return given
 
 
 def dashboard_target(info: dict) -> tuple[str, int] | None:
@@ -146,27 +193,36 @@ def _lab_app():
     return Lab
 
 
-def serve(scheduler_file: Path, port: int | None, root_dir: Path | None) -> None:
+def serve(scheduler_file: Path, port: int | None, root_dir: Path | None, ip: str | None = None,
+          base_url: str | None = None) -> None:
     """Run JupyterLab (in this process) until it is shut down or the job ends."""
     global _TARGET
 
+    addr = listen_address(config.get("jupyter-ip", ip))
+    base_url = base_url_of(config.get("jupyter-base-url", base_url))
+    token = lab_token()
     path = Path(scheduler_file).expanduser().absolute()
     info = schedfile.wait(path, dask.utils.parse_timedelta(config.get("scheduler-file-timeout")))
     if info["address"].startswith("tls://"):
         security.load(path.parent)  # private and intact, or one line naming the fix
     port = config.get("jupyter-port", port) or _free_port()
-    netif.check_port_free("127.0.0.1", port, "--port")
+    netif.check_port_free(addr, port, "--port")
     token_file = path.parent / TOKEN_FILE
-    token = secrets.token_urlsafe(32)
     atomic_write(token_file, token + "\n", mode=0o600)
     # Kernels inherit this process's environment; the token reaches the server by the
     # environment too, never argv (visible to every user of the node in ps).
     os.environ["HPCDASK_SCHEDULER_FILE"] = str(path)
     os.environ["JUPYTER_TOKEN"] = token
-    for line in tunnel_lines(port, token_file):
-        logger.info(line)
-    base_url = "/"
-    argv = ["--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+    local = addr.startswith("127.")
+    if local:
+        for line in tunnel_lines(port, token_file):
+            logger.info(line)
+    else:
+        logger.info("jupyter: listening on %s:%s under %s for the reverse proxy in front "
+                    "(Open OnDemand's /node/); the token is in %s", addr, port, base_url,
+                    token_file)
+    argv = ["--no-browser", f"--ip={addr}", f"--port={port}", "--ServerApp.port_retries=0",
+            f"--ServerApp.base_url={base_url}",
             f"--ServerApp.root_dir={root_dir or Path.cwd()}",
             # Compute nodes have no internet: no news, update checks or PyPI extension search.
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -179,10 +235,14 @@ def serve(scheduler_file: Path, port: int | None, root_dir: Path | None) -> None
         if target:
             argv.append(f"--LabApp.app_settings_dir={_lab_settings(target, base_url, workdir)}")
             # The kernels' Clients: client.dashboard_link and the notebook's widgets.
-            os.environ["DASK_DISTRIBUTED__DASHBOARD__LINK"] = (
-                f"{base_url}proxy/{target[0]}:{target[1]}/status")
-            logger.info("jupyter: the dashboard, through the lab: http://localhost:%s%sproxy/"
-                        "%s:%s/status (the same tunnel and token)", port, base_url, *target)
+            link = f"{base_url}proxy/{target[0]}:{target[1]}/status"
+            os.environ["DASK_DISTRIBUTED__DASHBOARD__LINK"] = link
+            if local:
+                logger.info("jupyter: the dashboard, through the lab: http://localhost:%s%s "
+                            "(the same tunnel and token)", port, link)
+            else:
+                logger.info("jupyter: the dashboard, through the lab: %s (behind the same "
+                            "proxy, the same token)", link)
         elif (info.get("services") or {}).get("dashboard"):
             logger.info("jupyter: the scheduler's dashboard is on another node's loopback; reach "
                         "it with its own tunnel (the scheduler's log prints the ssh line)")

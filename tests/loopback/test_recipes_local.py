@@ -458,6 +458,26 @@ def test_notebook_without_a_cluster_is_told_how(tmp_path):
     assert "no cluster named: pass hpcdask.client('/path/to/scheduler.json')" in proc.stderr
 
 
+@pytest.mark.parametrize("args, env, says", [
+    (["--ip", "192.0.2.254"], {}, "--ip 192.0.2.254 (192.0.2.254) is not an address of "),
+    (["--ip", "no-such-host.invalid"], {}, "--ip no-such-host.invalid: no such address or host "
+                                           "name on "),
+    (["--base-url", "node/h/1"], {}, "--base-url 'node/h/1': give a path that starts with /, "
+                                     "as a reverse proxy passes it, e.g. --base-url /node/"),
+    ([], {"JUPYTER_TOKEN": "short"}, "JUPYTER_TOKEN has 5 characters (or spaces); give at least "
+                                     "16 without spaces"),
+])
+def test_jupyter_bad_listen_options_are_one_line_exit_2(tmp_path, args, env, says):
+    """Behind Open OnDemand the lab takes its address, prefix and token from the job; a wrong
+    one is refused before anything starts (no token file, no lab)."""
+    proc = hpcdask("jupyter", "--scheduler-file", str(tmp_path / "none.json"), *args,
+                   env={**os.environ, **env}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcdask: error: ") and says in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_real_chromium_shows_the_lab(lab):
     chromium = shutil.which("chromium")
     assert chromium, "chromium is missing: apt-get install chromium (tests/setup-host.sh)"

@@ -127,16 +127,47 @@ class DashboardOnly:
 _TARGET: tuple[str, int] | None = None  # the dashboard the lab of this process may proxy
 
 
+class _DashboardProxy:
+    """jupyter-server-proxy's handlers with two changes. The lab's ``token`` query argument is
+    not passed on to the dashboard (it would reach the scheduler, and jupyter-server-proxy's log
+    line naming the upstream URL would print it into the job's output). A message the
+    dashboard sends after the browser has left is dropped (jupyter-server-proxy 4.x raises
+    WebSocketClosedError there, printed as a traceback)."""
+
+    def get_client_uri(self, protocol, host, port, proxied_path):
+        uri = super().get_client_uri(protocol, host, port, proxied_path)
+        query = self.request.query
+        if query and uri.endswith("?" + query):
+            kept = [p for p in query.split("&") if p and p.split("=", 1)[0] != "token"]
+            uri = uri[: -len(query) - 1] + ("?" + "&".join(kept) if kept else "")
+        return uri
+
+    def write_message(self, message, binary=False):
+        from tornado.websocket import WebSocketClosedError
+
+        try:
+            return super().write_message(message, binary=binary)
+        except WebSocketClosedError:
+            return None
+
+
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "hpcdask.jupyter"}]
 
 
 def _load_jupyter_server_extension(serverapp) -> None:
-    """The lab's /proxy routes, jupyter-server-proxy's own handlers with :class:`DashboardOnly`:
-    registered before jupyter-server-proxy's (extensions load by name), so they take those
-    routes. Its local ``/proxy/PORT`` routes would otherwise reach any port of the node."""
+    """The lab's /proxy routes, jupyter-server-proxy's own handlers with :class:`DashboardOnly`
+    and :class:`_DashboardProxy`'s two changes, registered before jupyter-server-proxy's
+    (extensions load by name), so they take those routes. Its local ``/proxy/PORT`` routes
+    would otherwise reach any port of the node."""
     from jupyter_server.utils import url_path_join
     from jupyter_server_proxy.handlers import LocalProxyHandler, RemoteProxyHandler
+
+    class Remote(_DashboardProxy, RemoteProxyHandler):
+        pass
+
+    class Local(_DashboardProxy, LocalProxyHandler):
+        pass
 
     allow = DashboardOnly(*(_TARGET or (None, None)))
     base = serverapp.web_app.settings["base_url"]
@@ -146,10 +177,10 @@ def _load_jupyter_server_extension(serverapp) -> None:
                 {"absolute_url": absolute, "host_allowlist": allow, "rewrite_response": ()})
 
     serverapp.web_app.add_handlers(".*", [
-        route(r"/proxy/([^/:@]+):(\d+)(/.*|)", RemoteProxyHandler, False),
-        route(r"/proxy/absolute/([^/:@]+):(\d+)(/.*|)", RemoteProxyHandler, True),
-        route(r"/proxy/(\d+)(/.*|)", LocalProxyHandler, False),
-        route(r"/proxy/absolute/(\d+)(/.*|)", LocalProxyHandler, True)])
+        route(r"/proxy/([^/:@]+):(\d+)(/.*|)", Remote, False),
+        route(r"/proxy/absolute/([^/:@]+):(\d+)(/.*|)", Remote, True),
+        route(r"/proxy/(\d+)(/.*|)", Local, False),
+        route(r"/proxy/absolute/(\d+)(/.*|)", Local, True)])
 
 
 def _lab_settings(target: tuple[str, int], base_url: str, workdir: Path) -> Path:

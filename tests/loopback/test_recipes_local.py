@@ -354,12 +354,17 @@ def lab(cluster):
         if port and token_file.exists() and "is running at" in text:
             break
         time.sleep(0.2)
+    token = token_file.read_text().strip()
     try:
-        yield {"port": port, "token": token_file.read_text().strip(), "token_file": token_file,
+        yield {"port": port, "token": token, "token_file": token_file,
                "proc": proc, "log": log, "root": root, "url": f"http://127.0.0.1:{port}"}
     finally:
         assert stop(proc) == 0, log.read_text()
         assert not token_file.exists()  # removed when the lab ends
+        # Browsers came and went while the dashboard's websocket sent: no traceback of the
+        # proxy's, and the token (passed as ?token= by the tests) never in the log.
+        text = log.read_text()
+        assert "WebSocketClosedError" not in text and token not in text, text
 
 
 def test_lab_token_is_private_and_never_shown(lab):

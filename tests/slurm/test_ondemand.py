@@ -46,7 +46,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 # OnDemand renders an app's ERB files in the session's context: each form attribute is a method
 # there, and `context` is the context itself. Arguments: app folder, output folder, JSON file of
-# the form's values; view.html.erb is rendered later with connection.yml's values.
+# the form's values, then the files to render (view.html.erb: later, with connection.yml's values).
 RENDER = r"""
 require "erb"
 require "fileutils"
@@ -62,12 +62,12 @@ class Session
     ERB.new(File.read(path), trim_mode: "-").result(binding)
   end
 end
-app, out, values = ARGV[0], ARGV[1], JSON.parse(File.read(ARGV[2]))
-s = Session.new(values)
-Dir.glob(File.join(app, "**", "*.erb")).each do |src|
+app, out, values, *files = ARGV
+s = Session.new(JSON.parse(File.read(values)))
+files.each do |name|
+  src = File.join(app, name)
   # template/ is staged as the job's working folder itself
-  rel = src.delete_prefix(app + "/").delete_suffix(".erb").delete_prefix("template/")
-  dest = File.join(out, rel)
+  dest = File.join(out, name.delete_suffix(".erb").delete_prefix("template/"))
   FileUtils.mkdir_p(File.dirname(dest))
   File.write(dest, s.render(src))
   File.chmod(File.stat(src).mode & 0o777, dest)
@@ -193,7 +193,12 @@ def node_proxy(slurm_cluster):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while get(f"http://127.0.0.1:{port}/node/nonode/1/")[0] != 404:
+        while True:
+            try:
+                if get(f"http://127.0.0.1:{port}/node/nonode/1/")[0] == 404:
+                    break
+            except urllib.error.URLError:  # not listening yet
+                pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.2)
         yield f"http://127.0.0.1:{port}"
@@ -204,10 +209,12 @@ def node_proxy(slurm_cluster):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def render(slurm_cluster, values: dict, out: Path) -> None:
+def render(values: dict, out: Path, *files: str) -> None:
+    """Render the app's FILES with the form's VALUES into OUT, as OnDemand does."""
     (out / "values.json").write_text(json.dumps(values))
-    subprocess.run(["ruby", "-e", RENDER, str(APP), str(out), str(out / "values.json")],
-                   check=True, capture_output=True, text=True)
+    proc = subprocess.run(["ruby", "-e", RENDER, str(APP), str(out), str(out / "values.json"),
+                           *files], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_ondemand_app_serves_the_lab_and_dashboard_through_the_node_proxy(
@@ -219,7 +226,7 @@ def test_ondemand_app_serves_the_lab_and_dashboard_through_the_node_proxy(
     values.update(bc_account="hpcuser", bc_num_hours="1", bc_num_slots="2", memory_gb="2",
                   hpcdask_image=str(sif),
                   hpcdask_jobscripts=str(slurm_cluster.src / "jobscripts"))
-    render(slurm_cluster, values, udir)
+    render(values, udir, "submit.yml.erb", "template/before.sh.erb", "template/script.sh.erb")
     submit_yml = yaml.safe_load((udir / "submit.yml").read_text())
     assert submit_yml["batch_connect"]["template"] == "basic"
     native = submit_yml["script"]["native"]
@@ -281,7 +288,7 @@ def test_ondemand_app_serves_the_lab_and_dashboard_through_the_node_proxy(
 
         # The session card's Connect button opens the lab in a real browser; the dashboard's
         # page draws from its websocket through both proxies.
-        render(slurm_cluster, {**values, **conn}, udir)  # view.html.erb with connection.yml
+        render({**values, **conn}, udir, "view.html.erb")  # with connection.yml's values
         href = re.search(r'href="([^"]+)"', (udir / "view.html").read_text()).group(1)
         assert href == f"/node/{host}/{port}/lab?token={token}"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

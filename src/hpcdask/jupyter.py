@@ -183,14 +183,14 @@ def _load_jupyter_server_extension(serverapp) -> None:
         route(r"/proxy/absolute/(\d+)(/.*|)", Local, True)])
 
 
-def _lab_settings(target: tuple[str, int], base_url: str, workdir: Path) -> Path:
-    """The image's lab settings plus dask-labextension's: its panes' dashboard URL, checked from
-    the browser (which holds the lab's token cookie: the lab server's own check would be refused
-    without it), and its cluster manager hidden (its LocalCluster would run on the batch node,
-    outside the cluster)."""
+def _lab_settings(target: tuple[str, int] | None, base_url: str, workdir: Path) -> Path:
+    """The image's lab settings plus ours. Compute nodes have no internet, so the lab neither
+    asks to fetch Jupyter's news nor checks for updates. With a dashboard, dask-labextension's
+    panes get its URL, checked from the browser (which holds the lab's token cookie: the lab
+    server's own check would be refused without it), and its cluster manager is hidden (its
+    LocalCluster would run on the batch node, outside the cluster)."""
     from jupyterlab.commands import get_app_dir
 
-    host, port = target
     settings = workdir / "lab-settings"
     shipped = Path(get_app_dir()) / "settings"
     if shipped.is_dir():
@@ -198,10 +198,15 @@ def _lab_settings(target: tuple[str, int], base_url: str, workdir: Path) -> Path
     settings.mkdir(exist_ok=True)
     overrides_file = settings / "overrides.json"
     overrides = json.loads(overrides_file.read_text()) if overrides_file.exists() else {}
-    overrides["dask-labextension:plugin"] = {
-        **overrides.get("dask-labextension:plugin", {}),
-        "defaultURL": f"{base_url}proxy/{host}:{port}", "browserDashboardCheck": True,
-        "hideClusterManager": True}
+    notes = "@jupyterlab/apputils-extension:notification"
+    overrides[notes] = {**overrides.get(notes, {}), "fetchNews": "false",
+                        "checkForUpdates": False}
+    if target:
+        host, port = target
+        overrides["dask-labextension:plugin"] = {
+            **overrides.get("dask-labextension:plugin", {}),
+            "defaultURL": f"{base_url}proxy/{host}:{port}", "browserDashboardCheck": True,
+            "hideClusterManager": True}
     overrides_file.write_text(json.dumps(overrides, indent=2) + "\n")
     return settings
 
@@ -263,8 +268,8 @@ def serve(scheduler_file: Path, port: int | None, root_dir: Path | None, ip: str
     _TARGET = target = dashboard_target(info)
     workdir = Path(tempfile.mkdtemp(prefix="hpcdask-jupyter-"))  # private scratch: 0700
     try:
+        argv.append(f"--LabApp.app_settings_dir={_lab_settings(target, base_url, workdir)}")
         if target:
-            argv.append(f"--LabApp.app_settings_dir={_lab_settings(target, base_url, workdir)}")
             # The kernels' Clients: client.dashboard_link and the notebook's widgets.
             link = f"{base_url}proxy/{target[0]}:{target[1]}/status"
             os.environ["DASK_DISTRIBUTED__DASHBOARD__LINK"] = link

@@ -593,6 +593,13 @@ def test_kernels_and_dask_panes_link_the_dashboard_through_the_lab(cluster, lab)
     assert props["defaultURL"]["default"] == f"/proxy/127.0.0.1:{port}", props["defaultURL"]
     assert props["browserDashboardCheck"]["default"] is True
     assert props["hideClusterManager"]["default"] is True
+    # A compute node has no internet: the lab neither offers Jupyter's news nor checks updates.
+    code, body = get(f"{lab['url']}/lab/api/settings/@jupyterlab/apputils-extension:notification",
+                     lab["token"])
+    assert code == 200, code
+    props = json.loads(body)["schema"]["properties"]
+    assert props["fetchNews"]["default"] == "false", props["fetchNews"]
+    assert props["checkForUpdates"]["default"] is False, props["checkForUpdates"]
     check = urllib.parse.quote(f"{lab['url']}/proxy/127.0.0.1:{port}?token={lab['token']}",
                                safe="")
     code, body = get(f"{lab['url']}/dask/dashboard-check/{check}", lab["token"])

@@ -37,10 +37,14 @@ def address_of(interface: str, option: str = "--interface") -> str:
 
 
 def check_port_free(host: str, port: int, option: str) -> None:
-    """Fail with one line when ``host:port`` is taken (port 0 is always free)."""
+    """Fail with one line when ``host:port`` is taken (port 0 is always free). Taken means
+    what the server would find: something listens or is bound there. Connections of an
+    earlier server on that port that are still in TIME_WAIT do not count (the servers,
+    tornado's and distributed's, bind with SO_REUSEADDR, so they start regardless)."""
     if not port:
         return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

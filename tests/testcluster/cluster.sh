@@ -154,8 +154,25 @@ ns_pids() {
 # process whose namespaces every daemon and user command of that machine enters.
 holder_pid() { pid_of "$STATE/run/holder-$1.pid" sleep; }
 
+# The hosts file every machine binds as its /etc/hosts (start_holder), as a site's DNS names
+# them: localhost, the LINES given (a batch system's own names), the login node, and each node
+# by name (its eth0 address) and NAME-ib (its ib0 one).
+write_machine_hosts() {
+    local i
+    {
+        echo "127.0.0.1 localhost"
+        [ $# -eq 0 ] || printf '%s\n' "$@"
+        echo "$LOGIN_ETH login"
+        for ((i = 1; i <= NODES; i++)); do
+            echo "$(node_eth "$i") $(node_name "$i")"
+            echo "$(node_addr "$i") $(node_name "$i")-ib"
+        done
+    } >"$STATE/etc/hosts"
+    chmod 0644 "$STATE/etc/hosts"
+}
+
 # Start the holder of MACHINE (node1.., login) in network namespace NS, with hostname HOSTNAME
-# (default: MACHINE). When $STATE/etc/hosts exists (BATCH=sge), it is the machine's /etc/hosts.
+# (default: MACHINE). When $STATE/etc/hosts exists (write_machine_hosts), it is the machine's /etc/hosts.
 start_holder() {
     local machine=$1 ns=$2 dir=$STATE/nodes/$1 hostname=${3:-$1}
     mkdir -p "$dir/tmp" "$dir/var-tmp" "$dir/local"

@@ -49,22 +49,12 @@ sge_admin() {
 sge_qmaster_pid() { pid_of "$SGE_SPOOL/qmaster/qmaster.pid" sge_qmaster; }
 sge_execd_pid() { pid_of "$SGE_SPOOL/execd/$1/execd.pid" sge_execd; }
 
-# The hosts file every machine of the cluster sees as /etc/hosts.
+# The hosts file every machine of the cluster sees as /etc/hosts, with Grid Engine's names: the
+# host by its own name too (a client tells the master its hostname, which must resolve), and
+# the master.
 sge_write_hosts() {
-    local i
-    {
-        echo "127.0.0.1 localhost"
-        # The host by its own name too: a client tells the master its hostname, which must resolve.
-        echo "$HOST_ETH $(hostname) ${NAME}-host"
-        echo "$HOST_IB ${NAME}-host-ib"
-        echo "$SGE_MASTER_ETH $SGE_MASTER_HOST"
-        echo "$LOGIN_ETH login"
-        for ((i = 1; i <= NODES; i++)); do
-            echo "$(node_eth "$i") $(node_name "$i")"
-            echo "$(node_addr "$i") $(node_name "$i")-ib"
-        done
-    } >"$STATE/etc/hosts"
-    chmod 0644 "$STATE/etc/hosts"
+    write_machine_hosts "$HOST_ETH $(hostname) ${NAME}-host" "$HOST_IB ${NAME}-host-ib" \
+        "$SGE_MASTER_ETH $SGE_MASTER_HOST"
 }
 
 # The host's /etc/hosts names the master (clients on the host reach it over the bridge). Written

@@ -64,20 +64,8 @@ batch_stop_daemons() {
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
 }
 
-# The machines' /etc/hosts, as a site's DNS: every node's name is its eth0 (management) address,
-# NAME-ib its fabric one. Open OnDemand's apps use $(hostname) as the address they listen on.
-batch_before_machines() {
-    local i
-    {
-        echo "127.0.0.1 localhost"
-        echo "$LOGIN_ETH login"
-        for ((i = 1; i <= NODES; i++)); do
-            echo "$(node_eth "$i") $(node_name "$i")"
-            echo "$(node_addr "$i") $(node_name "$i")-ib"
-        done
-    } >"$STATE/etc/hosts"
-    chmod 0644 "$STATE/etc/hosts"
-}
+# The machines' /etc/hosts (cluster.sh): Open OnDemand's apps listen on $(hostname).
+batch_before_machines() { write_machine_hosts; }
 
 batch_up() {
     write_conf

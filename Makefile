@@ -69,8 +69,9 @@ run: $(VENV)/.done
 host-deps:
 	bash tests/setup-host.sh
 
+# The 40 slowest steps at the end of the log: CI's budget is 45 minutes for the whole suite.
 test: host-deps $(VENV)/.done $(TVENV)/.done
-	$(TVENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(TVENV)/bin/python -m pytest --durations=40 $(PYTEST_ARGS)
 
 # No root, no image, no cluster: under a minute (on every core: pytest-xdist).
 test-unit: $(VENV)/.done $(TVENV)/.done

@@ -26,7 +26,7 @@ REQUIRED = {
     "image": ("tests/image/test_image.py::test_apptainer_test_passes",),  # the image's %test
     "compose": ("tests/compose/test_compose.py::test_compose_cluster",  # its client's work
                 "tests/compose/test_compose_docker.py::"
-                "test_readme_commands_ten_times_each_run_its_own_folder_owned_by_the_user"),
+                "test_readme_commands_a_second_and_a_tenth_time_each_in_its_own_folder_owned_by_the_user"),
     "slurm": (
         "tests/slurm/test_slurm_jobs.py::test_user_script_gets_a_connected_client",
         "tests/slurm/test_slurm_jobs.py::test_all_in_one_runs_the_default_workload_medium_on_three_nodes",

@@ -153,7 +153,8 @@ def test_sge_cluster_scales_and_adapts_from_the_login_node(sge_cluster, sif, sge
     ended = {j: c.job(j, workdir=sge_udir) for j in res["jobs"]}
     bad = {j: (r.state, r.exit_code, r.info.get("failed")) for j, r in ended.items()
            if r.state != "COMPLETED" or r.exit_code != 0}
-    assert bad == {}, f"{bad}\n{text}"
+    # On failure, Grid Engine's whole record of those jobs too (host, start, end, signals' usage).
+    assert bad == {}, f"{bad}\n{ {j: ended[j].info for j in bad} }\n{text}"
     assert c.user_files_in_node_tmp() == []
     gone = {k: v for k, v in c.leftovers().items() if any(f"-job-{j}." in k for j in res["jobs"])}
     assert gone == {}, gone

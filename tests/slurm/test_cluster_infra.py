@@ -1,6 +1,8 @@
 """The Slurm test cluster itself, as strict as a site: jobs of an ordinary user from a login node
 without ib0, nodes with their own network, hostname, /tmp and node-local $TMPDIR, memory enforced,
-a shared home, the runner on PATH, exit codes and time limits, and a clean `down`."""
+a shared home, the runner on PATH, exit codes, and a clean `down`. (Time limits: Slurm ends a job
+at its limit in test_slurm_jobs.py::test_a_job_at_its_time_limit_ends_cleanly_within_killwait,
+which asserts TIMEOUT and slurmstepd's "DUE TO TIME LIMIT".)"""
 
 from __future__ import annotations
 
@@ -212,15 +214,6 @@ def test_job_time_limit_is_visible_inside_the_job(slurm_cluster):
 
 
 @pytest.mark.slow
-def test_job_over_its_time_limit_is_killed(slurm_cluster):
-    # Slurm counts limits in minutes and checks them every 30 s: this takes 60-100 s.
-    res = slurm_cluster.sbatch(
-        "#!/bin/sh\necho started\nsleep 600\n", "--time=00:00:10", timeout=200
-    )
-    assert res.state == "TIMEOUT", res
-    assert "DUE TO TIME LIMIT" in res.stderr
-
-
 def _other_instances_live(state_dir: Path) -> bool:
     """Another test-cluster instance (HPCDASK_CLUSTER_INSTANCE) is up on this machine."""
     for pidfile in state_dir.parent.glob("*/run/slurmctld.pid"):

@@ -157,8 +157,13 @@ class Engine:
         raise RuntimeError(f"dockerd did not answer in {timeout:.0f}s:\n{self.log.read_text()[-3000:]}")
 
     def _stop_pid(self) -> None:
+        """The dockerd a pidfile names, if that process is still a dockerd: a stale pidfile's
+        number may belong to any process by now (PIDs wrap at 32768 here, and the test clusters'
+        nodes share the PID namespace), and a SIGTERM there ends someone's job."""
         try:
             pid = int(self.pidfile.read_text().strip())
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "dockerd":
+                return
             os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError):
             return

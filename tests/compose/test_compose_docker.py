@@ -10,8 +10,9 @@ In order (the module's tests share one engine, stopped at the end even on failur
   - the image: `pip freeze` and image.json equal podman's; no layer holds the host's CA bundle
     nor Debian's package indexes;
   - the README's commands word for word in a folder of the user's, a first, second and tenth
-    time (runs 3 to 9 copies of the second's results): each run exits 0 with its results in a folder of its own, earlier results untouched; files belong to the
-    user (HPCDASK_UID:HPCDASK_GID, default 1000:1000), never root;
+    time (runs 3 to 9 copies of the second's results): each run exits 0 with its results in a
+    folder of its own, earlier results untouched; files belong to the user
+    (HPCDASK_UID:HPCDASK_GID, default 1000:1000), never root;
   - a small cluster: --scale worker=4, one worker killed mid-workload and still the right score,
     the dashboard in a real headless Chromium through the published loopback port, an orderly
     `docker compose stop` (dependents first, within the grace period, no traceback);

@@ -213,7 +213,6 @@ def test_job_time_limit_is_visible_inside_the_job(slurm_cluster):
     assert res.stdout.split() == ["5:00", "TimeLimit=00:05:00"]
 
 
-@pytest.mark.slow
 def _other_instances_live(state_dir: Path) -> bool:
     """Another test-cluster instance (HPCDASK_CLUSTER_INSTANCE) is up on this machine."""
     for pidfile in state_dir.parent.glob("*/run/slurmctld.pid"):

@@ -159,13 +159,19 @@ class Engine:
     def _stop_pid(self) -> None:
         """The dockerd a pidfile names, if that process is still a dockerd: a stale pidfile's
         number may belong to any process by now (PIDs wrap at 32768 here, and the test clusters'
-        nodes share the PID namespace), and a SIGTERM there ends someone's job."""
+        nodes share the PID namespace), and a SIGTERM there ends someone's job. Such a pidfile
+        is removed instead (dockerd refuses to start while its pidfile names a live process)."""
         try:
             pid = int(self.pidfile.read_text().strip())
-            if Path(f"/proc/{pid}/comm").read_text().strip() != "dockerd":
-                return
-            os.kill(pid, signal.SIGTERM)
+            dockerd = Path(f"/proc/{pid}/comm").read_text().strip() == "dockerd"
         except (OSError, ValueError):
+            dockerd = False
+        if not dockerd:
+            self.pidfile.unlink(missing_ok=True)
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
             return
         for _ in range(300):
             try:

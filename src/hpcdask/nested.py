@@ -18,7 +18,7 @@ hpcdask starts (``preload``); the client's own ``Parallel`` calls are unchanged.
 from __future__ import annotations
 
 #: The preload modules of every worker hpcdask starts (Nanny, LocalCluster, dask-cuda).
-WORKER_PRELOAD = ["hpcdask.shutdown", "hpcdask.nested"]
+WORKER_PRELOAD = ["hpcdask.shutdown", "hpcdask.nested", "hpcdask.warm"]
 
 
 def install() -> bool:

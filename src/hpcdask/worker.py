@@ -21,7 +21,7 @@ import dask.config
 import dask.utils
 
 from hpcdask import (batch, config, drain, files, gpu, memory, nested, netif, schedfile,
-                     servers, shutdown, signals, versions)
+                     servers, shutdown, signals, versions, warm)
 from hpcdask.connect import connection, refuse_if_different, scheduler_identity
 
 logger = logging.getLogger("hpcdask")
@@ -68,14 +68,17 @@ def run_worker(spec: WorkerSpec) -> None:
     life = memory.worker_lifetime(spec.lifetime, spec.job_end)
     path = Path(spec.scheduler_file).expanduser()
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
-    info = schedfile.wait(path, timeout)
-    if host is None:
-        # Started with its scheduler: a wrong interface that both share fails once, in the
-        # scheduler (which then never writes the file, and the job stops this worker).
-        host = netif.address_of(iface)
-    sec = connection(info, path, spec.tls, "worker")
-    http = servers.worker_http(config.get("dashboard", spec.dashboard))
-    with dask.config.set({**preset, **blas}), files.scratch(local_dir) as d, running_mark():
+    fork = warm.settings(gpus=bool(gpus))  # the node's worker processes fork from one warm server
+    with dask.config.set({**preset, **blas, **fork}):
+        warm.start()  # its imports run while this process waits for the scheduler's file
+        info = schedfile.wait(path, timeout)
+        if host is None:
+            # Started with its scheduler: a wrong interface that both share fails once, in the
+            # scheduler (which then never writes the file, and the job stops this worker).
+            host = netif.address_of(iface)
+        sec = connection(info, path, spec.tls, "worker")
+        http = servers.worker_http(config.get("dashboard", spec.dashboard))
+    with dask.config.set({**preset, **blas, **fork}), files.scratch(local_dir) as d, running_mark():
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
                                    d, life, spec.name, http, gpus))
 

@@ -211,6 +211,12 @@ def case_bad_short_env_value(tmp_path):
         "interface 'ib7' does not exist"
 
 
+def case_worker_imports_not_a_list(tmp_path):
+    return (["worker", "--scheduler-file", str(tmp_path / "s.json"), "--interface", "lo"],
+            {"HPCDASK_WORKER_IMPORTS": "{numpy: 1}"}), \
+        "hpcdask.worker-imports must be a list of module names"
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 
 

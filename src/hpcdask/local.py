@@ -14,7 +14,7 @@ import dask.config
 from distributed import Client
 from distributed.security import Security
 
-from hpcdask import batch, connect, files, memory, nested, provenance, security, signals
+from hpcdask import batch, connect, files, memory, nested, provenance, security, signals, warm
 
 
 def local_cluster(n_workers: int | None = None, threads_per_worker: int | None = None,
@@ -34,7 +34,10 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
         security.warn_no_tls("the local cluster")
     d = tempfile.mkdtemp(prefix="hpcdask-", dir=files.local_directory(None))
     try:
-        with dask.config.set(memory.blas_config(batch.allocation().cpus, n, threads)):
+        # Its worker processes fork from one warm server too (a nanny's later restart spawns).
+        with dask.config.set({**memory.blas_config(batch.allocation().cpus, n, threads),
+                              **warm.settings()}):
+            warm.start()
             cluster = LocalCluster(local_directory=d, **kwargs)
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)

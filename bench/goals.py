@@ -89,6 +89,21 @@ def _ready_goals(S: dict) -> list[Goal]:
              "the runner's own start is part of the image side") for n in ns]
 
 
+def _nworkers_goals() -> list[Goal]:
+    note = "same venv (the image's Python run bare), loopback; hpcdask TLS, dask worker TCP"
+    return [
+        ("8 worker processes on one node, time to 8 registered: hpcdask worker / dask worker "
+         "--nworkers 8", "<=", 0.6, "x", "nworkers",
+         lambda S: _get(S, "nworkers", "ratios", "warm/dask ready"), note),
+        ("8 worker processes on one node, process tree PSS: hpcdask worker / dask worker "
+         "--nworkers 8", "<=", 0.7, "x", "nworkers",
+         lambda S: _get(S, "nworkers", "ratios", "warm/dask pss"), note),
+        ("hpcdask time to ready, 8 worker processes / 1 on one node", "<=", 1.5, "x",
+         "nworkers", lambda S: _get(S, "nworkers", "ratios", "warm8/warm1 ready"),
+         "the warm server's fork: one interpreter start per node"),
+    ]
+
+
 def _transfer_goals(S: dict) -> list[Goal]:
     sizes = _get(S, "transfer", "sizes") or [400_000_000]
     out: list[Goal] = []
@@ -114,6 +129,7 @@ def _transfer_goals(S: dict) -> list[Goal]:
 def all_goals(S: dict) -> list[Goal]:
     return [
         *_ready_goals(S),
+        *_nworkers_goals(),
         ("default workload `hpcdask run`, wall time: image / bare (same Python build)", "<=", 1.03,
          "x", "workloads", lambda S: _get(S, "workloads", "default_workload", "ratio_wall"), ""),
         ("peers: hpcdask time to 3 workers / fastest peer (Slurm test cluster)", "<=", 1.0, "x",

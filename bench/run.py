@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import model  # noqa: E402
+import nworkers  # noqa: E402
 import peers  # noqa: E402
 import ready  # noqa: E402
 import report  # noqa: E402
@@ -38,7 +39,7 @@ from common import T_START, Skip, log, pickle_by_value  # noqa: E402
 from env import Setup  # noqa: E402
 from plots import plots  # noqa: E402
 
-SECTIONS = {"ready": ready.section, "peers": peers.section, "throughput": throughput.section,
+SECTIONS = {"ready": ready.section, "nworkers": nworkers.section, "peers": peers.section, "throughput": throughput.section,
             "transfer": transfer.section, "workloads": workloads.section,
             "scaling": scaling.section}
 ALIASES = {"cluster": "peers"}  # the section's name before the split

@@ -346,13 +346,21 @@ hj_start_client() {
     fi
     local wait=()
     [ "$n" -eq 0 ] || wait=(--wait-workers "$n" --wait-timeout "$HJ_READY_TIMEOUT")
+    hj_check_client "$@"
     if [ $# -eq 0 ] || [ "${1#-}" != "$1" ]; then
         "${HJ_EXEC[@]}" hpcdask run --scheduler-file "$file" "${wait[@]}" "$@" &
     else
-        [ -f "$1" ] || hj_die 2 "script $1 does not exist (from $(pwd)); give your Python script's path after the jobscript, e.g. sbatch dask-cluster.sbatch ./my_analysis.py --arg 1"
         "${HJ_EXEC[@]}" hpcdask client --scheduler-file "$file" "${wait[@]}" -- "$@" &
     fi
     HJ_CLIENT=$!
+}
+
+# The client's arguments (a script, or run's options): a script that does not exist stops the
+# job before anything starts.
+hj_check_client() {
+    if [ $# -gt 0 ] && [ "${1#-}" = "$1" ] && [ ! -f "$1" ]; then
+        hj_die 2 "script $1 does not exist (from $(pwd)); give your Python script's path after the jobscript, e.g. sbatch dask-cluster.sbatch ./my_analysis.py --arg 1"
+    fi
 }
 
 # Wait for the client; returns its exit code in HJ_RC. Dies if the scheduler or all workers go first.
@@ -532,15 +540,19 @@ hj_all_in_one() {
     # scheduler's file before they look at their interface, so a setting every role shares (the
     # interface, TLS) fails once, in the scheduler, and the job stops the waiting workers. The client starts once the scheduler
     # is up and waits for the N workers itself (--wait-workers). Jupyter's notebooks connect
-    # later, when the user opens them: it starts on a full cluster.
+    # later, when the user opens them: it starts on a full cluster. Any other client starts
+    # with the scheduler and the workers too (it waits for the scheduler's file itself), so its
+    # interpreter and its imports are not on the way to the first result after the cluster's.
+    hj_check_client "$@"
     hj_spawn_scheduler "$file"
     HJ_WITH_SCHEDULER=1 hj_launch_workers "$file" "" "$nodes"
-    hj_wait_scheduler "$file"
     if [ "${1:-}" = --jupyter ]; then
+        hj_wait_scheduler "$file"
         hj_wait_ready "$file" "$n"
         hj_start_client "$file" 0 "$@"
     else
         hj_start_client "$file" "$n" "$@"
+        hj_wait_scheduler "$file"
     fi
     hj_wait_client
     local rc=$HJ_RC

@@ -144,6 +144,16 @@ def all_goals(S: dict) -> list[Goal]:
          "peers", lambda S: _get(S, "peers", "ratio_ready_vs_fastest"),
          f"fastest peer: {_get(S, 'peers', 'fastest_ready')}; from sbatch (scale) to the user's "
          f"client seeing 3 workers, hpcdask's TLS and identity check included"),
+        ("peers: hpcdask submission to the first dask.array result / fastest peer", "<=", 1.0,
+         "x", "peers", lambda S: _get(S, "peers", "ratio_first_result_vs_fastest"),
+         f"fastest peer: {_get(S, 'peers', 'fastest_first_result')}; each script imports "
+         f"dask.array at its top, as users write it"),
+        ("peers: hpcdask first / second run of the same dask.array sum in one job", "<=", 1.5,
+         "x", "peers", lambda S: _get(S, "peers", "summary", "hpcdask", "first_over_second"),
+         "the workers' first task of its kind: imports, connections"),
+        ("peers: hpcdask ready to the job's end / SLURMRunner's", "<=", 1.0, "x", "peers",
+         lambda S: _get(S, "peers", "ratio_ready_to_end_vs_slurmrunner"),
+         "the same work (two sums, tiny tasks), then the job leaves the queue"),
         ("peers: hpcdask tiny tasks/s / fastest peer", ">=", 0.95, "x", "peers",
          lambda S: _get(S, "peers", "ratio_tasks_vs_fastest"),
          f"fastest peer: {_get(S, 'peers', 'fastest_tasks')}; hpcdask runs TLS, the peers TCP"),

@@ -24,6 +24,8 @@ PEERS = ("hpcdask", "seeds", "slurmrunner", "slurmcluster")
 PROBE = r'''
 import json, os, statistics, sys, time
 
+import dask.array as da
+
 
 def _inc(x):
     return x + 1
@@ -36,6 +38,13 @@ def probe(client, n, extra=dict):
     client.wait_for_workers(n, timeout=240)
     t_ready = time.time()
     workers = client.scheduler_info(n_workers=-1)["workers"]
+    sums = []  # the first dask.array result of a fresh cluster, then the same sum again
+    for _ in range(2):
+        t0 = time.perf_counter()
+        assert da.arange(10_000_000, chunks=400_000).sum().compute() == 49999995000000
+        sums.append(time.perf_counter() - t0)
+        if len(sums) == 1:
+            t_first = time.time()
     client.gather(client.map(_inc, range(100), pure=False))  # warm-up
     rates = []
     for _ in range(rounds):
@@ -44,6 +53,7 @@ def probe(client, n, extra=dict):
         rates.append(tasks / (time.perf_counter() - t0))
     print("PEER " + json.dumps({
         "t_ready": t_ready, "t_done": time.time(), "tasks_per_s": statistics.median(rates),
+        "t_first": t_first, "first_s": sums[0], "second_s": sums[1],
         "rates": rates, "tasks": tasks, "workers": len(workers),
         "hosts": sorted({w["host"] for w in workers.values()}),
         "scheduler": client.scheduler.address, **extra()}), flush=True)

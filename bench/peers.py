@@ -6,6 +6,9 @@ The four peers and their scripts: peer_scripts.py. For each repetition of each p
   ready_s      submission (sbatch; for SLURMCluster, ``scale``) to the user's code holding a
                client that sees N workers (hpcdask's TLS and identity check included)
   tasks_per_s  tiny tasks (inc) through that client, the median of 3 rounds
+  first_result_s  submission to the first result of a dask.array sum (10 M elements, 25 chunks)
+               on the fresh cluster; first_over_second: that sum's time / the same sum again
+  ready_to_end_s  ready to every job of the run in a final state (the same work for every peer)
   teardown_s   the user's code done to every job of the run in a final state (Slurm's Epilog
                included), as polled every 0.2 s
   left         jobs still queued/running, files in any node's /tmp or /var/tmp, the Epilog's
@@ -132,6 +135,9 @@ def one_run(cluster, peer: str, image: str) -> dict:
     for p in left["node_tmp"]:  # so the next run starts from clean nodes
         shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else Path(p).unlink(missing_ok=True)
     return {"ready_s": rec["t_ready"] - rec["t_submit"], "tasks_per_s": rec["tasks_per_s"],
+            "first_result_s": rec["t_first"] - rec["t_submit"],
+            "first_over_second": rec["first_s"] / rec["second_s"],
+            "ready_to_end_s": rec["t_gone"] - rec["t_ready"],
             "teardown_s": rec["t_gone"] - rec["t_done"], "workers": rec["workers"],
             "hosts": rec["hosts"], "scheduler": rec["scheduler"], "jobs": jobs,
             "create_s": (rec["t_scale"] - rec["t_create"]) if "t_create" in rec else None,
@@ -165,15 +171,22 @@ def fastest(summary: dict, key: str, higher_is_better: bool, exclude: str = "hpc
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
     """Per-peer summaries, and hpcdask against the fastest peer (paired by repetition)."""
-    keys = ("ready_s", "tasks_per_s", "teardown_s", "n_left")
+    keys = ("ready_s", "tasks_per_s", "teardown_s", "n_left", "first_result_s",
+            "first_over_second", "ready_to_end_s")
     summary = {p: {k: stats.summarize([r[k] for r in rs if r.get(k) is not None and r[k] == r[k]])
                    for k in keys} for p, rs in runs.items()}
     f_ready = fastest(summary, "ready_s", higher_is_better=False)
     f_tasks = fastest(summary, "tasks_per_s", higher_is_better=True)
+    f_first = fastest(summary, "first_result_s", higher_is_better=False)
     me = runs.get("hpcdask", [])
     return {"summary": summary, "fastest_ready": f_ready, "fastest_tasks": f_tasks,
             "ratio_ready_vs_fastest": pair(me, runs[f_ready], "ready_s") if f_ready else None,
-            "ratio_tasks_vs_fastest": pair(me, runs[f_tasks], "tasks_per_s") if f_tasks else None}
+            "ratio_tasks_vs_fastest": pair(me, runs[f_tasks], "tasks_per_s") if f_tasks else None,
+            "fastest_first_result": f_first,
+            "ratio_first_result_vs_fastest": (pair(me, runs[f_first], "first_result_s")
+                                              if f_first else None),
+            "ratio_ready_to_end_vs_slurmrunner": (pair(me, runs["slurmrunner"], "ready_to_end_s")
+                                                  if runs.get("slurmrunner") else None)}
 
 
 def section(args, setup, tmp: Path) -> dict:

@@ -29,7 +29,7 @@ def _cpu():
 def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float = 0,
                       memory: str = "1GiB", timeout: float = 180, env=None,
                       bench_client: bool = True, interface: str = "lo",
-                      worker_netns: list[str] | None = None) -> dict:
+                      worker_netns: list[str] | None = None, per_node: bool = False) -> dict:
     """Scheduler + n workers started with ``prefix`` (the hpcdask command), until n are ready.
 
     Returns ready_s, scheduler_s, join_cpu_s (scheduler CPU per join) and, with idle_s, the
@@ -37,7 +37,9 @@ def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float 
     another Python build, whose scheduler refuses the bench's client) the clock stops when
     ``PREFIX wait --workers n`` (the jobscripts' readiness check, started with the scheduler)
     returns, and only ready_s and scheduler_s are measured. With ``worker_netns`` the workers
-    are spread over those network namespaces (nodes) in turn, bound to ``interface`` there.
+    are spread over those network namespaces (nodes) in turn, bound to ``interface`` there;
+    with ``per_node`` as the jobscripts start them: one worker command per node, ``--nworkers``
+    its share (its processes fork from the node's warm server).
     """
     from hpcdask import connect
 
@@ -55,9 +57,12 @@ def schedfile_cluster(prefix: list, n: int, tmp: Path, what: str, idle_s: float 
              f"{timeout:.0f}s"], logfile, env=env)
         wait_file(f, procs, 120, f"{what} scheduler", logfile)
         t_sched = time.perf_counter() - t0
-        for i in range(n):
+        nodes = len(worker_netns) if per_node and worker_netns else n
+        for i in range(min(n, nodes)):
+            share = n // nodes + (i < n % nodes)  # processes of this command
             procs.append(spawn([*prefix, "worker", "--scheduler-file", f, "--interface", interface,
-                                "--nthreads", "1", "--memory-limit", memory, "--name", f"w{i}"],
+                                "--nthreads", "1", "--memory-limit", memory, "--name", f"w{i}",
+                                "--nworkers", str(share)],
                                logfile, env=env,
                                netns=worker_netns[i % len(worker_netns)] if worker_netns else None))
         if waiter is not None:

@@ -1,8 +1,8 @@
 """Section `scaling`: time to ready with 1 to 64 worker processes over the 3 nodes of the Slurm
 test cluster, against the model's prediction.
 
-Every worker is an `hpcdask worker` process (one thread, 256 MiB) from the bench's venv, TLS over
-the nodes' ib0: the scheduler and the bench's client in the first node's network namespace
+Every worker is a process of an `hpcdask worker --nworkers K` command (one thread, 256 MiB), one
+command per node as the jobscripts start them, from the bench's venv, TLS over the nodes' ib0: the scheduler and the bench's client in the first node's network namespace
 (scale_probe.py, run there), the workers spread over the nodes in turn. Slurm is not involved:
 this measures Dask's joins, not the batch system. The model (bench/model.py) is fitted on the
 first sizes (1-16) and its band for the larger ones (32, 64) is recorded in the results *before*
@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 def probe(nodes: list[str], n: int, tmp: Path, idle: float, timeout: float = 600) -> dict:
     """One measurement with n workers: scale_probe.py in the first node's namespace."""
     kw = {"n": n, "tmp": str(tmp), "what": f"scale{n}", "idle_s": idle, "memory": "256MiB",
-          "timeout": timeout, "interface": "ib0", "worker_netns": nodes}
+          "timeout": timeout, "interface": "ib0", "worker_netns": nodes, "per_node": True}
     proc = subprocess.run(["nsenter", f"--net=/run/netns/{nodes[0]}", sys.executable,
                            HERE / "scale_probe.py", json.dumps(kw)], capture_output=True,
                           text=True, timeout=timeout + 120, env=env_clean(), cwd=HERE)

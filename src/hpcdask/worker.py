@@ -71,6 +71,7 @@ def run_worker(spec: WorkerSpec) -> None:
     fork = warm.settings(gpus=bool(gpus))  # the node's worker processes fork from one warm server
     with dask.config.set({**preset, **blas, **fork}):
         warm.start()  # its imports run while this process waits for the scheduler's file
+        versions.identity()  # so does this role's identity (cached for the check against it)
         info = schedfile.wait(path, timeout)
         if host is None:
             # Started with its scheduler: a wrong interface that both share fails once, in the

@@ -158,7 +158,6 @@ def job_kwargs(
         # handling and quiet closed connections, nested joblib calls), and the nanny's.
         worker_extra_args=[*(a for m in nested.WORKER_PRELOAD for a in ("--preload", m)),
                            "--preload-nanny", "hpcdask.shutdown",
-                           "--preload-nanny", "hpcdask.warm",  # its processes fork: hpcdask.warm
                            *_lifetime_args(walltime),
                            *worker_http, *_gpu_args(gpus, kwargs),
                            *(worker_extra_args or [])],

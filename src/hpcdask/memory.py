@@ -58,17 +58,19 @@ def parse_bytes(text: str | int, option: str = "--memory-limit") -> int:
     return int(value)
 
 
-def headroom(alloc: Allocation, nworkers: int, nanny: int, batch_reserve: int) -> int:
-    """Bytes of the allocation that are not the workers': each worker's nanny process, and on the
-    batch node the scheduler and the client (at most half the allocation). The batch system
+def headroom(alloc: Allocation, nworkers: int, nanny: int, batch_reserve: int,
+             server: int = 0) -> int:
+    """Bytes of the allocation that are not the workers': each worker's nanny process, the
+    node's warm server (:mod:`hpcdask.warm`: what it imported, which its workers share), and on
+    the batch node the scheduler and the client (at most half the allocation). The batch system
     counts all of them against the job, so the workers' limits must leave this much free."""
     reserve = min(batch_reserve, alloc.memory // 2) if alloc.batch_node else 0
-    return reserve + nworkers * nanny
+    return reserve + nworkers * nanny + server
 
 
 def worker_sizing(nworkers: int, nthreads: int | None, memory_limit: str | int,
                   alloc: Allocation | None = None, nanny: int = 0,
-                  batch_reserve: int = 0) -> tuple[int, int]:
+                  batch_reserve: int = 0, server: int = 0) -> tuple[int, int]:
     """(threads, memory bytes) per worker process, from the allocation unless given.
 
     ``auto`` splits what the allocation leaves after :func:`headroom` between the workers.
@@ -80,11 +82,11 @@ def worker_sizing(nworkers: int, nthreads: int | None, memory_limit: str | int,
     alloc = alloc or batch.allocation()
     threads = nthreads or max(1, alloc.cpus // nworkers)
     if memory_limit in ("auto", None):
-        mem = (alloc.memory - headroom(alloc, nworkers, nanny, batch_reserve)) // nworkers
+        mem = (alloc.memory - headroom(alloc, nworkers, nanny, batch_reserve, server)) // nworkers
         if mem < 256 * 2**20:
             raise BadInput(
                 f"{alloc.memory // 2**20} MiB ({alloc.source}) leaves {max(mem, 0) // 2**20} MiB per "
-                f"worker after the nannies and the batch node's scheduler and client; ask for "
+                f"worker after the nannies, the warm server and the batch node's scheduler and client; ask for "
                 f"more memory (sbatch --mem) or fewer workers (HPCDASK_NWORKERS)")
     else:
         mem = parse_bytes(memory_limit)
@@ -138,9 +140,13 @@ def blas_config(cpus: int, nworkers: int, nthreads: int) -> dict[str, object]:
 
 
 def reserves() -> dict[str, int]:
-    """The configured headroom (hpcdask.nanny-memory, hpcdask.batch-node-reserve) in bytes."""
+    """The configured headroom (hpcdask.nanny-memory, hpcdask.batch-node-reserve, and
+    hpcdask.warm-server-memory when the workers fork from a warm server) in bytes."""
+    server = (parse_bytes(config.get("warm-server-memory"), "warm-server-memory")
+              if config.get("warm-workers") else 0)
     return {"nanny": parse_bytes(config.get("nanny-memory"), "nanny-memory"),
-            "batch_reserve": parse_bytes(config.get("batch-node-reserve"), "batch-node-reserve")}
+            "batch_reserve": parse_bytes(config.get("batch-node-reserve"), "batch-node-reserve"),
+            "server": server}
 
 
 def lifetime(job_end: float | None, margin: float, stagger: float,

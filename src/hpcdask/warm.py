@@ -81,18 +81,24 @@ def settings(gpus: bool = False) -> dict[str, object]:
     return {METHOD: "forkserver"}
 
 
-def start() -> None:
+def start(scratch=None) -> None:
     """Start this node's warm server now (when the nanny's workers fork from one), so that its
     imports overlap the worker command's wait for the scheduler and its identity check. It gets
-    the environment the nanny gives its workers before they start, as a spawned worker would."""
+    the environment the nanny gives its workers before they start, as a spawned worker would.
+
+    ``scratch``: the worker's private scratch folder, which hpcdask removes however the worker
+    ends; multiprocessing's own folder (the server's socket) goes there instead of a ``pymp-*``
+    folder in ``$TMPDIR``, which a worker killed at the job's end would leave behind."""
     if dask.config.get(METHOD) != "forkserver":
         return
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, process
 
     from distributed.nanny import _get_env_variables
 
     from hpcdask import shutdown
 
+    if scratch is not None:  # multiprocessing's folder, set as its get_temp_dir() would
+        process.current_process()._config.setdefault("tempdir", str(scratch))
     env = _get_env_variables("distributed.nanny.pre-spawn-environ")
     if env.get("PYTHONHASHSEED") in (None, "0"):
         env["PYTHONHASHSEED"] = "6640"  # the nanny's own rule: one hash seed on every worker

@@ -69,8 +69,8 @@ def run_worker(spec: WorkerSpec) -> None:
     path = Path(spec.scheduler_file).expanduser()
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
     fork = warm.settings(gpus=bool(gpus))  # the node's worker processes fork from one warm server
-    with dask.config.set({**preset, **blas, **fork}):
-        warm.start()  # its imports run while this process waits for the scheduler's file
+    with dask.config.set({**preset, **blas, **fork}), files.scratch(local_dir) as d, running_mark():
+        warm.start(d)  # its imports run while this process waits for the scheduler's file
         versions.identity()  # so does this role's identity (cached for the check against it)
         info = schedfile.wait(path, timeout)
         if host is None:
@@ -79,7 +79,6 @@ def run_worker(spec: WorkerSpec) -> None:
             host = netif.address_of(iface)
         sec = connection(info, path, spec.tls, "worker")
         http = servers.worker_http(config.get("dashboard", spec.dashboard))
-    with dask.config.set({**preset, **blas, **fork}), files.scratch(local_dir) as d, running_mark():
         asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
                                    d, life, spec.name, http, gpus))
 

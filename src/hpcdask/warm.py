@@ -199,14 +199,14 @@ def size_pools(environ=None) -> dict[str, int]:
 
 
 def dask_setup(worker=None) -> None:
-    """Preload hook. In a worker process: size the pools of a forked one, or import
-    ``hpcdask.worker-imports`` in one that had no warm server (GPU workers, a plain
-    ``dask worker``). In a nanny (dask-jobqueue's ``--preload-nanny``): fork its workers."""
+    """Worker preload hook: size the pools of a worker forked from the warm server, or import
+    ``hpcdask.worker-imports`` in one that had none (GPU workers, dask-jobqueue's worker jobs,
+    ``warm-workers: false``). Nothing in a nanny."""
     from distributed import Nanny
 
     if isinstance(worker, Nanny):
-        dask.config.set(settings())
-    elif preimported:
+        return
+    if preimported:
         size_pools()
     else:
         load(worker_imports())

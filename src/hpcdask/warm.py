@@ -10,9 +10,9 @@ node, the nanny's restarts of a killed worker included. The forked workers share
 pages, so the node's worker tree also needs less memory.
 
 Forking is safe only from a process that runs one thread. The nanny runs an event loop and
-threads, so it never forks itself; the server does, and it keeps to one thread: the BLAS and
-OpenMP pools and pyarrow's jemalloc, which start threads when they load, load with one thread
-and no background thread (:mod:`hpcdask.warmstart`), and each forked worker then sizes its pools
+threads, so it never forks itself; the server does, and it keeps to one thread: the BLAS pools
+and pyarrow's jemalloc, which start threads when they load, load with one thread and no
+background thread (:mod:`hpcdask.warmstart`), and each forked worker then sizes its BLAS pools
 from its environment (the nanny's ``pre-spawn-environ``, :func:`hpcdask.memory.blas_config`)
 in :func:`dask_setup`. The server ignores the batch system's signals (SIGTERM, USR1, USR2):
 it reports its workers' exits to their nannies, which stop and drain them; it ends when the
@@ -172,8 +172,9 @@ def _forked() -> None:
 
 
 def size_pools(environ=None) -> dict[str, int]:
-    """Size the BLAS and OpenMP pools, loaded with one thread in the server, as the worker's
-    environment asks (as they would have sized themselves when loading in a spawned worker)."""
+    """Size the BLAS pools, loaded with one thread in the server, as the worker's environment
+    asks (as they would have sized themselves when loading in a spawned worker). OpenMP's were
+    loaded with the worker's own OMP_NUM_THREADS."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
@@ -190,8 +191,7 @@ def size_pools(environ=None) -> dict[str, int]:
         return default
 
     limits = {"openblas": first("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"),
-              "mkl": first("MKL_NUM_THREADS", "OMP_NUM_THREADS"),
-              "openmp": first("OMP_NUM_THREADS")}
+              "mkl": first("MKL_NUM_THREADS", "OMP_NUM_THREADS")}
     pools = ThreadpoolController()
     for api, n in limits.items():
         pools.select(internal_api=api).limit(limits=n)

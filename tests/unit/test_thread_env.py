@@ -22,7 +22,7 @@ def test_a_users_setting_wins():
 
 
 def test_a_forked_worker_sizes_the_pools_it_loaded_with_one_thread():
-    """hpcdask.warm: the warm server loads BLAS/OpenMP with one thread; each forked worker then
+    """hpcdask.warm: the warm server loads the BLAS pools with one thread; each forked worker then
     sizes them as its environment (the nanny's pre-spawn-environ) says, as a spawned one would."""
     import os
 
@@ -32,9 +32,8 @@ def test_a_forked_worker_sizes_the_pools_it_loaded_with_one_thread():
     from hpcdask import warm
 
     with threadpool_limits(limits=1):
-        assert warm.size_pools({"OMP_NUM_THREADS": "2"}) == {"openblas": 2, "mkl": 2, "openmp": 2}
+        assert warm.size_pools({"OMP_NUM_THREADS": "2"}) == {"openblas": 2, "mkl": 2}
         assert {p["num_threads"] for p in threadpool_info()
                 if p["internal_api"] == "openblas"} == {2}
         cpus = len(os.sched_getaffinity(0))  # nothing set: the libraries' own default
-        assert warm.size_pools({"OPENBLAS_NUM_THREADS": "3"}) == {"openblas": 3, "mkl": cpus,
-                                                                  "openmp": cpus}
+        assert warm.size_pools({"OPENBLAS_NUM_THREADS": "3"}) == {"openblas": 3, "mkl": cpus}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from hpcdask import batch, config, connect, files, memory, netif, provenance, sif, versions
+from hpcdask import batch, config, connect, files, memory, netif, provenance, sif, versions, warm
 from hpcdask.errors import BadInput
 
 Lines = Iterator[tuple[str, bool]]  # (line, to stderr)
@@ -84,9 +84,9 @@ def preflight(interface: str | None, scheduler_file: Path | None, memory_limit: 
                                    what="scheduler file folder")
         yield f"ok scheduler file folder {folder}: private and writable"
     alloc = batch.allocation()
-    threads, mem = memory.worker_sizing(config.get("nworkers", nworkers), None,
-                                        config.get("memory-limit", memory_limit), alloc,
-                                        **memory.reserves())
+    n = config.get("nworkers", nworkers)
+    threads, mem = memory.worker_sizing(n, None, config.get("memory-limit", memory_limit), alloc,
+                                        **memory.reserves(server=warm.enabled(n)))
     if mem > alloc.memory:
         raise BadInput(f"memory limit {mem} B per worker exceeds this node's allocation "
                        f"({alloc.memory} B from {alloc.source}); lower --memory-limit")

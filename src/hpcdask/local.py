@@ -36,7 +36,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     try:
         # Its worker processes fork from one warm server too (a nanny's later restart spawns).
         with dask.config.set({**memory.blas_config(batch.allocation().cpus, n, threads),
-                              **warm.settings()}):
+                              **warm.settings(warm.enabled(n))}):
             warm.start()
             cluster = LocalCluster(local_directory=d, **kwargs)
     except BaseException:

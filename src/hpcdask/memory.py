@@ -139,11 +139,10 @@ def blas_config(cpus: int, nworkers: int, nthreads: int) -> dict[str, object]:
     return {key: {**dask.config.get(key, {}), **thread_env(cpus, nworkers, nthreads)}}
 
 
-def reserves() -> dict[str, int]:
-    """The configured headroom (hpcdask.nanny-memory, hpcdask.batch-node-reserve, and
-    hpcdask.warm-server-memory when the workers fork from a warm server) in bytes."""
-    server = (parse_bytes(config.get("warm-server-memory"), "warm-server-memory")
-              if config.get("warm-workers") else 0)
+def reserves(server: bool = False) -> dict[str, int]:
+    """The configured headroom (hpcdask.nanny-memory, hpcdask.batch-node-reserve, and with
+    ``server``, when the workers fork from a warm server, hpcdask.warm-server-memory) in bytes."""
+    server = parse_bytes(config.get("warm-server-memory"), "warm-server-memory") if server else 0
     return {"nanny": parse_bytes(config.get("nanny-memory"), "nanny-memory"),
             "batch_reserve": parse_bytes(config.get("batch-node-reserve"), "batch-node-reserve"),
             "server": server}

@@ -18,8 +18,10 @@ in :func:`dask_setup`. The server ignores the batch system's signals (SIGTERM, U
 it reports its workers' exits to their nannies, which stop and drain them; it ends when the
 nanny that started it does. Its workers get the default actions back when they are forked.
 
-GPU workers keep ``spawn``: each has its own ``CUDA_VISIBLE_DEVICES``, which must be set before
-CUDA loads, and CUDA does not survive a fork once it has been initialised.
+A command that starts one worker process keeps ``spawn`` (:func:`enabled`), and so do GPU
+workers: each has its own ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA loads, and
+CUDA does not survive a fork once it has been initialised. A spawned worker imports
+``worker-imports`` itself (:func:`dask_setup`), before it registers.
 """
 
 from __future__ import annotations
@@ -65,12 +67,20 @@ def worker_imports() -> list[str]:
     return mods
 
 
-def settings(gpus: bool = False) -> dict[str, object]:
+def enabled(nworkers: int, gpus: bool = False) -> bool:
+    """Whether a command's ``nworkers`` worker processes fork from a warm server: with more than
+    one (one interpreter start for the node instead of one per process). With one it would only
+    add a process that holds the imports, memory the job pays for, for no faster start; GPU
+    workers spawn (see above); ``warm-workers: false`` turns it off."""
+    return bool(config.get("warm-workers")) and not gpus and nworkers > 1
+
+
+def settings(warm: bool) -> dict[str, object]:
     """The Dask settings under which a nanny's worker processes fork from this node's warm
-    server (``spawn`` for GPU workers, see above). Call before the first worker starts."""
-    if gpus or not config.get("warm-workers"):
+    server (``warm``, from :func:`enabled`), or spawn. Call before the first worker starts."""
+    mods = worker_imports()  # checked on every path: spawned workers import the list too
+    if not warm:
         return {METHOD: "spawn"}
-    mods = worker_imports()
     multiprocessing.get_context("forkserver").set_forkserver_preload([_SERVER_PRELOAD])
     # distributed would otherwise set its own preload list the first time it asks for the
     # context, importing each of its optional packages in the nanny to find the ones installed.

@@ -59,16 +59,17 @@ def run_worker(spec: WorkerSpec) -> None:
         nworkers = len(gpus)  # one worker process per GPU
     alloc = batch.allocation()
     share = spec.node_share or nworkers  # worker processes on this node's allocation
+    forks = warm.enabled(nworkers, bool(gpus))  # they fork from one warm server
     threads, mem = memory.worker_sizing(share, config.get("nthreads", spec.nthreads),
                                         config.get("memory-limit", spec.memory_limit), alloc,
-                                        **memory.reserves())
+                                        **memory.reserves(server=forks))
     blas = memory.blas_config(alloc.cpus, share, threads)
     preset = memory.preset(config.get("memory-preset", spec.memory_preset))
     local_dir = files.local_directory(spec.local_directory)
     life = memory.worker_lifetime(spec.lifetime, spec.job_end)
     path = Path(spec.scheduler_file).expanduser()
     timeout = dask.utils.parse_timedelta(config.get("scheduler-file-timeout"))
-    fork = warm.settings(gpus=bool(gpus))  # the node's worker processes fork from one warm server
+    fork = warm.settings(forks)
     with dask.config.set({**preset, **blas, **fork}), files.scratch(local_dir) as d, running_mark():
         warm.start(d)  # its imports run while this process waits for the scheduler's file
         versions.identity()  # so does this role's identity (cached for the check against it)

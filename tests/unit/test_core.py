@@ -105,7 +105,7 @@ def test_worker_sizing_leaves_headroom_for_nannies_and_the_batch_nodes_roles(mon
     assert memory.worker_sizing(1, None, "auto", node1, nanny=160 * mib,
                                 batch_reserve=768 * mib) == (2, (4000 - 160 - 768) * mib)
     # The node's warm server (hpcdask.warm) once per node, whatever the number of workers.
-    assert memory.worker_sizing(2, None, "auto", alloc, **memory.reserves()) == (
+    assert memory.worker_sizing(2, None, "auto", alloc, **memory.reserves(server=True)) == (
         1, (4000 - 2 * 160 - 192) * mib // 2)
     small = batch.Allocation(cpus=1, memory=1000 * mib, source="slurm", batch_node=True)
     assert memory.worker_sizing(1, None, "auto", small, nanny=160 * mib,

@@ -123,20 +123,17 @@ def start(scratch=None) -> None:
             signal.signal(sig, handler)
 
 
-def load(modules: list[str]) -> list[str]:
+def load(modules: list[str]) -> None:
     """Import ``modules``; one warning line for each that fails, which is left out."""
-    failed = []
     for name in modules:
         if name in sys.modules:
             continue
         try:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 (a user's module may raise anything on import)
-            failed.append(name)
             logger.warning("hpcdask: worker-imports: %s did not import (%s: %s); the workers "
                            "start without it", name, type(e).__name__, str(e).splitlines()[0]
                            if str(e) else "")
-    return failed
 
 
 def threads() -> list[str]:
@@ -211,11 +208,7 @@ def size_pools(environ=None) -> dict[str, int]:
 def dask_setup(worker=None) -> None:
     """Worker preload hook: size the pools of a worker forked from the warm server, or import
     ``hpcdask.worker-imports`` in one that had none (GPU workers, dask-jobqueue's worker jobs,
-    ``warm-workers: false``). Nothing in a nanny."""
-    from distributed import Nanny
-
-    if isinstance(worker, Nanny):
-        return
+    ``warm-workers: false``)."""
     if preimported:
         size_pools()
     else:

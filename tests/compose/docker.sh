@@ -30,7 +30,7 @@ base_tag=hpcdask-base:${base##*/base-}
 key=$(
     cd "$repo"
     { echo "$base_tag"
-      find containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
+      find .dockerignore containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
           src tests/compose/docker.sh Makefile -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
           2>/dev/null | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -c1-16
 )
@@ -57,8 +57,12 @@ ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 [ -r "$ca" ] && args="$args --build-arg PIP_CERT=/dev/hpcdask-host-ca.crt"
 say "make docker DOCKER_BUILD_ARGS='$args'"
 t0=$(date +%s.%N)
-make -C "$repo" --no-print-directory docker DOCKER_BUILD_ARGS="$args" >&2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+make -C "$repo" --no-print-directory docker DOCKER_BUILD_ARGS="$args" 2>&1 | tee "$log" >&2
 build_s=$(elapsed "$t0")
+# What the classic builder sent the daemon (.dockerignore keeps it to the COPY inputs).
+context=$(tr '\r' '\n' <"$log" | sed -n 's/^Sending build context to Docker daemon *//p' | tail -1)
 size=$(docker image inspect --format '{{.Size}}' "$tag")
 say "built $tag in ${build_s} s, $((size / 1024 / 1024)) MiB"
 for old in $(docker images --format '{{.Repository}}:{{.Tag}}' hpcdask); do
@@ -67,6 +71,6 @@ for old in $(docker images --format '{{.Repository}}:{{.Tag}}' hpcdask); do
         docker rmi "$old" >/dev/null 2>&1 && say "removed $old" || true
     fi
 done
-printf '{"tag": "%s", "base": "%s", "base_import_s": %s, "build_s": %s, "size_bytes": %s}\n' \
-    "$tag" "$base_tag" "$import_s" "$build_s" "$size" >"$cache/docker-$key.json"
+printf '{"tag": "%s", "base": "%s", "base_import_s": %s, "build_s": %s, "size_bytes": %s, "context": "%s"}\n' \
+    "$tag" "$base_tag" "$import_s" "$build_s" "$size" "$context" >"$cache/docker-$key.json"
 echo "$tag"

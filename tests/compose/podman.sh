@@ -42,7 +42,7 @@ base_tag=localhost/hpcdask-base:${base##*/base-}
 key=$(
     cd "$repo"
     { echo "$base_tag"
-      find containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
+      find .dockerignore containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
           src tests/compose/podman.sh -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
           2>/dev/null | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -c1-16
 )

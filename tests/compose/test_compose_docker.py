@@ -140,6 +140,20 @@ def test_no_layer_holds_the_build_machines_files(engine, docker_image, tmp_path)
     assert found == [], found
 
 
+def test_the_build_is_sent_its_inputs_not_the_checkout(docker_image):
+    """.dockerignore keeps the venvs and the rest of the checkout out of the build context: the
+    classic builder sends the whole context to the daemon (the checkout with .venv and .venv-test
+    is 2.5 GB; sending it made the build 180 s instead of 105 s)."""
+    record = CACHE / f"docker-{docker_image.split(':')[-1]}.json"
+    sent = re.fullmatch(r"([\d.]+)([kMG]?B)", json.loads(record.read_text())["context"])
+    assert sent, record.read_text()
+    size, unit = sent.groups()
+    mib = float(size) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit] / 2**20  # docker: SI units
+    inputs = sum(f.stat().st_size for d in ("src", "containers") for f in (REPO / d).rglob("*")
+                 if f.is_file() and "__pycache__" not in f.parts)
+    assert mib < inputs / 2**20 + 5, f"{size}{unit} sent for {inputs / 2**20:.1f} MiB of inputs"
+
+
 def _pems(data: bytes) -> list[bytes]:
     return re.findall(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", data, re.S)
 

@@ -22,11 +22,11 @@ def test_worker_job_array_joins_the_scheduler_job_and_each_task_retires(slurm_cl
                                  wait=False, workdir=udir)
     jobs = [sched.job_id]
     try:
-        # Three tasks of one array, 2 min each: each retires ~60 s after its own start.
+        # Three tasks of one array, 1 min each: each retires ~25 s after its own start.
         arr = slurm_cluster.sbatch(jobscript(slurm_cluster, "dask-workers.sbatch"), "--array=1-3",
-                                   "--time=2", "--mem=1000M", f"--dependency=after:{sched.job_id}",
+                                   "--time=1", "--mem=1000M", f"--dependency=after:{sched.job_id}",
                                    wait=False, workdir=udir,
-                                   env={**env, "HPCDASK_LIFETIME_MARGIN": "59s",
+                                   env={**env, "HPCDASK_LIFETIME_MARGIN": "35s",
                                         "HPCDASK_LIFETIME_STAGGER": "1s"})
         jobs.append(arr.job_id)
         out = slurm_cluster.run(

@@ -26,6 +26,7 @@ CUDA does not survive a fork once it has been initialised. A spawned worker impo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -121,6 +122,17 @@ def start(scratch=None) -> None:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def stop() -> None:
+    """Stop this process's warm server, if it started one, and wait for it: it would otherwise
+    exit a moment after this process, on the end of its connection. Its socket file goes too.
+    (``ForkServer._stop``: the standard library's own stop, private, used by its tests.)"""
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
+        with contextlib.suppress(OSError):
+            forkserver._forkserver._stop()
 
 
 def load(modules: list[str]) -> None:

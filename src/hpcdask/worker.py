@@ -80,8 +80,11 @@ def run_worker(spec: WorkerSpec) -> None:
             host = netif.address_of(iface)
         sec = connection(info, path, spec.tls, "worker")
         http = servers.worker_http(config.get("dashboard", spec.dashboard))
-        asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
-                                   d, life, spec.name, http, gpus))
+        try:
+            asyncio.run(_serve_workers(info["address"], path, sec, host, nworkers, threads, mem,
+                                       d, life, spec.name, http, gpus))
+        finally:
+            warm.stop()  # nothing of this worker command outlives it
 
 
 @contextlib.contextmanager

@@ -49,6 +49,10 @@ class IdentityGuard(SchedulerPlugin):
         # Every nanny whose worker ever joined, kept after its worker left (killed for memory,
         # being restarted): at the cluster's end each is told to stop (scheduler.retire_all).
         self.nannies: set[str] = set()
+        # Nannies whose worker died (its comm broke: killed for memory, crashed): each may be
+        # starting a new worker process, which reads the cluster's credential files.
+        self.restarting: set[str] = set()
+        self._nanny_of: dict[str, str] = {}
         self.proven_clients: set[str] = set()
         self.refused_clients: dict[str, str] = {}  # client -> why its graphs are refused
 
@@ -152,6 +156,8 @@ class IdentityGuard(SchedulerPlugin):
         ws = scheduler.workers[worker]
         if ws.nanny:
             self.nannies.add(ws.nanny)
+            self._nanny_of[worker] = ws.nanny
+            self.restarting.discard(ws.nanny)
         # Out of scheduling before add_worker gets to schedule anything on it.
         self._held[worker] = ws.status.name
         scheduler.handle_worker_status_change(Status.paused, ws, "hpcdask-identity-unproven")
@@ -161,7 +167,10 @@ class IdentityGuard(SchedulerPlugin):
         else:
             asyncio.ensure_future(self._vet(scheduler, worker))
 
-    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+    def remove_worker(self, scheduler, worker: str, *, stimulus_id: str = "", **kwargs) -> None:
+        nanny = self._nanny_of.pop(worker, None)
+        if nanny and stimulus_id.startswith("handle-worker-cleanup"):
+            self.restarting.add(nanny)
         self._held.pop(worker, None)
         self.vetted.discard(worker)
 

@@ -133,7 +133,9 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
     deadline = loop.time() + timeout
     # Also the nannies whose worker left (killed for memory, being restarted): none may start a
     # worker again, and the credentials stay until every one of them has gone.
-    known = set().union(*[g.nannies for g in s.plugins.values() if isinstance(g, IdentityGuard)])
+    guards = [g for g in s.plugins.values() if isinstance(g, IdentityGuard)]
+    known = set().union(*[g.nannies for g in guards])
+    restarting = set().union(*[g.restarting for g in guards])
     try:
         nannies = sorted({ws.nanny for ws in s.workers.values() if ws.nanny} | known)
         plain = [addr for addr, ws in s.workers.items() if not ws.nanny]
@@ -148,17 +150,21 @@ async def retire_all(s: Scheduler, timeout: float = 30) -> None:
         # Let each worker close its own stream, so nothing is cut mid-read.
         while s.workers and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.wait_for(_gone(s, nannies), max(0.1, deadline - loop.time()))
+        await asyncio.wait_for(_gone(s, nannies, restarting), max(0.1, deadline - loop.time()))
     except asyncio.TimeoutError:
         logger.warning("hpcdask: workers did not stop within %ss; closing anyway", timeout)
     await s.close(reason="hpcdask-shutdown")
 
 
-async def _gone(s: Scheduler, nannies: list[str]) -> None:
+async def _gone(s: Scheduler, nannies: list[str], restarting: set[str] = frozenset()) -> None:
     """Until no nanny answers any more: it refuses (stopped), or did not answer three times in a
     row (its node is gone). One busy restarting its worker still answers, if slowly. All are
     asked at once: a gone node costs its 2 s timeouts once, not once per nanny (compose's stopped
-    containers, a time limit's short grace)."""
+    containers, a time limit's short grace).
+
+    A nanny stops listening before it stops the worker process it may be starting (after its
+    worker died), which reads the credential files the scheduler removes once this returns: one
+    of ``restarting`` that refuses is asked again, 2 s apart, three times (as a silent one)."""
     missed = dict.fromkeys(nannies, 0)
 
     async def ask(nanny: str) -> int:
@@ -166,7 +172,10 @@ async def _gone(s: Scheduler, nannies: list[str]) -> None:
             comm = await _connect_once(s, nanny, 2)
         except asyncio.TimeoutError:
             return missed[nanny] + 1
-        except OSError:  # refused: it has stopped
+        except OSError:  # refused: it has stopped (or is stopping the worker it starts)
+            if nanny in restarting:
+                await asyncio.sleep(2)
+                return missed[nanny] + 1
             return 3
         try:
             await asyncio.wait_for(send_recv(comm, op="identity"), 2)

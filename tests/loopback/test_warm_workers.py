@@ -90,8 +90,13 @@ def test_later_workers_and_restarts_are_forks_of_one_warm_server(tmp_path):
             assert _server_of(again) == server
             assert all(i["listed"] and i["cmdline"] == cmd for i in again), again
     finally:
-        stop(worker)
-        stop(sched)
+        t0 = time.perf_counter()
+        rc = stop(worker)
+        t1 = time.perf_counter()
+        src = stop(sched)
+        # Shown with -s (one run in CI took 37 s instead of 6-8 s: a stop at its 30 s timeout?)
+        print(f"worker command stop {t1 - t0:.1f}s (exit {rc}), "
+              f"scheduler stop {time.perf_counter() - t1:.1f}s (exit {src})")
     assert not Path(f"/proc/{server}").exists(), "the warm server outlived its worker command"
     log = (tmp_path / "worker.log").read_text()
     missing = [ln for ln in log.splitlines() if MISSING in ln]

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import dask.utils
 from distributed import Scheduler
-from distributed.core import Status
 from distributed.comm import Comm, parse_address, registry
-from distributed.core import send_recv
+from distributed.core import Status, send_recv
 from distributed.security import Security
 
 from hpcdask import batch, config, drain, netif, schedfile, security, servers, signals

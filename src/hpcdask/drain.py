@@ -53,7 +53,7 @@ async def drain(nannies, why: str, limit: float | None = None) -> dict[str, bool
     t0 = time.monotonic()
     try:
         retired = await asyncio.wait_for(sched.retire_workers(
-            workers=list(addrs), close_workers=True, remove=True,
+            workers=list(addrs), close_workers=False, remove=False,
             stimulus_id=f"hpcdask-drain-{time.time()}"), limit)
     except asyncio.TimeoutError:
         reason = f"the drain timeout ({limit:g}s) passed"

@@ -53,6 +53,7 @@ class IdentityGuard(SchedulerPlugin):
         # starting a new worker process, which reads the cluster's credential files.
         self.restarting: set[str] = set()
         self._nanny_of: dict[str, str] = {}
+        self._retired: set[str] = set()  # workers retired (drained): their nanny stops, not restarts
         self.proven_clients: set[str] = set()
         self.refused_clients: dict[str, str] = {}  # client -> why its graphs are refused
 
@@ -169,10 +170,21 @@ class IdentityGuard(SchedulerPlugin):
 
     def remove_worker(self, scheduler, worker: str, *, stimulus_id: str = "", **kwargs) -> None:
         nanny = self._nanny_of.pop(worker, None)
-        if nanny and stimulus_id.startswith("handle-worker-cleanup"):
+        retired = worker in self._retired
+        self._retired.discard(worker)
+        if nanny and stimulus_id.startswith("handle-worker-cleanup") and not retired:
             self.restarting.add(nanny)
         self._held.pop(worker, None)
         self.vetted.discard(worker)
+
+    def log_event(self, topic: str, msg) -> None:
+        # A drained worker (retire_workers, hpcdask/drain.py) leaves through the same stream end
+        # as a dead one; its status change to closing_gracefully tells them apart.
+        if isinstance(msg, dict) and msg.get("action") == "worker-status-change":
+            if msg.get("status") == "closing_gracefully":
+                self._retired.add(topic)
+            elif msg.get("status") in ("running", "paused"):  # a retirement that gave up
+                self._retired.discard(topic)
 
     async def _vet(self, scheduler, worker: str) -> None:
         from distributed.protocol.pickle import dumps

@@ -25,6 +25,7 @@ from hpcdask import (batch, config, drain, files, gpu, memory, nested, netif, sc
 from hpcdask.connect import connection, refuse_if_different, scheduler_identity
 
 logger = logging.getLogger("hpcdask")
+CLOSE_TIMEOUT = 3  # seconds a stopping worker process gets before its nanny kills it
 
 
 @dataclass
@@ -146,7 +147,8 @@ async def _serve_workers(address, path, sec, host, nworkers, threads, mem, local
         # Hand the results over first (bounded by hpcdask.drain-timeout), then close in seconds:
         # the batch system's KillWait (or GraceTime) follows, and the scratch must go first.
         await drain.drain(nannies, why)
-        await asyncio.gather(*[n.close(timeout=3) for n in nannies], return_exceptions=True)
+        await asyncio.gather(*[n.close(timeout=CLOSE_TIMEOUT) for n in nannies],
+                             return_exceptions=True)
 
 
 def _gpu_kwargs(i: int, gpus) -> dict[str, Any]:

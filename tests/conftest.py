@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from testcluster import fixtures
 from testcluster.fixtures import image, job_env, sif, slurm_cluster, udir  # noqa: F401
 from testcluster.sge_fixtures import sge_cluster, sge_env, sge_udir  # noqa: F401
 
@@ -44,3 +45,11 @@ def pytest_configure(config):
 
     roots = [config.rootpath / p for p in config.getini("testpaths")]
     config.pluginmanager.register(CIGuard(roots, REQUIRED), "hpcdask-ci-guard")
+
+
+def pytest_collection_finish(session):
+    fixtures.prebuild(session.items)  # the SIF builds while the first tests run
+
+
+def pytest_sessionfinish(session):
+    fixtures.end_prebuild()

@@ -44,6 +44,14 @@ if [ -e "$dest.done" ] && [ -d "$dest" ]; then
 fi
 
 mkdir -p "$cache"
+# One build at a time (the test image, podman's and Docker's bases may be asked for at once).
+exec 8>"$cache/.base.lock"
+flock 8
+if [ -e "$dest.done" ] && [ -d "$dest" ]; then
+    say "reusing $dest (built meanwhile)"
+    echo "$dest"
+    exit 0
+fi
 tmp=$(mktemp -d "$cache/.base-$key.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,13 +24,56 @@ import pytest
 from testcluster.cluster import REPO, ClusterError, SlurmCluster, cluster_sh, exports
 
 
+# The SIF build started at the session's start (prebuild), while the first tests run.
+_BACKGROUND: list[subprocess.Popen] = []
+
+
+def _build_cmd(module: str) -> tuple[list[str], dict[str, str]]:
+    return ([sys.executable, "-m", f"imagebuild.{module}", "build"],
+            {**os.environ, "PYTHONPATH": str(REPO / "containers")})
+
+
+def prebuild(items) -> None:
+    """Start building the SIF (and its sandbox) in the background when the session's tests will
+    need it: the first ones in order (tests/compose) wait for podman's and Docker's builds of the
+    same lock, each of which keeps about one of two cores busy (podman's: 152 s of CPU in 140 s),
+    so the builds overlap instead of following each other. ``_built`` waits for it, then reuses its
+    result (or builds again, failing as before)."""
+    if _BACKGROUND or not any({"sif", "image"} & set(item.fixturenames) for item in items):
+        return
+    cmd, env = _build_cmd("sif")
+    _BACKGROUND.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True))
+
+
+def end_prebuild() -> None:
+    """At the session's end: a build nobody waited for (every test that needed it deselected or
+    interrupted) is stopped, never left running."""
+    while _BACKGROUND:
+        proc = _BACKGROUND.pop()
+        if proc.poll() is None:  # the build and its helpers (bwrap, pip, mksquashfs): one group
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def _built(module: str, what: str, ok) -> Path:
     """``python -m imagebuild.MODULE build`` (cached): the path it prints last, checked by OK.
     Fails, never skips, when nothing is built: these tests run in CI."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "containers")}
+    while _BACKGROUND:  # its result lands in the cache, which the build below then reuses
+        try:
+            _BACKGROUND[0].wait(3600)
+        except subprocess.TimeoutExpired:
+            pass
+        _BACKGROUND.pop(0)
+    cmd, env = _build_cmd(module)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", f"imagebuild.{module}", "build"], env=env, cwd=REPO,
+            cmd, env=env, cwd=REPO,
             capture_output=True, text=True, timeout=3600, check=False, stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:

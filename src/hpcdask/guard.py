@@ -172,7 +172,12 @@ class IdentityGuard(SchedulerPlugin):
         nanny = self._nanny_of.pop(worker, None)
         retired = worker in self._retired
         self._retired.discard(worker)
-        if nanny and stimulus_id.startswith("handle-worker-cleanup") and not retired:
+        if nanny and retired:
+            # Retired, then closed: its nanny closes after it (Worker.close tells it to, and
+            # hpcdask worker closes its own). Asking a gone nanny to stop costs the scheduler's
+            # stop seconds per nanny when its host has gone too (compose stops the workers first).
+            self.nannies.discard(nanny)
+        elif nanny and stimulus_id.startswith("handle-worker-cleanup"):
             self.restarting.add(nanny)
         self._held.pop(worker, None)
         self.vetted.discard(worker)

@@ -522,7 +522,7 @@ def test_a_dead_node_does_not_hold_the_job(slurm_cluster, job_env, udir):
     instead of waiting until Slurm declares the node down (then CANCELLED, NODE FAIL: the job
     and the worker step run with --no-kill)."""
     (udir / "map.py").write_text(NODE_LOSS_SCRIPT)
-    stop_timeout = 20
+    stop_timeout = 10
     env = {**job_env, "HPCDASK_STOP_TIMEOUT": str(stop_timeout)}
     job = submit(slurm_cluster, jobscript(slurm_cluster, "dask-cluster.sbatch"),
                  ["-N3", "--mem=1500M", "--time=10"], ["map.py"], env, udir, wait=False)

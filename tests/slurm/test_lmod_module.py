@@ -115,8 +115,9 @@ def test_bad_module_inputs_are_one_line_errors(slurm_cluster, job_env, udir):
     cases = [
         (["--image", "missing.sif", "--prefix", str(udir / "m1")],
          "image missing.sif does not exist", udir / "m1"),
-        (["--image", image.name, "--prefix", "/var/cache/hpcdask-test/m2"],
-         "cannot write in --prefix /var/cache/hpcdask-test/m2", None),
+        # The image's own folder (the test cache: root's, read-only to the user).
+        (["--image", image.name, "--prefix", str(image.parent / "m2")],
+         f"cannot write in --prefix {image.parent / 'm2'}", None),
         (["--image", image.name, "--prefix", str(udir / "m3"), "--version", "1/2"],
          "--version '1/2' is not a module name part", udir / "m3"),
     ]

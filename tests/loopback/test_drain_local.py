@@ -153,6 +153,35 @@ def test_a_signalled_worker_hands_its_results_over_and_nothing_is_recomputed(tmp
     no_noise(tmp_path / "a.log", tmp_path / "b.log", tmp_path / "s.log")
 
 
+def test_a_drained_workers_nanny_is_forgotten_not_taken_for_a_restarting_one(tmp_path):
+    """A worker command that drained on SIGTERM leaves in order, its nanny with it: the scheduler
+    neither waits for that nanny as a restarting one nor asks it to stop at its end (under Compose
+    its container is gone by then); the other worker's nanny stays known."""
+    def _guard_view(dask_scheduler):  # defined here: sent to the scheduler by value
+        from hpcdask.guard import IdentityGuard
+
+        g = next(p for p in dask_scheduler.plugins.values() if isinstance(p, IdentityGuard))
+        return sorted(g.nannies), sorted(g.restarting)
+
+    sched, path, a, b = two_workers(tmp_path)
+    try:
+        with connect.connect(path, check=False) as c:
+            nanny = {info["name"]: info["nanny"]
+                     for info in c.scheduler_info()["workers"].values()}
+            assert sorted(c.run_on_scheduler(_guard_view)[0]) == sorted(nanny.values())
+            os.killpg(a.pid, signal.SIGTERM)
+            assert finish(a) == 0
+            deadline = time.time() + 30
+            while len(c.scheduler_info()["workers"]) != 1:
+                assert time.time() < deadline, c.scheduler_info()["workers"]
+                time.sleep(0.1)
+            assert tuple(c.run_on_scheduler(_guard_view)) == ([nanny["b"]], [])
+    finally:
+        kill(a, b, sched)
+    assert " drained in " in (tmp_path / "a.log").read_text()
+    no_noise(tmp_path / "a.log", tmp_path / "b.log", tmp_path / "s.log")
+
+
 def test_a_worker_with_nowhere_to_drain_says_what_was_lost_and_it_is_recomputed(tmp_path):
     sched, path = scheduler(tmp_path)
     a = worker(path, tmp_path / "a.log", "a")

@@ -51,25 +51,28 @@ def end_prebuild() -> None:
     """At the session's end: a build nobody waited for (every test that needed it deselected or
     interrupted) is stopped, never left running."""
     while _BACKGROUND:
-        proc = _BACKGROUND.pop()
-        if proc.poll() is None:  # the build and its helpers (bwrap, pip, mksquashfs): one group
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop(_BACKGROUND.pop())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:  # the build and its helpers (bwrap, pip, mksquashfs): one group
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _built(module: str, what: str, ok) -> Path:
     """``python -m imagebuild.MODULE build`` (cached): the path it prints last, checked by OK.
     Fails, never skips, when nothing is built: these tests run in CI."""
     while _BACKGROUND:  # its result lands in the cache, which the build below then reuses
+        proc = _BACKGROUND.pop()
         try:
-            _BACKGROUND[0].wait(3600)
-        except subprocess.TimeoutExpired:
-            pass
-        _BACKGROUND.pop(0)
+            proc.wait(3600)
+        except subprocess.TimeoutExpired:  # never left running beside the build below
+            _stop(proc)
     cmd, env = _build_cmd(module)
     try:
         proc = subprocess.run(

@@ -23,11 +23,11 @@ IMAGEBUILD := PYTHONPATH=$(CURDIR)/containers
 LOGIN_AS := $(if $(filter default undefined,$(origin AS)),hpcuser,$(AS))
 CMD ?=
 
-.PHONY: help run test test-unit docs lock venv sif docker image compose-test cluster-up cluster-down \
+.PHONY: help run test test-unit docs lock venv sif sif-check docker image compose-test cluster-up cluster-down \
         cluster-env cluster-login cluster-deps host-deps bench clean
 
 help:
-	@echo "make run | test | test-unit | docs | lock | sif | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
+	@echo "make run | test | test-unit | docs | lock | sif | sif-check | docker | image | compose-test | cluster-up | cluster-down | cluster-env | bench | clean"
 	@echo "make cluster-login [CMD='squeue'] [AS=otheruser]   (BATCH=slurm|sge selects the test cluster's batch system)"
 
 # --- environments -----------------------------------------------------------------------------
@@ -97,22 +97,31 @@ lock:
 # (debootstrap + the def's sections, containers/imagebuild/image.py) assembled into a SIF like
 # Apptainer's builder does (containers/imagebuild/sif.py: mksquashfs + siftool; needs root).
 # Says which path it took.
+# Reproducible: SOURCE_DATE_EPOCH (every time the image records) is the last commit touching
+# containers/, src/ or pyproject.toml unless set (`python -m imagebuild.image epoch` prints it).
+# `make sif-check SIF=path` rebuilds in a fresh cache and says whether SIF is byte-identical.
+IMAGE_EPOCH = $${SOURCE_DATE_EPOCH:-$$($(IMAGEBUILD) $(PYTHON) -m imagebuild.image epoch)}
 sif:
 	@a=$$(command -v apptainer || true); \
 	if [ -n "$$a" ] && ! grep -q 'bubblewrap test runner' "$$a" 2>/dev/null; then \
 	    echo "make sif: building with Apptainer ($$a): apptainer build dask.sif containers/dask.def"; \
-	    apptainer build dask.sif containers/dask.def; \
+	    SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) apptainer build dask.sif containers/dask.def; \
 	else \
 	    echo "make sif: no Apptainer on PATH: debootstrap root filesystem + the def's sections, assembled into a SIF with mksquashfs and siftool (containers/imagebuild/sif.py)"; \
 	    $(IMAGEBUILD) $(PYTHON) -m imagebuild.sif build --out dask.sif; \
 	fi
+
+SIF ?= dask.sif
+sif-check:
+	$(IMAGEBUILD) $(PYTHON) -m imagebuild.sif check $(SIF)
 
 # DOCKER_BUILD_ARGS: more `docker build` options, e.g. where no registry is reachable a local
 # base (--build-arg BASE_IMAGE=..., as tests/compose/docker.sh does) or --network host.
 DOCKER_BUILD_ARGS ?=
 docker:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make docker: no running Docker engine; start one, or use podman: bash tests/compose/podman.sh build" >&2; exit 2; }
-	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) -t hpcdask:latest $(DOCKER_BUILD_ARGS) .
+	docker build -f containers/Dockerfile --build-arg LOCK_SHA256=$$(sha256sum $(LOCK) | cut -d' ' -f1) \
+	    --build-arg SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) -t hpcdask:latest $(DOCKER_BUILD_ARGS) .
 
 image: $(TVENV)/.done
 	$(IMAGEBUILD) $(TVENV)/bin/python -m imagebuild.image build

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import rig
-from common import REPO, RUNNER, Skip, env_clean, log
+from common import RUNNER, Skip, env_clean, log
 
 # Images the bench runs from, hard links of containers/imagebuild/image.py's cache (outside the repo).
 BENCH_CACHE = Path(os.environ.get("HPCDASK_BENCH_CACHE", "/var/cache/hpcdask-bench"))
@@ -109,8 +109,7 @@ class Setup:
         t0 = time.perf_counter()
         cache = imagepy.DEFAULT_CACHE
         base = imagepy.build_base(cache)
-        key = imagepy.input_key(imagepy.parse_def(imagepy.DEFFILE.read_text()), imagepy.DEFFILE,
-                                base, REPO)[:16]
+        key, _ = imagepy.image_key(base)
         mine = BENCH_CACHE / f"image-{key}"
         shared = cache / f"image-{key}"
         info = {"key": key, "current_sources": True}

@@ -11,7 +11,10 @@
 #   HPCDASK_BUILD    folder holding the inputs above (removed at the end)
 #   PIP_CERT         CA bundle for pip, when the registry is reached through a re-signing proxy;
 #                    pip reads it itself, like every other PIP_* variable.
-#   SOURCE_DATE_EPOCH  when set, the "built" time of image.json (reproducible builds)
+#   SOURCE_DATE_EPOCH  the "built" time of image.json; fontconfig's caches honour it too. The
+#                    builders set it from the inputs' last commit (reproducible builds: every
+#                    .pyc is hash-based, build logs and caches are removed, file times are set
+#                    by mksquashfs / podman --timestamp).
 set -euo pipefail
 
 step() { echo "+++ install.sh: $*"; }
@@ -32,6 +35,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates graphviz libmpich12
 python3 --version
+# From here on no Python run of the build writes a .pyc: the bytecode step below writes every one,
+# hash-based. (Not before: Debian's packages compile their own modules while they install.)
+export PYTHONDONTWRITEBYTECODE=1
 # MPICH's ABI under its upstream name: mpi4py's wheel links libmpi.so.12 (the MPICH ABI soname,
 # as MPICH, Intel MPI, Cray MPICH and MVAPICH ship it); Debian names the same library
 # libmpich.so.12. The ranks are started by the host's srun --mpi=pmi2, which MPICH's PMI
@@ -49,7 +55,7 @@ python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip --no-cache-dir --disable-pip-version-check --no-input)
 
 step "runtime from the lock (--require-hashes --no-deps): $(grep -cE '^[A-Za-z0-9]' "$lock") packages"
-"${pip[@]}" install --require-hashes --no-deps -r "$lock"
+"${pip[@]}" install --no-compile --require-hashes --no-deps -r "$lock"
 
 step "hpcdask itself (--no-deps --no-build-isolation --no-index)"
 # Built from a copy: the build writes build/ and *.egg-info/ next to the sources. A fixed path,
@@ -57,7 +63,7 @@ step "hpcdask itself (--no-deps --no-build-isolation --no-index)"
 src=/tmp/hpcdask-src
 rm -rf "$src" && mkdir "$src"
 cp -r "$build/pyproject.toml" "$build/src" "$src/"
-"${pip[@]}" install --no-deps --no-build-isolation --no-index "$src"
+"${pip[@]}" install --no-compile --no-deps --no-build-isolation --no-index "$src"
 rm -rf "$src"
 
 step "consistency: pip check"
@@ -87,8 +93,44 @@ EOF
 # Every Client in the image proves its identity to the scheduler (hpcdask/proof.py).
 install -m 0644 "$build/src/hpcdask/etc/hpcdask-client.yaml" "$prefix/etc/dask/hpcdask-client.yaml"
 
-step "clean up: apt lists and caches, build inputs"
+step "bytecode: every .pyc of the image hash-based (unchecked), compiled in one deterministic pass"
+# Timestamp-based .pyc record their source's mtime: pip's the install time (so two builds
+# differ), Debian's the package's, which no longer matches once the builder sets every file time
+# to SOURCE_DATE_EPOCH (Python would then recompile those modules in memory at every start of the
+# read-only image). An unchecked-hash .pyc records neither and is not checked against its source:
+# the image never changes. PYTHONHASHSEED=0 and sorted paths make the marshalled code the same on
+# every build.
+PYTHONHASHSEED=0 "$venv/bin/python" - "$venv" <<'EOF'
+import glob, importlib.util, os, py_compile, sys, sysconfig
+mode, tag = py_compile.PycInvalidationMode.UNCHECKED_HASH, sys.implementation.cache_tag
+done = failed = 0
+def compile_one(src, opt):
+    global done, failed
+    cfile = importlib.util.cache_from_source(src, optimization="" if opt < 1 else opt)
+    try:
+        py_compile.compile(src, cfile=cfile, doraise=True, invalidation_mode=mode, optimize=opt)
+        done += 1
+    except (py_compile.PyCompileError, SyntaxError, UnicodeDecodeError, ValueError):
+        failed += 1  # as pip: a file that does not compile (a template, py2 code) gets no .pyc
+# The venv: every module (pip ran with --no-compile).
+for src in sorted(glob.glob(f"{sys.argv[1]}/lib/python*/site-packages/**/*.py", recursive=True)):
+    compile_one(src, -1)
+# Debian's Python: the .pyc its packages' postinst wrote (py3compile), rewritten in place.
+for root in (sysconfig.get_path("stdlib"), "/usr/lib/python3/dist-packages"):
+    for pyc in sorted(glob.glob(f"{root}/**/__pycache__/*.{tag}*.pyc", recursive=True)):
+        parts = os.path.basename(pyc).split(".")
+        src = os.path.join(os.path.dirname(os.path.dirname(pyc)), parts[0] + ".py")
+        if os.path.isfile(src):
+            compile_one(src, int(parts[2][4:]) if parts[2].startswith("opt-") else -1)
+print(f"compiled {done} modules (unchecked-hash); {failed} not compilable")
+EOF
+
+step "clean up: apt lists and caches, build logs, build inputs"
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /root/.cache "$build"
+# What records when the image was built, not what it holds (reproducible builds): ldconfig's
+# auxiliary cache (ld.so.cache stays) and the package managers' logs.
+rm -f /var/cache/ldconfig/aux-cache /var/log/dpkg.log /var/log/alternatives.log /var/log/bootstrap.log
+rm -rf /var/log/apt/*
 
 step "done: $("$venv/bin/python" -c 'import dask, distributed, sklearn; print("dask", dask.__version__, "distributed", distributed.__version__, "scikit-learn", sklearn.__version__)')"

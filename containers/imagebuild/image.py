@@ -62,6 +62,10 @@ class BuildError(RuntimeError):
     """A build step failed; the message names the step and what to do."""
 
 
+class BadInput(BuildError):
+    """A bad argument or setting: one line naming it and the fix; exit code 2."""
+
+
 @dataclass
 class Section:
     name: str
@@ -161,18 +165,62 @@ def _walk(path: Path) -> list[Path]:
     return out
 
 
-def input_key(defn: Definition, def_path: Path, base: Path, context: Path) -> str:
-    """sha256 over the base's name, the def and every %files source (paths and contents)."""
-    h = hashlib.sha256()
-    h.update(base.name.encode() + b"\0")
-    h.update(def_path.read_bytes() + b"\0")
+def input_files(defn: Definition, def_path: Path, context: Path) -> list[Path]:
+    """The def and every file of its %files sources."""
+    out = [def_path]
     for src, dst in defn.files:
         p = context / src
         if not p.exists():
             raise BuildError(f"%files source {src} (for {dst}) is missing in {context}")
-        for f in _walk(p):
-            h.update(str(f.relative_to(context)).encode() + b"\0" + f.read_bytes() + b"\0")
+        out += _walk(p)
+    return out
+
+
+# What both recipes (dask.def, Dockerfile) are made from: the last commit touching these is the
+# image's time (SOURCE_DATE_EPOCH).
+RECIPE_INPUTS = ("containers", "src", "pyproject.toml")
+
+
+def source_date_epoch(defn: Definition, def_path: Path, context: Path) -> int:
+    """The build's time (reproducible builds' SOURCE_DATE_EPOCH): the environment's when set, else
+    the commit time of the last commit touching the recipes' inputs (:data:`RECIPE_INPUTS`), else
+    (not a git checkout) the newest mtime of the def and its %files sources. Every time the image
+    records is this one."""
+    env = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if env:
+        if not env.isdigit():
+            raise BadInput(f"SOURCE_DATE_EPOCH={env!r} is not a number of seconds since 1970: "
+                             "unset it (the inputs' last commit is used) or give e.g. "
+                             "SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)")
+        return int(env)
+    try:
+        out = subprocess.run(["git", "-C", str(context), "log", "-1", "--format=%ct", "--",
+                              *RECIPE_INPUTS], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip().isdigit():
+            return int(out.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return max(int(f.stat().st_mtime) for f in input_files(defn, def_path, context))
+
+
+def input_key(defn: Definition, def_path: Path, base: Path, context: Path, epoch: int) -> str:
+    """sha256 over the base's name, the build's time, the builder's own code, the def and every
+    %files source (paths and contents)."""
+    h = hashlib.sha256()
+    h.update(base.name.encode() + b"\0" + str(epoch).encode() + b"\0")
+    for builder in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(builder.name.encode() + b"\0" + builder.read_bytes() + b"\0")
+    for f in input_files(defn, def_path, context):
+        name = str(f.relative_to(context)) if f.is_relative_to(context) else f.name
+        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def image_key(base: Path, def_path: Path = DEFFILE, context: Path = REPO) -> tuple[str, int]:
+    """The cache key of the image ``def_path`` builds on ``base`` and its SOURCE_DATE_EPOCH."""
+    defn = parse_def(def_path.read_text())
+    epoch = source_date_epoch(defn, def_path, context)
+    return input_key(defn, def_path, base, context, epoch)[:16], epoch
 
 
 def build_base(cache: Path) -> Path:
@@ -225,7 +273,7 @@ def bwrap_build(rootfs: Path, argv: list[str], env: dict[str, str], ro_binds: li
         raise BuildError(f"{' '.join(argv[:3])}... failed in the rootfs (exit {proc.returncode})")
 
 
-def singularity_d(rootfs: Path, defn: Definition, dynamic_labels: dict[str, str]) -> None:
+def singularity_d(rootfs: Path, defn: Definition, dynamic_labels: dict[str, str], epoch: int) -> None:
     sd = rootfs / ".singularity.d"
     for sub in ("env", "actions", "libs"):
         (sd / sub).mkdir(parents=True, exist_ok=True)
@@ -264,7 +312,8 @@ def singularity_d(rootfs: Path, defn: Definition, dynamic_labels: dict[str, str]
     labels = {
         "org.label-schema.build-arch": {"x86_64": "amd64", "aarch64": "arm64"}.get(
             platform.machine(), platform.machine()),
-        "org.label-schema.build-date": datetime.datetime.now(datetime.UTC).strftime(
+        # Apptainer's format; the time is SOURCE_DATE_EPOCH's, not the builder's clock.
+        "org.label-schema.build-date": datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime(
             "%A_%d_%B_%Y_%H:%M:%S_%Z"),
         "org.label-schema.schema-version": "1.0",
         "org.label-schema.usage": "/.singularity.d/runscript.help",
@@ -304,15 +353,17 @@ def prune(cache: Path, keep: int) -> None:
         shutil.rmtree(img, ignore_errors=True)
 
 
-def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path = REPO) -> Path:
-    """Build (or reuse) the sandbox image of ``def_path`` and return its path."""
+def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path = REPO,
+          base_cache: Path | None = None) -> Path:
+    """Build (or reuse) the sandbox image of ``def_path`` and return its path. ``base_cache``:
+    where the base is found or made (default: ``cache``)."""
     require_tools()
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".image.lock", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
         defn = parse_def(def_path.read_text())
-        base = build_base(cache)
-        key = input_key(defn, def_path, base, context)[:16]
+        base = build_base(base_cache or cache)
+        key, epoch = image_key(base, def_path, context)
         dest = cache / f"image-{key}"
         done = cache / f"image-{key}.json"
         if dest.is_dir() and done.exists():
@@ -338,8 +389,7 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
                 "APPTAINER_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
                 "SINGULARITY_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
             }
-            if os.environ.get("SOURCE_DATE_EPOCH"):  # reproducible builds: install.sh uses it
-                env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+            env["SOURCE_DATE_EPOCH"] = str(epoch)  # reproducible builds: install.sh, fc-cache
             ro_binds = []
             ca = os.environ.get("PIP_CERT") or (str(HOST_CA) if HOST_CA.exists() else "")
             if ca:
@@ -372,13 +422,13 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
                     m = m.parent
             dynamic = read_labels(labels_file)
             labels_file.unlink()
-            singularity_d(rootfs, defn, dynamic)
+            singularity_d(rootfs, defn, dynamic, epoch)
             seconds = time.monotonic() - t0
             if dest.exists():
                 shutil.rmtree(dest)
             rootfs.rename(dest)
             done.write_text(json.dumps({"key": key, "base": str(base), "seconds": round(seconds, 1),
-                                        "def": str(def_path)}) + "\n")
+                                        "def": str(def_path), "source_date_epoch": epoch}) + "\n")
             log(f"built {dest} in {seconds:.0f} s")
             prune(cache, keep=KEEP_IMAGES)
             return dest
@@ -400,15 +450,22 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build or reuse the sandbox image; print its path")
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (outside the repo)")
     b.add_argument("--def", dest="def_path", type=Path, default=DEFFILE)
+    sub.add_parser("epoch", help="print the SOURCE_DATE_EPOCH the builds use (make sif, make docker)")
     t = sub.add_parser("test", help="run the image's %%test through tests/testcluster/bin/apptainer")
     t.add_argument("image", type=Path)
     t.add_argument("--bind", "-B", action="append", default=[])
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "epoch":
+            print(source_date_epoch(parse_def(DEFFILE.read_text()), DEFFILE, REPO))
+            return 0
         if args.cmd == "build":
             print(build(args.cache, args.def_path))
             return 0
         return run_test(args.image, args.bind)
+    except BadInput as e:
+        log(f"error: {e}")
+        return 2
     except BuildError as e:
         log(f"error: {e}")
         return 1

@@ -27,9 +27,11 @@ docker info >/dev/null 2>&1 || { say "no Docker engine answers at ${DOCKER_HOST:
 
 base=$(bash "$repo/containers/imagebuild/base.sh" "$cache")
 base_tag=hpcdask-base:${base##*/base-}
+# The image's time, as make docker gives it (reproducible builds: SOURCE_DATE_EPOCH).
+epoch=${SOURCE_DATE_EPOCH:-$(PYTHONPATH="$repo/containers" python3 -m imagebuild.image epoch)}
 key=$(
     cd "$repo"
-    { echo "$base_tag"
+    { echo "$base_tag $epoch"
       find .dockerignore containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
           src tests/compose/docker.sh Makefile -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
           2>/dev/null | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -c1-16

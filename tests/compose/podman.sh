@@ -38,10 +38,14 @@ fi
 base=$(bash "$repo/containers/imagebuild/base.sh" "$cache")
 base_tag=localhost/hpcdask-base:${base##*/base-}
 
-# Everything the image is made of, by path and content.
+# Reproducible (as make sif): the inputs' last commit is the image's time; --timestamp sets every
+# file's and the image's created time to it, so two builds of one commit give one image ID.
+epoch=${SOURCE_DATE_EPOCH:-$(PYTHONPATH="$repo/containers" python3 -m imagebuild.image epoch)}
+
+# Everything the image is made of, by path and content, and its time.
 key=$(
     cd "$repo"
-    { echo "$base_tag"
+    { echo "$base_tag $epoch"
       find .dockerignore containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
           src tests/compose/podman.sh -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
           2>/dev/null | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -c1-16
@@ -76,7 +80,8 @@ if ! podman image exists "$base_tag"; then
 fi
 
 build_args=(--build-arg "BASE_IMAGE=$base_tag"
-            --build-arg "LOCK_SHA256=$(sha256sum "$lock" | cut -d' ' -f1)")
+            --build-arg "LOCK_SHA256=$(sha256sum "$lock" | cut -d' ' -f1)"
+            --build-arg "SOURCE_DATE_EPOCH=$epoch" --timestamp "$epoch")
 volumes=()
 ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 if [ -r "$ca" ]; then

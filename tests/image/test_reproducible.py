@@ -1,0 +1,159 @@
+"""Issue 28: the same commit builds the same ``dask.sif``, byte for byte, and anyone can check it.
+
+On the real build path (containers/imagebuild: debootstrap base + the def's sections, mksquashfs,
+siftool): ``python -m imagebuild.sif check`` rebuilds this checkout's image in a fresh cache and
+compares it with the session's SIF; a changed file gives another content-derived ID and the check
+names the file; the build's times are SOURCE_DATE_EPOCH's; every .pyc in the image is
+hash-based. Needs root, debootstrap, bubblewrap, squashfs-tools and siftool: without them these
+tests FAIL, they do not skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcdask import sif as sifmod
+from imagebuild import image as image_builder
+from imagebuild import sif as sif_builder
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.image, pytest.mark.slow, pytest.mark.timeout(2400)]
+
+
+def sha256(path: Path) -> str:
+    return sif_builder.sha256(path)
+
+
+def epoch_of(image: Path) -> int:
+    """The SOURCE_DATE_EPOCH the cached sandbox ``image`` was built with (its marker records it)."""
+    return json.loads(image.with_name(image.name + ".json").read_text())["source_date_epoch"]
+
+
+def test_a_rebuild_in_a_fresh_cache_is_byte_identical(sif, tmp_path):
+    """``make sif-check``'s command on the session's SIF: the image rebuilt from this checkout in
+    a fresh cache (the base is the cached one: it stands in for the def's digest-pinned `From:`)
+    is the same file, and the command says so with its sha256."""
+    t0 = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "containers")}
+    r = subprocess.run([sys.executable, "-m", "imagebuild.sif", "check", str(sif)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=2100, env=env, check=False)
+    print(f"sif check: {time.monotonic() - t0:.0f} s")
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert r.stdout.startswith(f"identical (sha256 {sha256(sif)})"), r.stdout
+    assert "Traceback" not in r.stderr
+    leftovers = [p for p in image_builder.DEFAULT_CACHE.parent.glob("hpcdask-sif-check-*")]
+    assert leftovers == [], "the check's temporary cache was not removed"
+
+
+def test_the_images_times_are_source_date_epoch(sif, image):
+    """The header, every descriptor, the build-date label, image.json and every file's mtime are
+    the build's SOURCE_DATE_EPOCH, not the builder's clock; the ID is the content's."""
+    epoch = epoch_of(image)
+    head = sifmod.read_header(sif)
+    assert head.created == epoch
+    assert head.id == str(sif_builder.content_id(sif))
+    with open(sif, "rb") as f:
+        raw = f.read(1 << 16)
+    dtotal, descoff = sif_builder.HEADER.unpack_from(raw)[8:10]
+    descs = [sif_builder.DESCRIPTOR.unpack_from(raw, descoff + i * sif_builder.DESCRIPTOR.size)
+             for i in range(dtotal)]
+    assert [(d[8], d[9]) for d in descs if d[1]] == [(epoch, epoch)] * 4
+    labels = json.loads((image / ".singularity.d/labels.json").read_text())
+    assert labels["org.label-schema.build-date"] == time.strftime(
+        "%A_%d_%B_%Y_%H:%M:%S_UTC", time.gmtime(epoch))
+    built = json.loads((image / "opt/hpcdask/image.json").read_text())["built"]
+    assert built == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    part = next(o for o in sif_builder.objects(sif) if o["type"].startswith("FS"))
+    offset = int(part["position"].split("-")[0])
+    listing = subprocess.run(["unsquashfs", "-lln", "-o", str(offset), str(sif)],
+                             capture_output=True, text=True, check=True).stdout
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+    rows = [ln for ln in listing.splitlines() if ln.startswith(("-", "d", "l"))]
+    assert len(rows) > 10_000
+    assert all(stamp in ln for ln in rows), [ln for ln in rows if stamp not in ln][:5]
+
+
+def test_every_pyc_in_the_image_is_hash_based(image):
+    """pip's and Debian's .pyc alike: unchecked-hash (flags 0b01), so they neither embed the
+    install time nor go stale when every file time becomes SOURCE_DATE_EPOCH."""
+    roots = [image / "opt/hpcdask/venv", *image.glob("usr/lib/python3*")]
+    flags: dict[int, list[str]] = {}
+    for root in roots:
+        for pyc in root.rglob("*.pyc"):
+            with open(pyc, "rb") as f:
+                f.read(4)
+                flags.setdefault(int.from_bytes(f.read(4), "little"), []).append(str(pyc))
+    assert set(flags) == {1}, {k: v[:3] for k, v in flags.items()}
+    # the stdlib, the venv's packages and hpcdask itself all have theirs
+    venv = next((image / "opt/hpcdask/venv/lib").glob("python3.*/site-packages"))
+    for pkg in ("distributed", "sklearn", "dask_ml", "hpcdask"):
+        assert list((venv / pkg / "__pycache__").glob("__init__.cpython-*.pyc")), pkg
+    assert list(image.glob("usr/lib/python3.*/__pycache__/os.cpython-*.pyc"))
+    assert list(image.glob("usr/lib/python3.*/asyncio/__pycache__/__init__.cpython-*.pyc"))
+    assert not (image / "var/cache/ldconfig/aux-cache").exists()
+    assert not list((image / "var/log").rglob("*.log"))
+
+
+def _tiny(root: Path, text: str) -> Path:
+    (root / ".singularity.d").mkdir(parents=True, exist_ok=True)
+    (root / "opt/hpcdask/venv/lib/hpcdask").mkdir(parents=True, exist_ok=True)
+    (root / "opt/hpcdask/venv/lib/hpcdask/cli.py").write_text(text)
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/os-release").write_text("bookworm\n")
+    return root
+
+
+def test_one_changed_byte_changes_the_id_and_the_comparison_names_the_file(tmp_path):
+    """A root filesystem assembled twice, a second apart (other file times), with one epoch gives
+    one file and one ID; one changed byte gives another ID, and the comparison the check prints
+    names that file and what differs. A non-reproducible build (siftool's random ID and clock)
+    of the same files is told apart by its header alone."""
+    epoch = 1_700_000_000
+    root = _tiny(tmp_path / "root", "print('a')\n")
+    objs = {"inspect-metadata.json": b"{}"}
+    a = sif_builder.assemble(root, b"Bootstrap: x\n", tmp_path / "a.sif", objs, epoch=epoch)
+    time.sleep(1.1)
+    os.utime(root / "etc/os-release")
+    b = sif_builder.assemble(root, b"Bootstrap: x\n", tmp_path / "b.sif", objs, epoch=epoch)
+    assert sha256(a) == sha256(b)
+    assert sif_builder.compare(a, b) == []
+    (root / "opt/hpcdask/venv/lib/hpcdask/cli.py").write_text("print('b')\n")
+    c = sif_builder.assemble(root, b"Bootstrap: x\n", tmp_path / "c.sif", objs, epoch=epoch)
+    ida, idc = sifmod.read_header(a).id, sifmod.read_header(c).id
+    assert ida != idc
+    assert sif_builder.compare(a, c) == [f"header ID: {ida} != {idc}",
+                                         "/opt/hpcdask/venv/lib/hpcdask/cli.py: content differs"]
+    other = sif_builder.renew(a, tmp_path / "other.sif")
+    lines = sif_builder.compare(a, other)
+    assert lines[0].startswith(f"header ID: {ida} != ")
+    assert lines[-1] == "root filesystem: the same files, modes, owners, times and contents"
+    assert hashlib.sha256(a.read_bytes()).hexdigest() != sha256(other)
+
+
+def test_a_bad_source_date_epoch_or_image_is_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "containers")}
+    r = subprocess.run([sys.executable, "-m", "imagebuild.image", "epoch"], capture_output=True,
+                       text=True, env={**env, "SOURCE_DATE_EPOCH": "yesterday"}, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "SOURCE_DATE_EPOCH='yesterday'" in r.stderr
+    (tmp_path / "x.sif").write_text("not a sif")
+    for target, says in ((tmp_path / "x.sif", "is not a SIF file"), (tmp_path / "none.sif", "no such file")):
+        r = subprocess.run([sys.executable, "-m", "imagebuild.sif", "check", str(target)],
+                           capture_output=True, text=True, env=env, check=False)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and says in r.stderr and "make sif-check SIF=" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "imagebuild.image", "epoch"], capture_output=True,
+                       text=True, env={k: v for k, v in env.items() if k != "SOURCE_DATE_EPOCH"},
+                       check=True)
+    last = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%ct", "--", "containers",
+                           "src", "pyproject.toml"], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == last.stdout.strip()

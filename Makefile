@@ -23,7 +23,7 @@ IMAGEBUILD := PYTHONPATH=$(CURDIR)/containers
 LOGIN_AS := $(if $(filter default undefined,$(origin AS)),hpcuser,$(AS))
 CMD ?=
 
-.PHONY: help run test test-unit docs lock venv sif sif-check docker image compose-test cluster-up cluster-down \
+.PHONY: help run test test-unit docs lock debian-lock venv sif sif-check docker image compose-test cluster-up cluster-down \
         cluster-env cluster-login cluster-deps host-deps bench clean
 
 help:
@@ -84,13 +84,18 @@ test-unit: $(VENV)/.done $(TVENV)/.done
 docs: $(TVENV)/.done
 	$(TVENV)/bin/python -m sphinx -W --keep-going -n -b html docs docs/_build/html
 
-# --- the lock ---------------------------------------------------------------------------------
-lock:
+# --- the locks --------------------------------------------------------------------------------
+# requirements.lock (pip-compile) and debian.lock: every Debian package of the image, exactly
+# (containers/debian.in installed into the base; needs root: the builder's debootstrap base).
+lock: debian-lock
 	$(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install $(PIP_QUIET) pip-tools
 	.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	    -o $(LOCK) containers/requirements.in
 	cd tests && ../.venv-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
 	    --strip-extras -o requirements-dev.lock requirements-dev.in
+
+debian-lock:
+	$(IMAGEBUILD) $(PYTHON) -m imagebuild.image debian-lock
 
 # --- images -----------------------------------------------------------------------------------
 # With a real Apptainer on PATH: apptainer build. Without: the test image's root filesystem

@@ -4,6 +4,7 @@
 #   containers/Dockerfile RUN:    HPCDASK_RECIPE=docker    bash /opt/hpcdask/build/install.sh
 # on Debian bookworm(-slim), as root, with the build inputs in $HPCDASK_BUILD (default /opt/hpcdask/build):
 #   requirements.lock       exact pins + hashes of the whole runtime (setuptools included)
+#   debian.lock             every Debian package of the image with its exact version
 #   pyproject.toml src/             hpcdask itself
 #
 # Environment:
@@ -24,16 +25,37 @@ build=${HPCDASK_BUILD:-/opt/hpcdask/build}
 prefix=/opt/hpcdask
 venv=$prefix/venv
 lock=$build/requirements.lock
+debs=$build/debian.lock
 
 case $recipe in apptainer | docker) ;; *) echo "HPCDASK_RECIPE must be apptainer or docker, not '$recipe'" >&2; exit 2 ;; esac
-for f in "$lock" "$build/pyproject.toml" "$build/src/hpcdask"; do
+for f in "$lock" "$debs" "$build/pyproject.toml" "$build/src/hpcdask"; do
     [ -e "$f" ] || { echo "install.sh: missing build input $f" >&2; exit 2; }
 done
 
-step "Debian packages: python3, python3-venv, tini, ca-certificates, graphviz (dot), libmpich12 (MPICH)"
+mapfile -t pins < <(grep -vE '^[[:space:]]*(#|$)' "$debs" | LC_ALL=C sort)
+step "Debian packages exactly as debian.lock pins them: ${#pins[@]} packages (python3, tini, graphviz, libmpich12, ... and the base's)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
-apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates graphviz libmpich12
+# Every package at its pinned version, the base's too: upgraded or downgraded to the pin.
+if ! apt-get install -y --no-install-recommends --allow-downgrades "${pins[@]}" 2>"$build/apt.err"; then
+    cat "$build/apt.err" >&2
+    gone=$(grep -oE "Version '[^']+' for '[^']+' was not found" "$build/apt.err" | head -n1 || true)
+    if [ -n "$gone" ]; then
+        v=${gone#Version '}; v=${v%%'*}; p=${gone#*for '}; p=${p%%'*}
+        echo "install.sh: containers/debian.lock pins $p=$v, which the Debian archive no longer serves: refresh the lock with \`make debian-lock\` and rebuild (or build from snapshot.debian.org)" >&2
+        exit 2
+    fi
+    echo "install.sh: apt-get install of the pinned Debian packages failed (above)" >&2
+    exit 1
+fi
+cat "$build/apt.err" >&2
+# The image holds exactly the lock: nothing more (a package the base brings and the lock lacks).
+extra=$(comm -23 <(dpkg-query -W -f='${db:Status-Abbrev}${Package}=${Version}\n' | sed -n 's/^ii *//p' | LC_ALL=C sort) \
+                 <(printf '%s\n' "${pins[@]}"))
+if [ -n "$extra" ]; then
+    echo "install.sh: the image holds Debian packages containers/debian.lock does not pin: $(echo $extra): refresh the lock with \`make debian-lock\`" >&2
+    exit 2
+fi
 python3 --version
 # From here on no Python run of the build writes a .pyc: the bytecode step below writes every one,
 # hash-based. (Not before: Debian's packages compile their own modules while they install.)
@@ -69,16 +91,18 @@ rm -rf "$src"
 step "consistency: pip check"
 "${pip[@]}" check
 
-step "image identity $prefix/image.json and $prefix/requirements.lock"
+step "image identity $prefix/image.json, $prefix/requirements.lock and $prefix/debian.lock"
 install -m 0644 "$lock" "$prefix/requirements.lock"
+install -m 0644 "$debs" "$prefix/debian.lock"
 lock_sha256=$(sha256sum "$prefix/requirements.lock" | cut -d' ' -f1)
+debian_sha256=$(sha256sum "$prefix/debian.lock" | cut -d' ' -f1)
 if [ -n "${SOURCE_DATE_EPOCH:-}" ]; then
     built=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 else
     built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 fi
-printf '{"lock_sha256": "%s", "recipe": "%s", "built": "%s"}\n' "$lock_sha256" "$recipe" "$built" \
-    >"$prefix/image.json"
+printf '{"lock_sha256": "%s", "debian_lock_sha256": "%s", "debian_packages": %d, "recipe": "%s", "built": "%s"}\n' \
+    "$lock_sha256" "$debian_sha256" "${#pins[@]}" "$recipe" "$built" >"$prefix/image.json"
 cat "$prefix/image.json"
 
 step "Dask configuration $prefix/etc/dask (DASK_ROOT_CONFIG)"

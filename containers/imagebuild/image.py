@@ -269,6 +269,9 @@ def bwrap_build(rootfs: Path, argv: list[str], env: dict[str, str], ro_binds: li
         cmd += ["--setenv", k, v]
     # Build output goes to stderr: stdout of `image.py build` is the image path alone.
     proc = subprocess.run(cmd + argv, check=False, stdout=sys.stderr)
+    if proc.returncode == 2:  # install.sh's exit code for a bad input, named in its last line
+        raise BadInput(f"{' '.join(argv[:3])}... refused its input (exit 2): the line above says "
+                       "what to change")
     if proc.returncode != 0:
         raise BuildError(f"{' '.join(argv[:3])}... failed in the rootfs (exit {proc.returncode})")
 
@@ -436,6 +439,47 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
             shutil.rmtree(work, ignore_errors=True)
 
 
+DEBIAN_IN = REPO / "containers" / "debian.in"
+DEBIAN_LOCK = REPO / "containers" / "debian.lock"
+
+
+def debian_lock(cache: Path = DEFAULT_CACHE, wanted: Path = DEBIAN_IN, out: Path = DEBIAN_LOCK) -> Path:
+    """``make debian-lock``: install ``wanted``'s packages into a scratch copy of the base (as
+    install.sh does, no recommends) and write every package of the result with its exact
+    version to ``out`` (atomically)."""
+    require_tools()
+    names = [ln.split("#")[0].strip() for ln in wanted.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise BadInput(f"{wanted} names no package: list the Debian packages the image adds, one per line")
+    base = build_base(cache)
+    work = Path(tempfile.mkdtemp(prefix=".debian-lock.", dir=cache))
+    try:
+        rootfs = work / "rootfs"
+        subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], check=True)
+        script = ("apt-get update >&2 && apt-get install -y --no-install-recommends "
+                  + " ".join(names) + " >&2 && dpkg-query -W "
+                  "-f='${db:Status-Abbrev}${Package}=${Version}\\n' >/root/debian.lock")
+        bwrap_build(rootfs, ["/bin/sh", "-e", "-c", script],
+                    {"PATH": BUILD_PATH, "HOME": "/root", "LANG": "C", "DEBIAN_FRONTEND": "noninteractive"}, [])
+        pins = sorted(ln[2:].strip() for ln in (rootfs / "root/debian.lock").read_text().splitlines()
+                      if ln.startswith("ii"))
+        mirror = dict(ln.split("=", 1) for ln in base.with_name(base.name + ".done").read_text().split()
+                      if "=" in ln).get("mirror", "?")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(
+            "# Every Debian package of the hpcdask image with its exact version: the base's (debian:\n"
+            "# bookworm-slim) and those containers/debian.in asks for, with their dependencies.\n"
+            f"# Made by `make debian-lock` on {time.strftime('%Y-%m-%d', time.gmtime())} from {mirror};\n"
+            "# containers/install.sh installs exactly these and refuses an image that differs.\n"
+            + "".join(f"{p}\n" for p in pins))
+        os.replace(tmp, out)
+        log(f"wrote {out}: {len(pins)} packages")
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_test(image: Path, binds: list[str] = (), cleanenv: bool = True) -> int:
     """``apptainer test IMAGE`` through the bubblewrap runner; returns its exit code."""
     cmd = [str(RUNNER), "test"] + (["--cleanenv"] if cleanenv else [])
@@ -451,11 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (outside the repo)")
     b.add_argument("--def", dest="def_path", type=Path, default=DEFFILE)
     sub.add_parser("epoch", help="print the SOURCE_DATE_EPOCH the builds use (make sif, make docker)")
+    dl = sub.add_parser("debian-lock", help="write containers/debian.lock from containers/debian.in")
+    dl.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (outside the repo)")
     t = sub.add_parser("test", help="run the image's %%test through tests/testcluster/bin/apptainer")
     t.add_argument("image", type=Path)
     t.add_argument("--bind", "-B", action="append", default=[])
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "debian-lock":
+            debian_lock(args.cache)
+            return 0
         if args.cmd == "epoch":
             print(source_date_epoch(parse_def(DEFFILE.read_text()), DEFFILE, REPO))
             return 0

@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (outside the repo)")
     b.add_argument("--def", dest="def_path", type=Path, default=DEFFILE)
     b.add_argument("--out", type=Path, help="also place the SIF here (e.g. dask.sif)")
+    b.add_argument("--context", type=Path, default=REPO, help="the folder %%files paths are relative to")
+    b.add_argument("--base-cache", type=Path, help="where the base is found or made (default: --cache)")
     c = sub.add_parser("check", help="rebuild this checkout's image in a fresh cache and say whether "
                                      "SIF is byte-identical (exit 0) or how it differs (exit 1)")
     c.add_argument("sif", type=Path)
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in diffs:
                 print(f"  {line}")
             return 1
-        sif = build(args.cache, args.def_path)
+        sif = build(args.cache, args.def_path, args.context, args.base_cache)
         print(place(sif, args.out) if args.out else sif)
         return 0
     except BadInput as e:

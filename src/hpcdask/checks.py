@@ -22,11 +22,20 @@ def lock(path: Path) -> Lines:
                f"image {versions.image_label()}"), False
 
 
-def this_environment() -> Lines:
+def this_environment(show_all: bool = False) -> Lines:
     ident = versions.identity()
     yield f"python {ident['python']}  image {ident['image']}", False
     for name in versions.KEY_PACKAGES:
         yield f"{name} {ident['packages'].get(name, '-')}", False
+    debian = versions.debian_packages()
+    if debian:  # the image's Debian layer, pinned like the Python one (containers/debian.lock)
+        info = versions.image_info() or {}
+        yield (f"debian {len(debian)} packages, debian.lock sha256 "
+               f"{str(info.get('debian_lock_sha256', '-'))[:16]}: "
+               + ", ".join(f"{n} {debian[n]}" for n in versions.KEY_DEBIAN if n in debian)), False
+        if show_all:
+            for name, version in debian.items():
+                yield f"  {name} {version}", False
 
 
 def cluster(scheduler_file: Path, tls: bool, show_all: bool) -> Lines:

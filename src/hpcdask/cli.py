@@ -237,7 +237,8 @@ def wait_(scheduler_file, n_workers, timeout, tls) -> None:
               help="Check this environment against a lock file instead (exit 1 on any difference).")
 @click.option("--against", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Check the cluster (or this environment) against an earlier run's provenance.json.")
-@click.option("--all", "show_all", is_flag=True, help="Show every package, not only the differences.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Show every package, not only the differences (without a cluster: every Debian package).")
 @tls_option
 def versions_(scheduler_file, lock, against, show_all, tls) -> None:
     """Python, packages and image of every role; exit 1 on any mismatch."""
@@ -248,7 +249,7 @@ def versions_(scheduler_file, lock, against, show_all, tls) -> None:
     elif scheduler_file:
         lines = checks.cluster(scheduler_file, tls, show_all)
     else:
-        lines = checks.this_environment()
+        lines = checks.this_environment(show_all)
     failed = False
     for line, err in lines:
         click.echo(line, err=err)

@@ -53,6 +53,20 @@ def image_info() -> dict[str, Any] | None:
         return None
 
 
+KEY_DEBIAN = ("python3.11", "libc6", "libssl3", "libmpich12", "graphviz")
+
+
+def debian_packages() -> dict[str, str]:
+    """The image's Debian packages as its debian.lock pins them (beside image.json); {} elsewhere."""
+    path = Path(os.environ.get("HPCDASK_IMAGE_INFO", DEFAULT_IMAGE_INFO)).with_name("debian.lock")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    pins = (ln.strip().split("=", 1) for ln in lines if ln.strip() and not ln.startswith("#"))
+    return {p[0]: p[1] for p in pins if len(p) == 2}
+
+
 def image_label() -> str:
     """``lock:<sha256[:16]>``, ``user:<sha256[:16]>`` of the project's hpcdask.lock in an image
     ``hpcdask image build`` made, plus ``sif:<ID>`` when the role knows the SIF it runs from."""

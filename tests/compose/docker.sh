@@ -32,7 +32,7 @@ epoch=${SOURCE_DATE_EPOCH:-$(PYTHONPATH="$repo/containers" python3 -m imagebuild
 key=$(
     cd "$repo"
     { echo "$base_tag $epoch"
-      find .dockerignore containers/Dockerfile containers/install.sh containers/requirements.lock pyproject.toml \
+      find .dockerignore containers/Dockerfile containers/install.sh containers/requirements.lock containers/debian.lock pyproject.toml \
           src tests/compose/docker.sh Makefile -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
           2>/dev/null | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -c1-16
 )

@@ -31,6 +31,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.request
@@ -103,11 +104,18 @@ def test_make_docker_equals_the_podman_build(engine, docker_image, podman_image)
         **os.environ, "CONTAINERS_CONF": str(REPO / "tests" / "compose" / "containers.conf")})
     assert docker["freeze"] == podman["freeze"]
     assert any(line.startswith("distributed==") for line in docker["freeze"]), docker["freeze"]
-    # image.json: the same lock and recipe; "built" is each build's own time.
+    # image.json: the same locks and recipe, and the same time: the inputs' last commit
+    # (SOURCE_DATE_EPOCH, reproducible builds), not each build's clock.
     lock_sha = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    debs = REPO / "containers" / "debian.lock"
+    pins = [ln for ln in debs.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    epoch = subprocess.run([sys.executable, "-m", "imagebuild.image", "epoch"], capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "containers")})
+    built = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch.stdout)))
     for info in (docker["image.json"], podman["image.json"]):
-        assert {k: v for k, v in info.items() if k != "built"} == {
-            "lock_sha256": lock_sha, "recipe": "docker"}, info
+        assert info == {"lock_sha256": lock_sha, "recipe": "docker", "built": built,
+                        "debian_lock_sha256": hashlib.sha256(debs.read_bytes()).hexdigest(),
+                        "debian_packages": len(pins)}, info
 
 
 def test_no_layer_holds_the_build_machines_files(engine, docker_image, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -157,3 +158,53 @@ def test_a_bad_source_date_epoch_or_image_is_one_line_and_exit_2(tmp_path):
     last = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%ct", "--", "containers",
                            "src", "pyproject.toml"], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == last.stdout.strip()
+
+
+def test_a_pin_the_archive_lacks_stops_the_build_with_one_line_and_no_sif(tmp_path):
+    """debian.lock pins a version Debian does not serve: install.sh's one line names the package,
+    the version and the command that refreshes the lock; exit 2; no dask.sif, no image cached."""
+    ctx = tmp_path / "checkout"
+    (ctx / "containers").mkdir(parents=True)
+    for f in ("dask.def", "install.sh", "requirements.lock", "debian.lock"):
+        shutil.copyfile(REPO / "containers" / f, ctx / "containers" / f)
+    shutil.copyfile(REPO / "pyproject.toml", ctx / "pyproject.toml")
+    shutil.copytree(REPO / "src", ctx / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    lock = ctx / "containers" / "debian.lock"
+    pins = lock.read_text()
+    tini = next(ln for ln in pins.splitlines() if ln.startswith("tini="))
+    lock.write_text(pins.replace(tini, "tini=0.0.1-hpcdask-not-in-debian"))
+    cache, out = tmp_path / "cache", tmp_path / "dask.sif"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "containers")}
+    r = subprocess.run([sys.executable, "-m", "imagebuild.sif", "build", "--cache", str(cache),
+                        "--base-cache", str(image_builder.DEFAULT_CACHE), "--context", str(ctx),
+                        "--def", str(ctx / "containers" / "dask.def"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = ("install.sh: containers/debian.lock pins tini=0.0.1-hpcdask-not-in-debian, which the "
+            "Debian archive no longer serves: refresh the lock with `make debian-lock` and rebuild")
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("install.sh:")] == [
+        line + " (or build from snapshot.debian.org)"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == []
+
+
+def test_the_debian_layer_is_the_lock_and_hpcdask_versions_shows_it(sif, image):
+    """Every Debian package of the image is installed at the version debian.lock pins, no other
+    is, and ``hpcdask versions --all`` inside the image lists them."""
+    lock = REPO / "containers" / "debian.lock"
+    pins = sorted(ln for ln in lock.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
+    status = (image / "var/lib/dpkg/status").read_text().split("\n\n")
+    have = sorted(f"{f['Package']}={f['Version']}" for f in (
+        dict(ln.split(": ", 1) for ln in block.splitlines() if ": " in ln and not ln.startswith(" "))
+        for block in status if block.strip()) if f.get("Status", "").endswith(" installed"))
+    assert have == pins
+    assert (image / "opt/hpcdask/debian.lock").read_bytes() == lock.read_bytes()
+    r = subprocess.run([str(REPO / "tests/testcluster/bin/apptainer"), "exec", str(sif),
+                        "hpcdask", "versions", "--all"], capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    head = f"debian {len(pins)} packages, debian.lock sha256 {hashlib.sha256(lock.read_bytes()).hexdigest()[:16]}: "
+    assert any(ln.startswith(head + "python3.11 ") for ln in r.stdout.splitlines()), r.stdout
+    listed = sorted(ln.strip().replace(" ", "=", 1) for ln in r.stdout.splitlines() if ln.startswith("  "))
+    assert listed == pins

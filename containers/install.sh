@@ -41,7 +41,7 @@ if ! apt-get install -y --no-install-recommends --allow-downgrades "${pins[@]}" 
     cat "$build/apt.err" >&2
     gone=$(grep -oE "Version '[^']+' for '[^']+' was not found" "$build/apt.err" | head -n1 || true)
     if [ -n "$gone" ]; then
-        v=${gone#Version '}; v=${v%%'*}; p=${gone#*for '}; p=${p%%'*}
+        v=$(sed -E "s/^Version '([^']+)'.*/\1/" <<<"$gone"); p=$(sed -E "s/.* for '([^']+)'.*/\1/" <<<"$gone")
         echo "install.sh: containers/debian.lock pins $p=$v, which the Debian archive no longer serves: refresh the lock with \`make debian-lock\` and rebuild (or build from snapshot.debian.org)" >&2
         exit 2
     fi
@@ -154,7 +154,7 @@ apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /root/.cache "$build"
 # What records when the image was built, not what it holds (reproducible builds): ldconfig's
 # auxiliary cache (ld.so.cache stays) and the package managers' logs.
-rm -f /var/cache/ldconfig/aux-cache /var/log/dpkg.log /var/log/alternatives.log /var/log/bootstrap.log
+rm -f /var/cache/ldconfig/aux-cache /var/log/*.log
 rm -rf /var/log/apt/*
 
 step "done: $("$venv/bin/python" -c 'import dask, distributed, sklearn; print("dask", dask.__version__, "distributed", distributed.__version__, "scikit-learn", sklearn.__version__)')"

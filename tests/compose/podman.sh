@@ -98,7 +98,9 @@ done < <(grep -oE '^[[:space:]]*--(extra-index-url|index-url|find-links)[ =](fil
 say "podman build -f containers/Dockerfile -t $tag (${#volumes[@]} build-time volume args)"
 t0=$(date +%s.%N)
 # No layer cache: the one RUN follows COPY src, so a cached layer would never be reused.
-(cd "$repo" && podman build --pull=never --layers=false --format docker -f containers/Dockerfile \
+# OCI format: Docker's image format records the build container's random ID and host name in
+# the image config, so two builds of one commit could never share an image ID.
+(cd "$repo" && podman build --pull=never --layers=false --format oci -f containers/Dockerfile \
     "${build_args[@]}" "${volumes[@]}" -t "$tag" -t localhost/hpcdask:latest .) >&2
 build_s=$(elapsed "$t0")
 size=$(podman image inspect --format '{{.Size}}' "$tag")

@@ -26,7 +26,6 @@ nothing is left behind on failure.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from imagebuild.sif import assemble, go_json, inspect_metadata, objects, require_tools
+from imagebuild.sif import assemble, go_json, inspect_metadata, objects, require_tools, sha256
 
 IMAGE_LOCK = "opt/hpcdask/requirements.lock"
 IMAGE_INFO = "opt/hpcdask/image.json"
@@ -59,14 +58,6 @@ _T0 = time.monotonic()
 
 def log(msg: str) -> None:
     print(f"[userlayer {time.monotonic() - _T0:5.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sif_id(sif: Path) -> str:

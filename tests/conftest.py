@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from testcluster import fixtures
-from testcluster.fixtures import image, job_env, sif, slurm_cluster, udir  # noqa: F401
+from testcluster.fixtures import image, job_env, rebuilt_sif_cache, sif, slurm_cluster, udir  # noqa: F401
 from testcluster.sge_fixtures import sge_cluster, sge_env, sge_udir  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +41,17 @@ REQUIRED = {
 def pytest_configure(config):
     # (Declared here, not in pyproject.toml, which is an input of the test image.)
     config.addinivalue_line("markers", "sge: needs the Grid Engine test cluster (BATCH=sge tests/testcluster/cluster.sh)")
+    config.addinivalue_line("markers", "run_last: runs after every other test (it waits for work "
+                            "started in the background at the session's start)")
     from testcluster.ciguard import CIGuard
 
     roots = [config.rootpath / p for p in config.getini("testpaths")]
     config.pluginmanager.register(CIGuard(roots, REQUIRED), "hpcdask-ci-guard")
+
+
+def pytest_collection_modifyitems(items):
+    last = [item for item in items if item.get_closest_marker("run_last")]
+    items[:] = [item for item in items if not item.get_closest_marker("run_last")] + last
 
 
 def pytest_collection_finish(session):

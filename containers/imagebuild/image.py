@@ -204,11 +204,11 @@ def source_date_epoch(defn: Definition, def_path: Path, context: Path) -> int:
 
 
 def input_key(defn: Definition, def_path: Path, base: Path, context: Path, epoch: int) -> str:
-    """sha256 over the base's name, the build's time, the builder's own code, the def and every
-    %files source (paths and contents)."""
+    """sha256 over the base's name, the build's time, the code that makes the image and its SIF
+    (this module and sif.py), the def and every %files source (paths and contents)."""
     h = hashlib.sha256()
     h.update(base.name.encode() + b"\0" + str(epoch).encode() + b"\0")
-    for builder in sorted(Path(__file__).parent.glob("*.py")):
+    for builder in (Path(__file__), Path(__file__).with_name("sif.py")):
         h.update(builder.name.encode() + b"\0" + builder.read_bytes() + b"\0")
     for f in input_files(defn, def_path, context):
         name = str(f.relative_to(context)) if f.is_relative_to(context) else f.name

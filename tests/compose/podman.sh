@@ -2,8 +2,9 @@
 # Build (once) the Docker image of containers/Dockerfile with podman, and print its tag.
 #
 # No image can be pulled here, so the debootstrap tree of containers/imagebuild/base.sh stands in for
-# `FROM debian:bookworm-slim@sha256:...`: it is `podman import`ed as localhost/hpcdask-base:KEY and
-# given to the unchanged Dockerfile as --build-arg BASE_IMAGE. What the build needs from this host
+# `FROM debian:bookworm-slim@sha256:...`: it becomes localhost/hpcdask-rootfs:KEY (FROM scratch, the
+# tree ADDed, created at the tree's own time, so every podman storage gets the same base image ID,
+# as every pull of a digest does) and is given to the unchanged Dockerfile as --build-arg BASE_IMAGE. What the build needs from this host
 # comes in through build-time volumes, never through the recipe:
 #   - the host's CA bundle at /run/host-ca.crt, named by --build-arg PIP_CERT (install.sh and pip
 #     read it); not at /etc/ssl/certs/ca-certificates.crt, which the ca-certificates package writes;
@@ -36,7 +37,7 @@ if grep -qE '^runtime *= *"runc"' "$CONTAINERS_CONF" 2>/dev/null && ! command -v
 fi
 
 base=$(bash "$repo/containers/imagebuild/base.sh" "$cache")
-base_tag=localhost/hpcdask-base:${base##*/base-}
+base_tag=localhost/hpcdask-rootfs:${base##*/base-}
 
 # Reproducible (as make sif): the inputs' last commit is the image's time; --timestamp sets every
 # file's and the image's created time to it, so two builds of one commit give one image ID.
@@ -71,10 +72,19 @@ import_s=0
 if ! podman image exists "$base_tag"; then
     say "importing $base as $base_tag"
     t0=$(date +%s.%N)
+    # `podman import` would stamp the base with the time of the import, which the image built on it
+    # inherits (its history): a build FROM scratch at the tree's time (base.sh's marker) does not.
+    ctx=$(mktemp -d "$cache/.podman-rootfs.XXXXXX")
+    trap 'rm -rf "$ctx"' EXIT
+    tar --numeric-owner -C "$base" -cf "$ctx/rootfs.tar" .
     # The image config of debian:bookworm-slim: its PATH and CMD.
-    tar --numeric-owner -C "$base" -cf - . | podman import \
-        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --change 'CMD ["bash"]' - "$base_tag" >/dev/null
+    printf '%s\n' 'FROM scratch' 'ADD rootfs.tar /' \
+        'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'CMD ["bash"]' \
+        >"$ctx/Containerfile"
+    podman build --pull=never --layers=false --format oci --timestamp "$(stat -c %Y "$base.done")" \
+        -t "$base_tag" "$ctx" >&2
+    rm -rf "$ctx"
+    trap - EXIT
     import_s=$(elapsed "$t0")
     say "imported the base in ${import_s} s"
 fi

@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from testcluster import fixtures
-from testcluster.fixtures import image, job_env, rebuilt_sif_cache, sif, slurm_cluster, udir  # noqa: F401
+from testcluster.fixtures import (changed_sif_build, image, job_env, rebuilt_sif_cache, sif,  # noqa: F401
+                                  slurm_cluster, udir)
 from testcluster.sge_fixtures import sge_cluster, sge_env, sge_udir  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

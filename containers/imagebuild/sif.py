@@ -171,11 +171,15 @@ def assemble(rootfs: Path | None, deffile: bytes, out: Path, json_objects: dict[
         squash = squashfs or t / "rootfs.squashfs"
         if squashfs is None:
             flags = ["-noappend", *mksquashfs_args] + (["-all-root"] if os.geteuid() != 0 else [])
+            env = dict(os.environ)
             if epoch is not None:  # (mksquashfs orders its output deterministically by default)
                 flags += ["-all-time", str(epoch), "-mkfs-time", str(epoch)]
+                # mksquashfs refuses SOURCE_DATE_EPOCH beside these options, even when equal
+                # (a user's `SOURCE_DATE_EPOCH=... make sif`): the options carry it.
+                env.pop("SOURCE_DATE_EPOCH", None)
             log(f"mksquashfs {rootfs} ({arch})")
             subprocess.run(["mksquashfs", str(rootfs), str(squash), *flags, "-quiet", "-no-progress"],
-                           check=True, stdout=sys.stderr)
+                           check=True, stdout=sys.stderr, env=env)
         sif = t / "image.sif"
         (t / "def").write_bytes(deffile)
         steps = [["new", str(sif)],

@@ -57,6 +57,32 @@ def test_a_rebuild_in_a_fresh_cache_is_byte_identical(sif, rebuilt_sif_cache, tm
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.run_last
+def test_one_changed_byte_in_src_gives_another_image_and_the_check_names_the_file(
+        sif, changed_sif_build, tmp_path):
+    """A copy of this checkout with one byte of src/ changed, built in a fresh cache while the
+    session ran (same SOURCE_DATE_EPOCH): another SIF and another content-derived ID; ``make
+    sif-check``'s command, run in that copy on the session's SIF, exits 1 and names the file."""
+    from testcluster.fixtures import CHANGED
+
+    changed = list(changed_sif_build["cache"].glob("dask-*.sif"))
+    assert len(changed) == 1 and changed[0].name != sif.name
+    ours, theirs = sifmod.read_header(sif).id, sifmod.read_header(changed[0]).id
+    assert theirs != ours and theirs == str(sif_builder.content_id(changed[0]))
+    r = subprocess.run([sys.executable, "-m", "imagebuild.sif", "check", str(sif), "--cache",
+                        str(changed_sif_build["cache"])], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=1800, env=changed_sif_build["env"], check=False)
+    assert r.returncode == 1, r.stdout + r.stderr[-4000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"differs: {sif} (sha256 {sha256(sif)}) is not what this checkout "
+                               f"builds (sha256 {sha256(changed[0])}"), r.stdout
+    module = CHANGED[0].removeprefix("src/")
+    assert f"  header ID: {ours} != {theirs}" in lines, r.stdout
+    assert f"  /opt/hpcdask/venv/lib/python3.11/site-packages/{module}: content differs" in lines, r.stdout
+    assert "Traceback" not in r.stderr
+    print(r.stdout)
+
+
 def test_the_images_times_are_source_date_epoch(sif, image):
     """The header, every descriptor, the build-date label, image.json and every file's mtime are
     the build's SOURCE_DATE_EPOCH, not the builder's clock; the ID is the content's."""

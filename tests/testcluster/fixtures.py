@@ -27,10 +27,13 @@ from testcluster.cluster import REPO, ClusterError, SlurmCluster, cluster_sh, ex
 
 # The SIF build started at the session's start (prebuild), while the first tests run.
 _BACKGROUND: list[subprocess.Popen] = []
-# A second, independent build of the image into a fresh cache (issue 28: one commit, one image),
-# started at the session's start too, at the lowest CPU and I/O priority: it takes the CPU the
-# tests leave idle (about two thirds of it), and the test comparing it runs last.
-_REBUILD: dict = {}
+# Two more builds of the image, each into a fresh cache (issue 28), started at the session's start
+# at the lowest CPU and I/O priority: they take the CPU the tests leave idle, and the tests
+# comparing them run last. "same": this checkout again (one commit, one image); "changed": a copy
+# of the checkout's build inputs with one byte of src/ changed (another image, and the check
+# names the file).
+_REBUILDS: dict[str, dict] = {}
+CHANGED = ("src/hpcdask/__init__.py", b"containerised", b"Containerised")
 
 
 def _build_cmd(module: str) -> tuple[list[str], dict[str, str]]:
@@ -44,8 +47,9 @@ def prebuild(items) -> None:
     same lock, each of which keeps about one of two cores busy (podman's: 152 s of CPU in 140 s),
     so the builds overlap instead of following each other. ``_built`` waits for it, then reuses its
     result (or builds again, failing as before)."""
-    if any("rebuilt_sif_cache" in item.fixturenames for item in items):
-        _start_rebuild()
+    for name, fixture in (("same", "rebuilt_sif_cache"), ("changed", "changed_sif_build")):
+        if any(fixture in item.fixturenames for item in items):
+            _start_rebuild(name)
     if _BACKGROUND or not any({"sif", "image"} & set(item.fixturenames) for item in items):
         return
     cmd, env = _build_cmd("sif")
@@ -54,36 +58,63 @@ def prebuild(items) -> None:
                                         start_new_session=True))
 
 
-def _start_rebuild() -> None:
-    if _REBUILD:
+def _start_rebuild(name: str) -> None:
+    if name in _REBUILDS:
         return
-    from imagebuild.image import DEFAULT_CACHE
+    from imagebuild.image import DEFAULT_CACHE, DEFFILE, parse_def, source_date_epoch
 
     DEFAULT_CACHE.mkdir(parents=True, exist_ok=True)
-    cache = Path(tempfile.mkdtemp(prefix="hpcdask-sif-rebuild-", dir=DEFAULT_CACHE.parent))
-    cmd, env = _build_cmd("sif")
-    cmd = ["ionice", "-c", "3", "nice", "-n", "19", *cmd, "--cache", str(cache),
-           "--base-cache", str(DEFAULT_CACHE)]
+    cache = Path(tempfile.mkdtemp(prefix=f"hpcdask-sif-rebuild-{name}-", dir=DEFAULT_CACHE.parent))
+    checkout, env = REPO, dict(os.environ)
+    if name == "changed":
+        checkout = cache / "checkout"
+        for part in ("containers", "src", "pyproject.toml"):
+            copy = shutil.copytree if (REPO / part).is_dir() else shutil.copyfile
+            copy(REPO / part, checkout / part, **({"ignore": shutil.ignore_patterns(
+                "__pycache__")} if copy is shutil.copytree else {}))
+        path, old, new = CHANGED
+        text = (checkout / path).read_bytes()
+        assert text.count(old) >= 1 and len(old) == len(new)
+        (checkout / path).write_bytes(text.replace(old, new, 1))
+        # The commit's time, as this checkout's build has it (the copy has no git history).
+        env["SOURCE_DATE_EPOCH"] = str(source_date_epoch(parse_def(DEFFILE.read_text()), DEFFILE, REPO))
+    env["PYTHONPATH"] = str(checkout / "containers")
+    cmd = ["ionice", "-c", "3", "nice", "-n", "19", sys.executable, "-m", "imagebuild.sif", "build",
+           "--cache", str(cache / "build"), "--base-cache", str(DEFAULT_CACHE)]
     log = open(cache / "build.log", "w")
-    _REBUILD.update(cache=cache, log=log, proc=subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True))
+    _REBUILDS[name] = dict(cache=cache / "build", checkout=checkout, env=env, log=log,
+                           proc=subprocess.Popen(cmd, env=env, cwd=checkout,
+                                                 stdin=subprocess.DEVNULL, stdout=log,
+                                                 stderr=subprocess.STDOUT, start_new_session=True))
+
+
+def _rebuilt(name: str) -> dict:
+    _start_rebuild(name)
+    build = _REBUILDS[name]
+    proc = build["proc"]
+    try:
+        proc.wait(3600)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+    if proc.returncode != 0:
+        tail = "\n".join(Path(build["log"].name).read_text(errors="replace").splitlines()[-30:])
+        pytest.fail(f"the {name!r} build of the image exited {proc.returncode}\n{tail}", pytrace=False)
+    return build
 
 
 @pytest.fixture(scope="session")
 def rebuilt_sif_cache() -> Path:
     """A fresh cache holding a second, independent build of the image (sandbox and SIF), made
     while the session ran; removed at the session's end."""
-    _start_rebuild()
-    proc, cache = _REBUILD["proc"], _REBUILD["cache"]
-    try:
-        proc.wait(3600)
-    except subprocess.TimeoutExpired:
-        _stop(proc)
-    if proc.returncode != 0:
-        tail = "\n".join((cache / "build.log").read_text(errors="replace").splitlines()[-30:])
-        pytest.fail(f"the second build of the image exited {proc.returncode}\n{tail}", pytrace=False)
-    return cache
+    return _rebuilt("same")["cache"]
+
+
+@pytest.fixture(scope="session")
+def changed_sif_build() -> dict:
+    """A build, made while the session ran, of a copy of this checkout with one byte of src/
+    changed (:data:`CHANGED`): its ``checkout``, its ``cache`` (sandbox and SIF) and the ``env``
+    that runs the copy's image builder at this checkout's SOURCE_DATE_EPOCH."""
+    return _rebuilt("changed")
 
 
 def end_prebuild() -> None:
@@ -91,11 +122,11 @@ def end_prebuild() -> None:
     interrupted) is stopped, never left running."""
     while _BACKGROUND:
         _stop(_BACKGROUND.pop())
-    if _REBUILD:
-        _stop(_REBUILD["proc"])
-        _REBUILD["log"].close()
-        shutil.rmtree(_REBUILD["cache"], ignore_errors=True)
-        _REBUILD.clear()
+    for build in _REBUILDS.values():
+        _stop(build["proc"])
+        build["log"].close()
+        shutil.rmtree(build["cache"].parent, ignore_errors=True)
+    _REBUILDS.clear()
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from hpcdask import netif
+from testcluster.fixtures import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -131,7 +131,7 @@ class SecondBuild:
         try:
             out, _ = self.proc.communicate(timeout=3600)
         except subprocess.TimeoutExpired:
-            self._stop()
+            stop_group(self.proc)
             out = ""
         if self.proc.returncode != 0:
             tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
@@ -139,17 +139,8 @@ class SecondBuild:
                         pytrace=False)
         return out.strip().splitlines()[-1]
 
-    def _stop(self) -> None:
-        if self.proc.poll() is None:  # podman.sh, podman and the build's container: one group
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
     def remove(self) -> None:
-        self._stop()
+        stop_group(self.proc)
         self.podman("rm", "--all", "--force")
         self.podman("rmi", "--all", "--force")
         # The storage driver's own mounts (overlay keeps its home mounted private): deepest first.

@@ -68,10 +68,9 @@ def _start_rebuild(name: str) -> None:
     checkout, env = REPO, dict(os.environ)
     if name == "changed":
         checkout = cache / "checkout"
-        for part in ("containers", "src", "pyproject.toml"):
-            copy = shutil.copytree if (REPO / part).is_dir() else shutil.copyfile
-            copy(REPO / part, checkout / part, **({"ignore": shutil.ignore_patterns(
-                "__pycache__")} if copy is shutil.copytree else {}))
+        for part in ("containers", "src"):
+            shutil.copytree(REPO / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copyfile(REPO / "pyproject.toml", checkout / "pyproject.toml")
         path, old, new = CHANGED
         text = (checkout / path).read_bytes()
         assert text.count(old) >= 1 and len(old) == len(new)
@@ -82,7 +81,7 @@ def _start_rebuild(name: str) -> None:
     cmd = ["ionice", "-c", "3", "nice", "-n", "19", sys.executable, "-m", "imagebuild.sif", "build",
            "--cache", str(cache / "build"), "--base-cache", str(DEFAULT_CACHE)]
     log = open(cache / "build.log", "w")
-    _REBUILDS[name] = dict(cache=cache / "build", checkout=checkout, env=env, log=log,
+    _REBUILDS[name] = dict(cache=cache / "build", env=env, log=log,
                            proc=subprocess.Popen(cmd, env=env, cwd=checkout,
                                                  stdin=subprocess.DEVNULL, stdout=log,
                                                  stderr=subprocess.STDOUT, start_new_session=True))
@@ -95,7 +94,7 @@ def _rebuilt(name: str) -> dict:
     try:
         proc.wait(3600)
     except subprocess.TimeoutExpired:
-        _stop(proc)
+        stop_group(proc)
     if proc.returncode != 0:
         tail = "\n".join(Path(build["log"].name).read_text(errors="replace").splitlines()[-30:])
         pytest.fail(f"the {name!r} build of the image exited {proc.returncode}\n{tail}", pytrace=False)
@@ -112,8 +111,8 @@ def rebuilt_sif_cache() -> Path:
 @pytest.fixture(scope="session")
 def changed_sif_build() -> dict:
     """A build, made while the session ran, of a copy of this checkout with one byte of src/
-    changed (:data:`CHANGED`): its ``checkout``, its ``cache`` (sandbox and SIF) and the ``env``
-    that runs the copy's image builder at this checkout's SOURCE_DATE_EPOCH."""
+    changed (:data:`CHANGED`): its ``cache`` (sandbox and SIF) and the ``env`` that runs the
+    copy's image builder at this checkout's SOURCE_DATE_EPOCH."""
     return _rebuilt("changed")
 
 
@@ -121,15 +120,16 @@ def end_prebuild() -> None:
     """At the session's end: a build nobody waited for (every test that needed it deselected or
     interrupted) is stopped, never left running."""
     while _BACKGROUND:
-        _stop(_BACKGROUND.pop())
+        stop_group(_BACKGROUND.pop())
     for build in _REBUILDS.values():
-        _stop(build["proc"])
+        stop_group(build["proc"])
         build["log"].close()
         shutil.rmtree(build["cache"].parent, ignore_errors=True)
     _REBUILDS.clear()
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a background build started with start_new_session, its helpers with it."""
     if proc.poll() is None:  # the build and its helpers (bwrap, pip, mksquashfs): one group
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -147,7 +147,7 @@ def _built(module: str, what: str, ok) -> Path:
         try:
             proc.wait(3600)
         except subprocess.TimeoutExpired:  # never left running beside the build below
-            _stop(proc)
+            stop_group(proc)
     cmd, env = _build_cmd(module)
     try:
         proc = subprocess.run(

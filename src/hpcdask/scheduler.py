@@ -20,7 +20,7 @@ from distributed.comm import Comm, parse_address, registry
 from distributed.core import Status, send_recv
 from distributed.security import Security
 
-from hpcdask import batch, config, drain, netif, schedfile, security, servers, signals
+from hpcdask import batch, config, drain, netif, schedfile, security, servers, signals, warm
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
 from hpcdask.taskstream import TaskStream
@@ -87,6 +87,10 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
                 logger.info("hpcdask: dashboard port %s is taken (another cluster?); using %s",
                             dport, s.http_server.port)
             logger.info(servers.tunnel_hint(dmode, s.http_server.port))
+        # The workload's libraries (hpcdask.worker-imports), imported while the workers start:
+        # the scheduler unpickles every graph, and the first dask.array graph would otherwise
+        # import dask.array (1.1 s in the image) on the way to the first result.
+        imports = asyncio.ensure_future(asyncio.to_thread(warm.load, warm.worker_imports()))
         finished = asyncio.ensure_future(s.finished())
         asked = asyncio.ensure_future(until()) if until else None
         ends = [finished, asked] if asked else [finished]
@@ -96,6 +100,7 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
             why = asked.result()
         for f in ends:
             f.cancel()
+        await imports  # a thread cannot be stopped: a short wait, if the cluster ends that soon
         if why != "finished":
             if why == signals.warning_signal().name:
                 await end_clients(s, f"its scheduler's job got {why} (its end is near)")

@@ -143,8 +143,8 @@ def load(modules: list[str]) -> None:
         try:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 (a user's module may raise anything on import)
-            logger.warning("hpcdask: worker-imports: %s did not import (%s: %s); the workers "
-                           "start without it", name, type(e).__name__, str(e).splitlines()[0]
+            logger.warning("hpcdask: worker-imports: %s did not import (%s: %s); going on "
+                           "without it", name, type(e).__name__, str(e).splitlines()[0]
                            if str(e) else "")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import uuid
 from pathlib import Path
 
@@ -90,7 +91,9 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
         # The workload's libraries (hpcdask.worker-imports), imported while the workers start:
         # the scheduler unpickles every graph, and the first dask.array graph would otherwise
         # import dask.array (1.1 s in the image) on the way to the first result.
-        imports = asyncio.ensure_future(asyncio.to_thread(warm.load, warm.worker_imports()))
+        # (A daemon thread: a listed module that hangs as it imports does not hold the end.)
+        threading.Thread(target=warm.load, args=(warm.worker_imports(),), daemon=True,
+                         name="hpcdask-worker-imports").start()
         finished = asyncio.ensure_future(s.finished())
         asked = asyncio.ensure_future(until()) if until else None
         ends = [finished, asked] if asked else [finished]
@@ -100,7 +103,6 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
             why = asked.result()
         for f in ends:
             f.cancel()
-        await imports  # a thread cannot be stopped: a short wait, if the cluster ends that soon
         if why != "finished":
             if why == signals.warning_signal().name:
                 await end_clients(s, f"its scheduler's job got {why} (its end is near)")

@@ -27,6 +27,7 @@ CUDA does not survive a fork once it has been initialised. A spawned worker impo
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -168,8 +169,14 @@ def serve(environ: dict[str, str | None]) -> None:
         signal.signal(sig, signal.SIG_IGN)
     _server_pid = os.getpid()
     os.register_at_fork(after_in_child=_forked)
+    # As the gc module's documentation advises a process that forks without exec: no collection
+    # while importing (none leaves freed holes in the pages the workers share), then every
+    # object frozen, so a worker's collections never write to the pages it shares with the
+    # server (its reference counts still do); each worker collects again (_forked).
+    gc.disable()
     try:
         load(BASE + worker_imports())
+        gc.freeze()
     finally:
         for k, v in environ.items():
             if v is None:
@@ -188,6 +195,7 @@ def _forked() -> None:
     if os.getppid() == _server_pid:  # a worker process, not a fork made by a task later on
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        gc.enable()
 
 
 def size_pools(environ=None) -> dict[str, int]:

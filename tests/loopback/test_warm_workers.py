@@ -4,6 +4,7 @@ on workers started by the CLI, and stressed with restarts and kills mid-task."""
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ def about_me() -> dict:
     came from (its parent, and the command line a fork keeps and an exec replaces)."""
     return {"pid": os.getpid(), "ppid": os.getppid(), "listed": LISTED in sys.modules,
             "warm": getattr(sys.modules.get("hpcdask.warm"), "preimported", None),
+            "gc": gc.isenabled(), "frozen": gc.get_freeze_count(),
             "cmdline": Path("/proc/self/cmdline").read_bytes()}
 
 
@@ -73,6 +75,9 @@ def test_later_workers_and_restarts_are_forks_of_one_warm_server(tmp_path):
                 # a fork keeps its parent's command line (a spawned worker's is spawn_main's)
                 assert info["cmdline"] == cmd, info
                 assert info["listed"] and info["warm"] is True, info
+                # the server froze what it imported (the pages the workers share stay shared
+                # through their collections), and each worker collects
+                assert info["gc"] and info["frozen"] > 10_000, info
             # the scheduler imported the list too (it unpickles every graph), in the background
             # after it listened: no graph had to (issue 30's first/second result)
             deadline = time.time() + 30

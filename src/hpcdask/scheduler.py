@@ -197,7 +197,7 @@ async def _gone(s: Scheduler, nannies: list[str], restarting: set[str] = frozens
         answers = await asyncio.gather(*[ask(n) for n in missed])
         missed = {n: k for n, k in zip(missed, answers) if k < 3}
         if missed:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
 
 
 async def _terminate(s: Scheduler, nanny: str) -> None:

@@ -22,8 +22,9 @@ A command that starts one worker process forks it from a server too: the server'
 while the command waits for the scheduler's file (in the all-in-one job, the scheduler's start),
 so the worker is a fork once the scheduler is up, and a nanny's restart of it is a fork too;
 and a forked worker ends without the interpreter's teardown (measured on the test cluster: its
-nanny closed 0.03 s after the worker instead of 0.6 s). GPU workers keep ``spawn``: each has its own ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA loads, and
-CUDA does not survive a fork once it has been initialised. A spawned worker imports
+nanny closed 0.03 s after the worker instead of 0.6 s). GPU workers keep ``spawn``: each has
+its own ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA loads, and CUDA does not survive
+a fork once it has been initialised. A spawned worker imports
 ``worker-imports`` itself (:func:`dask_setup`), before it registers.
 """
 
@@ -57,8 +58,8 @@ BASE = ["distributed", "distributed.nanny", "distributed.worker", "hpcdask.entry
         "hpcdask.shutdown", "hpcdask.nested", "hpcdask.warm", "distributed.http.health",
         "distributed.http.statics", "tornado.platform.asyncio", "joblib", "joblib._dask",
         "threadpoolctl", "email.policy"]
-#: Imported when installed, without a word when not: the worker's /metrics route (prometheus_client
-#: is optional for distributed).
+#: Imported when installed, without a word when not: the worker's /metrics route
+#: (prometheus_client is optional for distributed).
 OPTIONAL = ["distributed.http.worker.prometheus.core"]
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _SERVER_PRELOAD = "hpcdask.warmstart"

@@ -90,6 +90,22 @@ def enabled(nworkers: int, gpus: bool = False) -> bool:
     return bool(config.get("warm-workers")) and not gpus and nworkers >= 1
 
 
+def sized(nworkers: int, gpus: bool, size) -> tuple[bool, int, int]:
+    """(whether the workers fork from a warm server, threads, memory per worker), from
+    ``size(**memory.reserves(server=...))`` (:func:`hpcdask.memory.worker_sizing`): with the
+    server's reserve when they fork. A single worker process on an allocation with no room for
+    a server beside it spawns instead, as it did before one process forked too."""
+    from hpcdask import memory
+
+    forks = enabled(nworkers, gpus)
+    try:
+        return (forks, *size(**memory.reserves(server=forks)))
+    except BadInput:
+        if not (forks and nworkers == 1):
+            raise
+        return (False, *size(**memory.reserves(server=False)))
+
+
 def settings(warm: bool) -> dict[str, object]:
     """The Dask settings under which a nanny's worker processes fork from this node's warm
     server (``warm``, from :func:`enabled`), or spawn. Call before the first worker starts."""

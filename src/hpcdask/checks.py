@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,9 +94,8 @@ def preflight(interface: str | None, scheduler_file: Path | None, memory_limit: 
         yield f"ok scheduler file folder {folder}: private and writable"
     alloc = batch.allocation()
     n = config.get("nworkers", nworkers)
-    size = functools.partial(memory.worker_sizing, n, None,
-                             config.get("memory-limit", memory_limit), alloc)
-    _, threads, mem = warm.sized(n, False, size)
+    threads, mem = memory.worker_sizing(n, None, config.get("memory-limit", memory_limit), alloc,
+                                        **memory.reserves(server=warm.enabled(n)))
     if mem > alloc.memory:
         raise BadInput(f"memory limit {mem} B per worker exceeds this node's allocation "
                        f"({alloc.memory} B from {alloc.source}); lower --memory-limit")

@@ -18,13 +18,14 @@ in :func:`dask_setup`. The server ignores the batch system's signals (SIGTERM, U
 it reports its workers' exits to their nannies, which stop and drain them; it ends when the
 nanny that started it does. Its workers get the default actions back when they are forked.
 
-A command that starts one worker process forks it from a server too: the server's imports run
-while the command waits for the scheduler's file (in the all-in-one job, the scheduler's start),
-so the worker is a fork once the scheduler is up, and a nanny's restart of it is a fork too;
-and a forked worker ends without the interpreter's teardown (measured on the test cluster: its
-nanny closed 0.03 s after the worker instead of 0.6 s). GPU workers keep ``spawn``: each has
-its own ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA loads, and CUDA does not survive
-a fork once it has been initialised. A spawned worker imports
+A command that starts one worker process keeps ``spawn`` (:func:`enabled`): a server would
+cut its start (its imports overlap the wait for the scheduler) and its end (a forked worker
+skips the interpreter's teardown: its nanny closed 0.03 s after it instead of 0.6 s on the test
+cluster), but its reserve (``warm-server-memory``) and the shared pages a forked worker's
+resident set counts leave a small allocation's single worker paused at its memory limit (the
+test cluster's 1500 MB batch node: 398 MiB instead of 590, paused at 323 MiB). GPU workers
+spawn too: each has its own ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA loads, and
+CUDA does not survive a fork once it has been initialised. A spawned worker imports
 ``worker-imports`` itself (:func:`dask_setup`), before it registers.
 """
 
@@ -83,27 +84,10 @@ def worker_imports() -> list[str]:
 
 
 def enabled(nworkers: int, gpus: bool = False) -> bool:
-    """Whether a command's ``nworkers`` worker processes fork from a warm server: one interpreter
-    start for the node instead of one per process, and with one process its start overlaps the
-    wait for the scheduler (see above). GPU workers spawn; ``warm-workers: false`` turns it off
-    (each worker a fresh interpreter, and no server's memory to reserve)."""
-    return bool(config.get("warm-workers")) and not gpus and nworkers >= 1
-
-
-def sized(nworkers: int, gpus: bool, size) -> tuple[bool, int, int]:
-    """(whether the workers fork from a warm server, threads, memory per worker), from
-    ``size(**memory.reserves(server=...))`` (:func:`hpcdask.memory.worker_sizing`): with the
-    server's reserve when they fork. A single worker process on an allocation with no room for
-    a server beside it spawns instead, as it did before one process forked too."""
-    from hpcdask import memory
-
-    forks = enabled(nworkers, gpus)
-    try:
-        return (forks, *size(**memory.reserves(server=forks)))
-    except BadInput:
-        if not (forks and nworkers == 1):
-            raise
-        return (False, *size(**memory.reserves(server=False)))
+    """Whether a command's ``nworkers`` worker processes fork from a warm server: with more than
+    one (one interpreter start for the node instead of one per process). With one it spawns (see
+    above: a small allocation's worker); GPU workers spawn; ``warm-workers: false`` turns it off."""
+    return bool(config.get("warm-workers")) and not gpus and nworkers > 1
 
 
 def settings(warm: bool) -> dict[str, object]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -61,9 +60,10 @@ def run_worker(spec: WorkerSpec) -> None:
         nworkers = len(gpus)  # one worker process per GPU
     alloc = batch.allocation()
     share = spec.node_share or nworkers  # worker processes on this node's allocation
-    size = functools.partial(memory.worker_sizing, share, config.get("nthreads", spec.nthreads),
-                             config.get("memory-limit", spec.memory_limit), alloc)
-    forks, threads, mem = warm.sized(nworkers, bool(gpus), size)  # fork from one warm server?
+    forks = warm.enabled(nworkers, bool(gpus))  # they fork from one warm server
+    threads, mem = memory.worker_sizing(share, config.get("nthreads", spec.nthreads),
+                                        config.get("memory-limit", spec.memory_limit), alloc,
+                                        **memory.reserves(server=forks))
     blas = memory.blas_config(alloc.cpus, share, threads)
     preset = memory.preset(config.get("memory-preset", spec.memory_preset))
     local_dir = files.local_directory(spec.local_directory)

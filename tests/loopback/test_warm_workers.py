@@ -122,23 +122,6 @@ def _has_listed() -> bool:
     return LISTED in sys.modules
 
 
-def test_a_single_worker_process_is_a_fork_too(tmp_path):
-    """One worker process per command (the jobscripts' default) forks from a warm server too:
-    its imports ran while the command waited for the scheduler."""
-    path, sched, worker = _start_cluster(tmp_path, 1, f"[{LISTED}]")
-    try:
-        wait_workers(path, 1)
-        with connect.connect(path, check=False) as client:
-            (info,) = client.run(about_me).values()
-            cmd = Path(f"/proc/{info['ppid']}/cmdline").read_bytes()
-            assert b"multiprocessing.forkserver" in cmd and info["cmdline"] == cmd, info
-            assert parent_of(info["ppid"]) == worker.pid
-            assert info["listed"] and info["warm"] is True, info
-    finally:
-        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
-        stop(sched)
-
-
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])

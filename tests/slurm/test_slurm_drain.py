@@ -93,7 +93,8 @@ SCANCEL = {"TERM": ["--signal=TERM"], "USR1": ["-b", "-s", "USR1"],
 
 def signal_job(slurm_cluster, job: str, how: str) -> None:
     slurm_cluster.run(["scancel", *SCANCEL[how], job])
-    if how == "TERM twice":  # at once: a single worker, forked, drains and ends within 0.3 s
+    if how == "TERM twice":
+        time.sleep(0.3)
         slurm_cluster.run(["scancel", *SCANCEL[how], job])
 
 

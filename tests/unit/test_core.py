@@ -121,27 +121,6 @@ def test_worker_sizing_leaves_headroom_for_nannies_and_the_batch_nodes_roles(mon
     assert batch.allocation(env).batch_node is False
 
 
-def test_a_single_worker_forks_when_its_allocation_has_room_for_the_warm_server():
-    """One worker process forks from a warm server (its reserve taken) where the allocation has
-    room for it, and spawns where it has not; more processes than one must fit it."""
-    from hpcdask import warm
-
-    mib = 2**20
-
-    def size(alloc, n):
-        return lambda **reserves: memory.worker_sizing(n, None, "auto", alloc, **reserves)
-
-    roomy = batch.Allocation(cpus=2, memory=2000 * mib, source="slurm", batch_node=True)
-    assert warm.sized(1, False, size(roomy, 1)) == (True, 2, (2000 - 160 - 192 - 768) * mib)
-    # The listener test's batch node: 1000 MiB less the batch reserve (half) and the nanny
-    # leave 340 MiB, 148 MiB with the server: the worker spawns, with the 340 MiB.
-    tight = batch.Allocation(cpus=2, memory=1000 * mib, source="slurm", batch_node=True)
-    assert warm.sized(1, False, size(tight, 1)) == (False, 2, (1000 - 160 - 500) * mib)
-    assert warm.sized(1, True, size(roomy, 1))[0] is False  # GPU workers spawn
-    with pytest.raises(BadInput, match="leaves"):
-        warm.sized(2, False, size(tight, 2))
-
-
 def test_a_job_without_mem_is_capped_by_what_the_node_allows(monkeypatch):
     monkeypatch.setattr(batch, "node_memory", lambda: 3 * GiB)
     a = batch.allocation({"SLURM_JOB_ID": "1", "SLURM_CPUS_ON_NODE": "2"})

@@ -106,15 +106,11 @@ debian-lock:
 # containers/, src/ or pyproject.toml unless set (`python -m imagebuild.image epoch` prints it).
 # `make sif-check SIF=path` rebuilds in a fresh cache and says whether SIF is byte-identical.
 IMAGE_EPOCH = $${SOURCE_DATE_EPOCH:-$$($(IMAGEBUILD) $(PYTHON) -m imagebuild.image epoch)}
-# The SIF's compression: as containers/imagebuild/sif.py's MKSQUASHFS_ARGS (zstd: the roles
-# start faster from it). A site whose kernel squashfs lacks zstd (setuid Apptainer on Linux
-# before 4.14): MKSQUASHFS_ARGS="-comp gzip" with Apptainer.
-MKSQUASHFS_ARGS ?= -comp zstd
 sif:
 	@a=$$(command -v apptainer || true); \
 	if [ -n "$$a" ] && ! grep -q 'bubblewrap test runner' "$$a" 2>/dev/null; then \
-	    echo "make sif: building with Apptainer ($$a): apptainer build --mksquashfs-args \"$(MKSQUASHFS_ARGS)\" dask.sif containers/dask.def"; \
-	    SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) apptainer build --mksquashfs-args "$(MKSQUASHFS_ARGS)" dask.sif containers/dask.def; \
+	    echo "make sif: building with Apptainer ($$a): apptainer build dask.sif containers/dask.def"; \
+	    SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) apptainer build dask.sif containers/dask.def; \
 	else \
 	    echo "make sif: no Apptainer on PATH: debootstrap root filesystem + the def's sections, assembled into a SIF with mksquashfs and siftool (containers/imagebuild/sif.py)"; \
 	    $(IMAGEBUILD) $(PYTHON) -m imagebuild.sif build --out dask.sif; \

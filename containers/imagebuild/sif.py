@@ -203,15 +203,6 @@ def assemble(rootfs: Path | None, deffile: bytes, out: Path, json_objects: dict[
     return out
 
 
-# zstd, not mksquashfs's gzip: every role's start reads its Python, distributed and the
-# workload's libraries through the SIF's mount, and zstd inflates them faster (measured on
-# this image, one role's `import distributed, dask.array, hpcdask.cli` through the bubblewrap
-# runner's squashfuse_ll: 2.36 s gzip, 1.64 s zstd, 1.38 s lz4) in fewer bytes (424 MB, gzip
-# 468, lz4 670). squashfuse and the kernel's squashfs read it (Linux 4.14 and later,
-# CONFIG_SQUASHFS_ZSTD). The Makefile's `apptainer build` passes the same (--mksquashfs-args).
-MKSQUASHFS_ARGS = ("-comp", "zstd")
-
-
 def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path = REPO,
           base_cache: Path | None = None) -> Path:
     """Build (or reuse) the SIF of ``def_path`` and return its path in the cache."""
@@ -230,7 +221,7 @@ def build(cache: Path = DEFAULT_CACHE, def_path: Path = DEFFILE, context: Path =
         objects = {"inspect-metadata.json": go_json(inspect_metadata(sandbox)),
                    "oci-config.json": go_json(BOOKWORM_SLIM_CONFIG)}
         epoch = json.loads((cache / f"image-{key}.json").read_text())["source_date_epoch"]
-        assemble(sandbox, deffile, dest, objects, mksquashfs_args=MKSQUASHFS_ARGS, epoch=epoch)
+        assemble(sandbox, deffile, dest, objects, epoch=epoch)
         log(f"assembled {dest} in {time.monotonic() - t0:.0f} s "
             f"({dest.stat().st_size / 2**20:.0f} MiB)")
         for old in sorted(cache.glob("dask-*.sif"), key=lambda p: p.stat().st_mtime,

@@ -377,12 +377,12 @@ hj_wait_client() {
     done
 }
 
-# Wait up to SECS for PID to end; true if it did. (Every 0.05 s: the job's end waits on it.)
+# Wait up to SECS for PID to end; true if it did.
 hj_wait_pid() {
     local pid=$1 limit=$((SECONDS + $2))
     while hj_alive "$pid"; do
         [ "$SECONDS" -lt "$limit" ] || return 1
-        sleep 0.05
+        sleep 0.2
     done
     wait "$pid" 2>/dev/null || true
 }

@@ -19,7 +19,7 @@ from distributed import Client
 from distributed.core import rpc
 from distributed.security import Security
 
-from hpcdask import config, proof, schedfile, security, signals, versions, warm
+from hpcdask import config, proof, schedfile, security, signals, versions
 from hpcdask.errors import BadInput, NotReady, Refused
 
 # How to wait longer for workers, as hpcdask run/client and the jobscripts offer it.
@@ -113,9 +113,6 @@ def connect(scheduler_file: Path | None = None, address: str | None = None,
     client.subscribe_topic(signals.ENDING_TOPIC, signals.cluster_ending)
     try:
         if wait_workers:
-            # While the workers start: the workload's libraries, which the script imports
-            # first thing (hpcdask.worker-imports), off the way from ready to its first result.
-            warm.load(warm.worker_imports())
             wait_for_workers(client, wait_workers, wait_timeout, wait_hint)
         if check:
             check_cluster(client)

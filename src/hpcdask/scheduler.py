@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import uuid
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from distributed.comm import Comm, parse_address, registry
 from distributed.core import Status, send_recv
 from distributed.security import Security
 
-from hpcdask import batch, config, drain, netif, schedfile, security, servers, signals, warm
+from hpcdask import batch, config, drain, netif, schedfile, security, servers, signals
 from hpcdask.guard import IdentityGuard
 from hpcdask.servers import NoHTTPScheduler
 from hpcdask.taskstream import TaskStream
@@ -88,12 +87,6 @@ async def _serve_scheduler(path, token, host, port, dmode, daddr, dport, tls, se
                 logger.info("hpcdask: dashboard port %s is taken (another cluster?); using %s",
                             dport, s.http_server.port)
             logger.info(servers.tunnel_hint(dmode, s.http_server.port))
-        # The workload's libraries (hpcdask.worker-imports), imported while the workers start:
-        # the scheduler unpickles every graph, and the first dask.array graph would otherwise
-        # import dask.array (1.1 s in the image) on the way to the first result.
-        # (A daemon thread: a listed module that hangs as it imports does not hold the end.)
-        threading.Thread(target=warm.load, args=(warm.worker_imports(),), daemon=True,
-                         name="hpcdask-worker-imports").start()
         finished = asyncio.ensure_future(s.finished())
         asked = asyncio.ensure_future(until()) if until else None
         ends = [finished, asked] if asked else [finished]
@@ -197,7 +190,7 @@ async def _gone(s: Scheduler, nannies: list[str], restarting: set[str] = frozens
         answers = await asyncio.gather(*[ask(n) for n in missed])
         missed = {n: k for n, k in zip(missed, answers) if k < 3}
         if missed:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
 
 
 async def _terminate(s: Scheduler, nanny: str) -> None:

@@ -18,13 +18,8 @@ in :func:`dask_setup`. The server ignores the batch system's signals (SIGTERM, U
 it reports its workers' exits to their nannies, which stop and drain them; it ends when the
 nanny that started it does. Its workers get the default actions back when they are forked.
 
-A command that starts one worker process keeps ``spawn`` (:func:`enabled`): a server would
-cut its start (its imports overlap the wait for the scheduler) and its end (a forked worker
-skips the interpreter's teardown: its nanny closed 0.03 s after it instead of 0.6 s on the test
-cluster), but its reserve (``warm-server-memory``) and the shared pages a forked worker's
-resident set counts leave a small allocation's single worker paused at its memory limit (the
-test cluster's 1500 MB batch node: 398 MiB instead of 590, paused at 323 MiB). GPU workers
-spawn too: each has its own ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA loads, and
+A command that starts one worker process keeps ``spawn`` (:func:`enabled`), and so do GPU
+workers: each has its own ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA loads, and
 CUDA does not survive a fork once it has been initialised. A spawned worker imports
 ``worker-imports`` itself (:func:`dask_setup`), before it registers.
 """
@@ -32,7 +27,6 @@ CUDA does not survive a fork once it has been initialised. A spawned worker impo
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib
 import json
 import logging
@@ -50,18 +44,9 @@ logger = logging.getLogger("hpcdask")
 
 METHOD = "distributed.worker.multiprocessing-method"
 #: What every worker process runs: distributed's worker, hpcdask's worker preloads and the
-#: console script (``multiprocessing`` imports the parent's main module in each child); and
-#: what each worker imported after its fork, found by comparing a forked worker's sys.modules
-#: with the server's (87 modules; 28 MiB private per worker, 24 MiB with these): its HTTP
-#: routes (health, statics), joblib's dask backend (hpcdask.nested's patch), threadpoolctl (its
-#: pools), the metadata parser distributed's versions use.
+#: console script (``multiprocessing`` imports the parent's main module in each child).
 BASE = ["distributed", "distributed.nanny", "distributed.worker", "hpcdask.entry", "hpcdask.cli",
-        "hpcdask.shutdown", "hpcdask.nested", "hpcdask.warm", "distributed.http.health",
-        "distributed.http.statics", "tornado.platform.asyncio", "joblib", "joblib._dask",
-        "threadpoolctl", "email.policy"]
-#: Imported when installed, without a word when not: the worker's /metrics route
-#: (prometheus_client is optional for distributed).
-OPTIONAL = ["distributed.http.worker.prometheus.core"]
+        "hpcdask.shutdown", "hpcdask.nested", "hpcdask.warm"]
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _SERVER_PRELOAD = "hpcdask.warmstart"
 _IMPORTS_ENV = "HPCDASK_WORKER_IMPORTS"  # the short form of hpcdask.worker-imports
@@ -85,8 +70,9 @@ def worker_imports() -> list[str]:
 
 def enabled(nworkers: int, gpus: bool = False) -> bool:
     """Whether a command's ``nworkers`` worker processes fork from a warm server: with more than
-    one (one interpreter start for the node instead of one per process). With one it spawns (see
-    above: a small allocation's worker); GPU workers spawn; ``warm-workers: false`` turns it off."""
+    one (one interpreter start for the node instead of one per process). With one it would only
+    add a process that holds the imports, memory the job pays for, for no faster start; GPU
+    workers spawn (see above); ``warm-workers: false`` turns it off."""
     return bool(config.get("warm-workers")) and not gpus and nworkers > 1
 
 
@@ -149,19 +135,16 @@ def stop() -> None:
             forkserver._forkserver._stop()
 
 
-def load(modules: list[str], quiet: bool = False) -> None:
-    """Import ``modules``; one warning line for each that fails (none if ``quiet``), which is
-    left out."""
+def load(modules: list[str]) -> None:
+    """Import ``modules``; one warning line for each that fails, which is left out."""
     for name in modules:
         if name in sys.modules:
             continue
         try:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 (a user's module may raise anything on import)
-            if quiet:
-                continue
-            logger.warning("hpcdask: worker-imports: %s did not import (%s: %s); going on "
-                           "without it", name, type(e).__name__, str(e).splitlines()[0]
+            logger.warning("hpcdask: worker-imports: %s did not import (%s: %s); the workers "
+                           "start without it", name, type(e).__name__, str(e).splitlines()[0]
                            if str(e) else "")
 
 
@@ -185,15 +168,8 @@ def serve(environ: dict[str, str | None]) -> None:
         signal.signal(sig, signal.SIG_IGN)
     _server_pid = os.getpid()
     os.register_at_fork(after_in_child=_forked)
-    # As the gc module's documentation advises a process that forks without exec: no collection
-    # while importing (none leaves freed holes in the pages the workers share), then every
-    # object frozen, so a worker's collections never write to the pages it shares with the
-    # server (its reference counts still do); each worker collects again (_forked).
-    gc.disable()
     try:
         load(BASE + worker_imports())
-        load(OPTIONAL, quiet=True)
-        gc.freeze()
     finally:
         for k, v in environ.items():
             if v is None:
@@ -212,7 +188,6 @@ def _forked() -> None:
     if os.getppid() == _server_pid:  # a worker process, not a fork made by a task later on
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        gc.enable()
 
 
 def size_pools(environ=None) -> dict[str, int]:

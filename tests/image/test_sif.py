@@ -58,20 +58,6 @@ def test_objects_are_those_apptainer_writes(sif):
     assert int(objs[3]["position"].split("-")[0]) % 4096 == 0  # partitions are aligned
 
 
-def test_the_squashfs_is_zstd_as_the_makefiles_apptainer_build_asks(sif):
-    """The roles start faster from zstd than from mksquashfs's gzip (sif.py's MKSQUASHFS_ARGS):
-    the superblock's compression (u16 at byte 20: 1 gzip, 6 zstd), and `make sif` with a real
-    Apptainer asks for the same."""
-    start = int(sif_builder.objects(sif)[3]["position"].split("-")[0])
-    with open(sif, "rb") as f:
-        f.seek(start)
-        block = f.read(24)
-    assert block[:4] == b"hsqs" and int.from_bytes(block[20:22], "little") == 6, block
-    make = (REPO / "Makefile").read_text()
-    assert f"MKSQUASHFS_ARGS ?= {' '.join(sif_builder.MKSQUASHFS_ARGS)}\n" in make
-    assert 'apptainer build --mksquashfs-args "$(MKSQUASHFS_ARGS)" dask.sif' in make
-
-
 def test_header(sif):
     head = sifmod.read_header(sif)
     assert head.launch == "#!/usr/bin/env run-singularity\n"

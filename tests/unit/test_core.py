@@ -292,32 +292,6 @@ def test_identity_covers_python_image_and_every_package():
     assert "pip" not in ident["packages"]
 
 
-def test_installed_reads_the_folder_names_as_metadata_would(tmp_path, monkeypatch):
-    """The fast path (.dist-info folder names) gives what every METADATA file says, here and
-    for a site whose names need escaping; an .egg-info, which names no version, by its
-    metadata; the first on sys.path wins."""
-    from importlib import metadata
-
-    by_metadata = {}
-    for dist in metadata.distributions():
-        by_metadata.setdefault(versions.canonical(dist.metadata["Name"]), dist.version)
-    assert versions.installed.__wrapped__() == {
-        k: v for k, v in sorted(by_metadata.items()) if k not in versions.IGNORED}
-
-    first, second = tmp_path / "first", tmp_path / "second"
-    sites = {first: {"zope_interface-7.0.post1.dist-info": ("zope.interface", "7.0.post1")},
-             second: {"zope_interface-6.0.dist-info": ("zope.interface", "6.0"),
-                      "hpcdask_egg.egg-info": ("hpcdask-egg", "0.3")}}
-    for folder, dists in sites.items():
-        for sub, (name, version) in dists.items():
-            (folder / sub).mkdir(parents=True)
-            meta = "METADATA" if sub.endswith(".dist-info") else "PKG-INFO"
-            (folder / sub / meta).write_text(
-                f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    monkeypatch.setattr(sys, "path", [str(first), str(second)])
-    assert versions.installed.__wrapped__() == {"hpcdask-egg": "0.3", "zope-interface": "7.0.post1"}
-
-
 def test_differences_name_the_package_and_role():
     ref = {"python": "3.11.2", "image": "lock:abc", "packages": {"dask": "1", "scikit-learn": "1.7.2"}}
     other = {"python": "3.11.2", "image": "lock:abc", "packages": {"dask": "1", "scikit-learn": "1.6.1"}}
